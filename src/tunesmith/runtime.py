@@ -1,0 +1,72 @@
+"""Where code runs: device, dtype, seeding, distributed rank/world, rank-0 printing."""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Distributed position of this process (world=1 outside torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> Dist:
+    """Read torchrun's environment; no process group is created here."""
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def device(dist: Dist | None = None) -> torch.device:
+    """CUDA (this process's local GPU) when available, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", (dist or dist_info()).local_rank)
+    return torch.device("cpu")
+
+
+def bf16_supported(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def weight_dtype(name: str, dev: torch.device) -> torch.dtype:
+    """model.dtype -> torch dtype; auto = bf16 on CUDA with bf16 support, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported(dev) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
+    """train.precision -> autocast dtype (None = no autocast)."""
+    if precision == "auto":
+        return torch.bfloat16 if bf16_supported(dev) else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(dtype: torch.dtype | None, dev: torch.device):
+    """An autocast context for `dtype`, or a no-op when dtype is None."""
+    return torch.autocast(dev.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if dist_info().is_main:
+        print(*args, **kwargs)
