@@ -1,0 +1,127 @@
+"""render: the only place that turns text into ids and decides which ids carry loss.
+
+Prompt tokens get label -100; response tokens and the final EOS carry their ids. EOS is appended and
+learned even when pad == eos, because padding is masked by position in the collators, never by token id.
+The prompt and the response are tokenized separately, so the prompt ids seen in training are exactly
+the ids `render_prompt` produces at inference time.
+"""
+
+from __future__ import annotations
+
+from tunesmith.config import UserError
+from tunesmith.data.formats import Example, Template, as_messages, prompt_text
+from tunesmith.data.rejects import Rejects
+
+IGNORE = -100
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UserError("tokenizer has no eos_token: set one on the model's tokenizer so answers can end")
+    return tokenizer.eos_token_id
+
+
+def truncate(prompt: list[int], response: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
+    """Cut (prompt, response+eos) to max_length tokens.
+
+    right: drop from the end; left: drop from the start; prompt_left: drop prompt tokens from the left
+    (the answer survives), then, if the response alone is too long, drop its end.
+    >>> truncate([1, 2, 3], [4, 5], 4, "prompt_left")
+    ([2, 3], [4, 5])
+    """
+    over = len(prompt) + len(response) - max_length
+    if over <= 0:
+        return prompt, response
+    if side == "right":
+        keep = max_length - len(prompt)
+        return (prompt[:max_length], []) if keep <= 0 else (prompt, response[:keep])
+    if side == "left":
+        return (prompt[over:], response) if over <= len(prompt) else ([], response[over - len(prompt):])
+    # prompt_left
+    if over <= len(prompt):
+        return prompt[over:], response
+    return [], response[:max_length]
+
+
+def render(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects) -> list[dict]:
+    """Examples -> samples {input_ids, labels, where}; a row whose response does not survive truncation is bad."""
+    if template.kind == "chat":
+        pairs = [_chat_ids(ex, tokenizer) for ex in examples]
+    else:
+        pairs = _string_ids(examples, template, tokenizer)
+    samples = []
+    for ex, (ids, labels) in zip(examples, pairs):
+        if template.format == "text":
+            # Raw text: every token carries loss; a long document becomes consecutive blocks, not a cut.
+            for start in range(0, len(ids), max_length):
+                block = ids[start : start + max_length]
+                samples.append({"input_ids": block, "labels": list(block), "where": ex.where})
+            continue
+        ids, labels = _truncate_pair(ids, labels, max_length, truncation)
+        if all(label == IGNORE for label in labels):
+            rejects.bad(ex.where, template.response_field, f"no response token survives truncation at data.max_length={max_length} (raise it or use data.truncation=prompt_left)")
+            continue
+        samples.append({"input_ids": ids, "labels": labels, "where": ex.where})
+    return samples
+
+
+def _truncate_pair(ids: list[int], labels: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
+    # The prompt is the leading run of -100 labels; for chat, later user turns stay inside the "response"
+    # span (masked) so prompt_left cuts only the head of the conversation.
+    n_prompt = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+    p, r = truncate(ids[:n_prompt], ids[n_prompt:], max_length, side)
+    lp, lr = truncate(labels[:n_prompt], labels[n_prompt:], max_length, side)
+    return p + r, lp + lr
+
+
+def _string_ids(examples: list[Example], template: Template, tokenizer) -> list[tuple[list[int], list[int]]]:
+    eos = _eos_id(tokenizer)
+    prompts = [prompt_text(ex, template) for ex in examples]
+    responses = [ex.fields[template.response_field] for ex in examples]
+    # Two batched calls through the fast tokenizer (Rust), no per-token Python loops.
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if any(prompts) else [[] for _ in prompts]
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return [(p + r + [eos], [IGNORE] * len(p) + r + [eos]) for p, r in zip(p_ids, r_ids)]
+
+
+def _chat_ids(example: Example, tokenizer) -> tuple[list[int], list[int]]:
+    """Loss on assistant turns only, found by rendering growing prefixes (no {% generation %} tags needed).
+
+    For assistant turn i: ids(messages[:i] + generation prompt) is a prefix of ids(messages[:i+1]); the
+    tokens between the two are the assistant's answer including its end-of-turn token.
+    """
+    messages = as_messages(example)
+    full = _chat_template_ids(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _chat_template_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _chat_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if full[: len(prefix)] != prefix or full[: len(upto)] != upto:
+            raise UserError(f"{example.where}: the chat template does not render turns as prefixes of the conversation; use a string data.template")
+        labels[len(prefix) : len(upto)] = full[len(prefix) : len(upto)]
+    eos = _eos_id(tokenizer)
+    last = max((j for j, label in enumerate(labels) if label != IGNORE), default=-1)
+    if eos not in full[: last + 1][-3:]:
+        # The chat template does not end the turn with EOS: append it so the model learns to stop.
+        full, labels = full[: last + 1] + [eos], labels[: last + 1] + [eos]
+    return full, labels
+
+
+def _chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    if tokenizer.chat_template is None:
+        raise UserError("data.template=chat but the tokenizer has no chat_template (use a template string instead)")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_prompt(example: Example, template: Template, tokenizer) -> list[int]:
+    """The prompt ids for generation: exactly the prompt part that `render` produced in training."""
+    if template.kind == "chat":
+        messages = as_messages(example)
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return _chat_template_ids(tokenizer, messages, add_generation_prompt=True)
+    text = prompt_text(example, template)
+    return tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
