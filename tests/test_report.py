@@ -1,0 +1,118 @@
+"""report.html is written, parses, is self-contained, and ranks improvements/regressions correctly."""
+
+from __future__ import annotations
+
+import base64
+import json
+from html.parser import HTMLParser
+
+from rich.console import Console
+
+from tunesmith.eval.report import direction, markdown_summary, print_summary, summary_rows, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class Collector(HTMLParser):
+    """Tags with their attributes, checked for balance on the way (void elements excepted)."""
+
+    VOID = {"meta", "img", "br", "link", "input", "hr"}
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.stack: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> (open: {self.stack[-3:]})"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def example(i: int, base_score: float, tuned_score: float, base_answer: str = "b", tuned_answer: str = "t") -> dict:
+    return {"prompt": f"Q{i}?", "question": f"question {i}", "reference": "ref words here",
+            "base": {"answer": base_answer, "metrics": {"rouge_l": base_score}, "buckets": ["too_long"] if i % 2 else []},
+            "tuned": {"answer": tuned_answer, "metrics": {"rouge_l": tuned_score}, "buckets": []}}
+
+
+METRICS = {"base": {"rouge_l": 0.2, "loss": 2.0, "answer_words": 30, "n": 4},
+           "tuned": {"rouge_l": 0.5, "loss": 2.5, "answer_words": 12, "n": 4},
+           "delta": {"rouge_l": 0.3, "loss": 0.5, "answer_words": -18, "n": 0},
+           "notes": ["embedding similarity skipped: eval.embedding_model is null"]}
+
+
+def parse(path) -> Collector:
+    c = Collector()
+    c.feed(path.read_text(encoding="utf-8"))
+    c.close()
+    assert c.stack == []
+    return c
+
+
+def test_summary_rows_know_which_way_is_better():
+    rows = {r["metric"]: r for r in summary_rows(METRICS)}
+    assert rows["rouge_l"]["verdict"] == "better"
+    assert rows["loss"]["verdict"] == "worse"  # lower is better and it rose
+    assert rows["answer_words"]["verdict"] == ""  # descriptive
+    assert direction("buckets.empty") == -1 and direction("perplexity") == -1 and direction("token_f1") == 1
+    md = markdown_summary(METRICS)
+    assert "| rouge_l | 0.2 | 0.5 | +0.3 | ▲ better |" in md
+    assert "| loss | 2 | 2.5 | +0.5 | ▲ worse |" in md
+    assert "embedding similarity skipped" in md
+
+
+def test_write_report_is_self_contained(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "split": "train", "loss": 3.0 - 0.1 * s, "lr": 1e-4} for s in range(1, 11)]
+    lines += [{"step": 5, "split": "eval", "loss": 2.7}, {"step": 10, "split": "eval", "loss": 2.4}]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 11, "spl')  # torn last line
+    rows = [example(0, 0.1, 0.9, base_answer="<script>alert(1)</script> & co"), example(1, 0.5, 0.6),
+            example(2, 0.7, 0.2, tuned_answer="worse <b>answer</b>"), example(3, 0.4, 0.4)]
+    path = write_report(tmp_path / "eval", METRICS, rows, log, title="base vs tuned <run>")
+
+    assert path == tmp_path / "eval" / "report.html"
+    for name in ("metrics.png", "loss.png", "lengths.png", "buckets.png"):
+        assert (tmp_path / "eval" / name).read_bytes().startswith(PNG_MAGIC)
+    page = parse(path)
+    html_text = path.read_text()
+    assert "http://" not in html_text and "https://" not in html_text
+    assert not [t for t, a in page.tags if t in ("script", "link", "iframe")]
+    imgs = [a["src"] for t, a in page.tags if t == "img"]
+    assert len(imgs) == 4
+    for src in imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+    text = "".join(page.text)
+    assert "<script>alert(1)</script> & co" in text  # escaped in the file, so it came back as text
+    assert "<b>answer</b>" in text and "base vs tuned <run>" in text
+    # ranking: improvements are example 0 (+0.8) then 1 (+0.1); the only regression is example 2
+    improvements = html_text.index("Largest improvements")
+    regressions = html_text.index("Largest regressions")
+    assert improvements < html_text.index("question 0") < html_text.index("question 1") < regressions
+    assert html_text.index("question 2", regressions) > regressions
+    assert "question 3" not in html_text  # no change: in neither table
+
+
+def test_report_for_a_single_model_has_no_deltas(tmp_path, capsys):
+    metrics = {"tuned": {"rouge_l": 0.5, "exact_match": 0.25}, "notes": []}
+    rows = [{k: v for k, v in example(i, 0.0, s).items() if k != "base"} for i, s in enumerate([0.9, 0.1, 0.5])]
+    path = write_report(tmp_path, metrics, rows, None, title="eval")
+    html_text = path.read_text()
+    parse(path)
+    assert "delta" not in html_text and "Lowest rouge_l" in html_text
+    assert html_text.index("question 1") < html_text.index("question 2") < html_text.index("question 0")
+    assert "no data" in html_text  # no metrics.jsonl: loss plot replaced by a note
+    assert not (tmp_path / "loss.png").exists()
+    assert "|---|---:|---:|" not in markdown_summary(metrics) and "| rouge_l | 0.5 |" in markdown_summary(metrics)
+    console = Console(width=100, force_terminal=False, color_system=None)
+    print_summary(METRICS, console)
+    out = capsys.readouterr().out
+    assert "rouge_l" in out and "+0.3 ▲ better" in out and "note: embedding similarity skipped" in out
