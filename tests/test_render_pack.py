@@ -117,7 +117,7 @@ def test_pack_best_fit_decreasing():
 def test_collate_packed_positions_restart():
     samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
     b = collate_packed(samples, [[0, 1], [1]], pad_id=0)
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]] and b["real_tokens"] == 7
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [8, 9, 0, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7, 8, 9], [8, 9, -100, -100, -100]]
 

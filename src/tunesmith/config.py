@@ -77,7 +77,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA with bf16 support, else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     eval_every: int = Field(0, ge=0, description="evaluate on the test split every N steps (0: only at the end)")
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps and at the end (0: no checkpoints; final/ is always written)")
     keep_last: int = Field(2, gt=0, description="checkpoints to keep")
     log_every: int = Field(10, gt=0, description="log to metrics.jsonl every N steps")
     seed: int = Field(42, description="seed for init, dropout and data order")

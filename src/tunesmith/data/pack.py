@@ -72,7 +72,8 @@ def collate_packed(samples: list[dict], rows: list[list[int]], pad_id: int) -> d
             position_ids[r, t : t + n] = torch.arange(n)
             t += n
         position_ids[r, t:] = torch.arange(width - t)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    real = sum(len(samples[i]["input_ids"]) for row in rows for i in row)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": torch.tensor(real)}
 
 
 def collate_padded(samples: list[dict], rows: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
@@ -88,9 +89,46 @@ def collate_padded(samples: list[dict], rows: list[list[int]], pad_id: int, side
         input_ids[r, sl] = torch.tensor(s["input_ids"])
         labels[r, sl] = torch.tensor(s["labels"])
         mask[r, sl] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "real_tokens": mask.sum()}
 
 
 def collate(samples: list[dict], rows: list[list[int]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
     """The training collator: packed when packing is on, right-padded otherwise."""
     return collate_packed(samples, rows, pad_id) if packing else collate_padded(samples, rows, pad_id)
+
+
+class EpochStream:
+    """Endless micro-batches over in-memory samples, epoch after epoch, with a resumable cursor.
+
+    The cursor is (epoch, index into that epoch's batch list); `epoch_batches` rebuilds the list from the
+    seed, so the state to checkpoint is two integers. Under DDP every rank walks the same global list and
+    takes the micro-batches `rank, rank + world, ...` of each step.
+    """
+
+    def __init__(self, samples: list[dict], batch_size: int, seq_len: int, packing: bool, seed: int, pad_id: int):
+        self.samples, self.batch_size, self.seq_len = samples, batch_size, seq_len
+        self.packing, self.seed, self.pad_id = packing, seed, pad_id
+        self.lengths = [len(s["input_ids"]) for s in samples]
+        self.epoch, self.index = 0, 0
+        self._batches = epoch_batches(self.lengths, batch_size, seq_len, packing, seed, 0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def next(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The next micro-batch and the `where` of every sample in it (to name a bad batch)."""
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = epoch_batches(self.lengths, self.batch_size, self.seq_len, self.packing, self.seed, self.epoch)
+        rows = self._batches[self.index]
+        self.index += 1
+        wheres = [self.samples[i].get("where", str(i)) for row in rows for i in row]
+        return collate(self.samples, rows, self.pad_id, self.packing), wheres
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._batches = epoch_batches(self.lengths, self.batch_size, self.seq_len, self.packing, self.seed, self.epoch)

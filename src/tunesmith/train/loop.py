@@ -1,0 +1,195 @@
+"""The training loop: one function, top to bottom in the order it runs. Full fine-tuning and LoRA alike.
+
+LoRA changes only which parameters train (apply_lora), what a checkpoint holds (trainable tensors) and
+whether export merges. Loss is normalised by the label tokens of the whole accumulated (and, under DDP,
+global) batch, so batch_size=2 x grad_accum=4 is the same update as batch_size=8 x grad_accum=1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config, UserError, save_config
+from tunesmith.data.pack import EpochStream
+from tunesmith.data.pipeline import build, tokenizer_hash
+from tunesmith.eval.loss import evaluate_loss, loss_sum
+from tunesmith.model.export import save_final
+from tunesmith.model.load import load_model, load_tokenizer
+from tunesmith.model.lora import apply_lora, trainable_summary
+from tunesmith.runtime import autocast, autocast_dtype, device, dist_info, print0, seed_everything
+from tunesmith.train import checkpoint, distributed
+from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
+from tunesmith.train.optim import make_optimizer, make_scheduler
+from tunesmith.train.plan_io import finish_plan, mfu, start_plan
+from tunesmith.train.record import hardware, write_manifest
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/inf: the run stops (exit 1) and the last good checkpoint is kept."""
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checkpoints at the end of the current step and exits."""
+
+    signum: int = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def train(cfg: Config) -> dict:
+    """Fine-tune `cfg.model` on `cfg.data`; returns final metrics and the run dir (also the CLI's `train`)."""
+    d = dist_info()
+    dev = device(d)
+    distributed.init(d, dev)
+    run = Path(cfg.out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        save_config(cfg, run / "config.yaml")
+    seed_everything(cfg.train.seed)
+    t0 = time.time()
+
+    # ---- data and model
+    tok = load_tokenizer(cfg.model)
+    data = build(cfg, tok, run if d.is_main else None)
+    quantize = cfg.lora.quantize if cfg.lora else None
+    model = load_model(cfg.model, dev, quantize=quantize)
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    trainable, total_params = trainable_summary(model)
+    print0(f"model: {total_params:,} params, {trainable:,} trainable ({'LoRA' if cfg.lora else 'full'}) on {dev.type}")
+
+    # ---- steps, optimizer, schedule
+    tc = cfg.train
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stream = EpochStream(data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id)
+    micro_per_step = tc.grad_accum * d.world
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * stream.batches_per_epoch / micro_per_step))
+    opt = make_optimizer(model, tc, dev)
+    sched = make_scheduler(opt, tc, total)
+    amp = autocast_dtype(tc.precision, dev)
+
+    start = 0
+    ckpt = checkpoint.find_resume(tc.resume, run)
+    if ckpt is not None:
+        cursor = checkpoint.load(ckpt, model, opt, sched)
+        stream.load_state(cursor)
+        start = cursor["step"]
+        print0(f"resumed from {ckpt} at step {start} (epoch {cursor['epoch']}, batch {cursor['index']})")
+
+    if d.is_main:
+        write_manifest(run / "manifest.json", model=cfg.model.name, lora=cfg.lora is not None, seed=tc.seed,
+                       data_hash=data.data_hash, template_hash=data.template_hash, tokenizer_hash=tokenizer_hash(tok),
+                       train_examples=len(data.train), test_examples=len(data.test), rejected_rows=data.rejected,
+                       hardware=hardware(dev, d.world))
+    plan = start_plan(cfg, run, data.train, total, micro_per_step, d.is_main)
+
+    model = distributed.wrap(model, d, dev, tc.fsdp)
+    core = distributed.unwrap(model)
+    log = MetricsLog(run / "metrics.jsonl", tensorboard_writer(run, tc.tensorboard and d.is_main), enabled=d.is_main)
+    stop = StopFlag()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    done = start
+    last_eval: dict = {}
+    tokens_seen, t_train, window_tokens, t_window = 0, 0.0, 0, time.time()
+
+    with progress_bar(d.is_main) as bar:
+        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), lr=sched.get_last_lr()[0], tps=0.0)
+        for step in range(start, total):
+            t_step = time.time()
+            # (1) gather this rank's micro-batches of the global step; count label tokens over all of them.
+            mine, wheres = [], []
+            for k in range(micro_per_step):
+                batch, w = stream.next()
+                if k % d.world == d.rank:
+                    mine.append({key: v.to(dev, non_blocking=True) for key, v in batch.items()})
+                    wheres += w
+            n_labels = sum((b["labels"][:, 1:] != -100).sum() for b in mine).to(dev)
+            n_labels = distributed.all_reduce_sum(n_labels.clone(), d).clamp(min=1)
+            # (2) forward/backward: sum of token losses / global label count; DDP averages grads over ranks,
+            #     so scale by world to keep the update = mean over all label tokens of the global batch.
+            step_loss = torch.zeros((), device=dev)
+            for i, batch in enumerate(mine):
+                sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
+                ctx = model.no_sync() if not sync else nullcontext()
+                with ctx, autocast(amp, dev):
+                    s, _ = loss_sum(model, batch)
+                    (s * d.world / n_labels).backward()
+                step_loss += s.detach()
+            step_loss = distributed.all_reduce_sum(step_loss, d) / n_labels
+            if not torch.isfinite(step_loss):
+                raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1} (batch with {', '.join(wheres[:4])}"
+                                       f"{' ...' if len(wheres) > 4 else ''}); last good checkpoint kept; lower train.lr")
+            # (3) clip, step, schedule
+            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+            # (4) log: real (non-pad) tokens per second and MFU from the planner's FLOPs per token
+            real = distributed.all_reduce_sum(sum(b["real_tokens"] for b in mine).to(dev), d).item()
+            tokens_seen += real
+            window_tokens += real
+            t_train += time.time() - t_step
+            done = step + 1
+            if done % tc.log_every == 0 or done == total:
+                tps = window_tokens / max(time.time() - t_window, 1e-9)
+                row = {"step": done, "split": "train", "loss": step_loss.item(), "lr": lr, "tokens": tokens_seen,
+                       "tokens_per_s": tps, "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                row["mfu"] = mfu(plan, tps)
+                log.write(row)
+                window_tokens, t_window = 0, time.time()
+                bar.update(task, loss=row["loss"], tps=tps)
+            bar.update(task, completed=done, lr=lr)
+
+            # (5) eval and checkpoint
+            if data.test and ((tc.eval_every and done % tc.eval_every == 0) or done == total):
+                last_eval = evaluate_loss(model, data.test, tc.batch_size, cfg.data.max_length, pad_id, cfg.data.packing,
+                                          dev, amp, shard=(d.rank, d.world))
+                log.write({"step": done, "split": "eval", **last_eval})
+            cursor = stream.state()
+            if (tc.save_every and (done % tc.save_every == 0 or done == total)) or stop.signum:
+                if d.is_main:
+                    checkpoint.save(run, done, core, opt, sched, cursor, tc.keep_last)
+                distributed.barrier(d)
+            if stop.signum:
+                print0(f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with train.resume=auto")
+                break
+
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    result = {"run_dir": str(run), "steps": done, "train_loss": None, "eval": last_eval,
+              "tokens": tokens_seen, "train_seconds": t_train, "wall_seconds": time.time() - t0}
+    rows = read_metrics(run / "metrics.jsonl")
+    result["train_loss"] = next((r["loss"] for r in reversed(rows) if r.get("split") == "train"), None)
+    if stop.signum:
+        distributed.shutdown(d)
+        raise SystemExit(128 + stop.signum)
+    if d.is_main:
+        spec = {"template": data.template.to_dict(), "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
+                "fields": cfg.data.fields, "base_model": cfg.model.name}
+        save_final(core, tok, run / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
+        plot_losses(rows, run / "loss.png")
+        result["plan"] = finish_plan(plan, run, tokens_seen, t_train, result["wall_seconds"], dev)
+        (run / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
+        print0(f"done: {result['steps']} steps, final model in {run / 'final'}")
+    distributed.barrier(d)
+    distributed.shutdown(d)
+    return result
+
+

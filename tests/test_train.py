@@ -1,0 +1,171 @@
+"""The training loop on tiny models: it learns, LoRA freezes the base, grad-accum == big batch, save/resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests import tiny
+from tunesmith.config import load_config
+from tunesmith.train import checkpoint
+from tunesmith.train.loop import TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(tmp_path, model_dir, data, *over):
+    base = [f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}", "data.test_size=4",
+            "data.max_length=64", "train.lr=3e-3", "train.batch_size=4", "train.log_every=1", "train.scheduler=constant"]
+    return load_config(None, base + list(over))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(next(path.glob("*.safetensors")))
+
+
+def test_overfits_and_writes_run_dir(tmp_path, model_dir, qa_file):
+    result = train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=30", "train.eval_every=10"))
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20, 30]
+    assert {"config.yaml", "manifest.json", "plan.json", "metrics.jsonl", "loss.png", "final"} <= {p.name for p in run.iterdir()}
+    assert result["eval"]["perplexity"] == pytest.approx(torch.tensor(result["eval"]["loss"]).exp().item(), rel=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers loads the final model
+    assert json.loads((run / "final" / "tunesmith_template.json").read_text())["template"]["format"] == "qa"
+
+
+def test_lora_trains_only_adapters(tmp_path, model_dir, qa_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=5", "lora.r=4", "lora.dropout=0.0"))
+    final = tmp_path / "run" / "final"
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), final)
+    adapters = {n: p for n, p in tuned.named_parameters() if "lora_" in n}
+    assert adapters and any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)  # B starts at 0
+    base_sd = base.state_dict()
+    for name, p in tuned.named_parameters():
+        if "lora_" not in name:  # frozen base weights are bit-identical
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base_sd[key]), name
+
+
+def test_grad_accum_equals_big_batch(tmp_path, model_dir, qa_file):
+    # Adam's first step is ~lr*sign(g): a modest lr keeps fp32 summation-order noise far below 1e-6.
+    common = ["train.max_steps=1", "data.packing=false", "train.max_grad_norm=null", "train.lr=1e-4"]
+    train(cfg_for(tmp_path / "a", model_dir, qa_file, *common, "train.batch_size=2", "train.grad_accum=4"))
+    train(cfg_for(tmp_path / "b", model_dir, qa_file, *common, "train.batch_size=8", "train.grad_accum=1"))
+    a, b = weights(tmp_path / "a" / "run" / "final"), weights(tmp_path / "b" / "run" / "final")
+    init = weights(model_dir)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # the step did move the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def _cli(cfg_path: Path, *over: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(cfg_path), *over], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _write_cfg(tmp_path, model_dir, data, run: Path) -> Path:
+    path = tmp_path / f"{run.name}.yaml"
+    path.write_text(f"""
+model: {{name: {model_dir}}}
+data: {{path: {data}, test_size: 4, max_length: 64}}
+train: {{lr: 3.0e-3, batch_size: 4, max_steps: 8, save_every: 2, keep_last: 5, log_every: 1}}
+out_dir: {run}
+""")
+    return path
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, qa_file):
+    # Dropout on, so the restored RNG state matters, not only weights and optimizer.
+    model_dir = tmp_path / "m"
+    m = tiny.gpt_neox(hidden_dropout=0.1, attention_dropout=0.1)
+    m.save_pretrained(model_dir)
+    tiny.tokenizer().save_pretrained(model_dir)
+    whole = _cli(_write_cfg(tmp_path, model_dir, qa_file, tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    run = tmp_path / "killed"
+    cfg = _write_cfg(tmp_path, model_dir, qa_file, run)
+    proc = _cli(cfg)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-4").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 4"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+    resumed = _cli(cfg, "train.resume=auto")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, b = weights(tmp_path / "whole" / "final"), weights(run / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_then_exits(tmp_path, model_dir, qa_file):
+    run = tmp_path / "term"
+    cfg = _write_cfg(tmp_path, model_dir, qa_file, run)
+    proc = _cli(cfg, "train.max_steps=100000", "train.save_every=0")
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    [ckpt] = checkpoint.checkpoints(run)
+    assert int(ckpt.name.split("-")[1]) >= 3
+
+
+def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file):
+    cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", "train.max_grad_norm=null")
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def poisoned(*a, **k):  # a numerically broken step 3: the loss becomes NaN
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    import tunesmith.eval.loss as loss_mod
+
+    loss_mod.F.cross_entropy = poisoned
+    try:
+        with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 \(batch with .*qa.jsonl:\d+"):
+            train(cfg)
+    finally:
+        loss_mod.F.cross_entropy = real
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run")] == ["step-1", "step-2"]
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, model_dir, qa_file, monkeypatch):
+    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=2", "train.save_every=2"))
+    run = tmp_path / "run"
+    before = load_file(run / "checkpoints" / "step-2" / "trainable.safetensors")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    model = tiny.gpt_neox()
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(OSError):
+        checkpoint.save(run, 4, model, opt, sched, {"epoch": 0, "index": 0}, keep_last=1)
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step-2"]
+    after = load_file(run / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert checkpoint.find_resume("auto", run).name == "step-2"
