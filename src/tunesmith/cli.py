@@ -68,9 +68,27 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
          device: str = typer.Option(None, help="device to plan for, e.g. h100-80gb"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """FLOPs, memory and time before training (a run dir: predicted vs measured)."""
-    from tunesmith.plan import plan_cli
+    from tunesmith.plan import plan_from_run, print_plan
 
-    plan_cli(config, overrides or [], device, as_json, console)
+    if config.is_dir():
+        result = plan_from_run(config)
+    else:
+        from tunesmith.data.pipeline import build
+        from tunesmith.model.load import load_tokenizer
+        from tunesmith.train.plan_io import plan_for_data
+
+        cfg = _cfg(config, overrides)
+        if device:
+            cfg.plan.device = device
+        # The data's real token counts (packing considered) make the step count and FLOPs exact.
+        samples = build(cfg, load_tokenizer(cfg.model), cfg.out_dir).train
+        result = plan_for_data(cfg, samples)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "plan.json").write_text(json.dumps(result, indent=2, default=str))
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print_plan(result, console)
 
 
 @app.command()
@@ -103,7 +121,7 @@ def generate(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
 
     if (prompt is None) == (input is None):
         raise UserError("generate: give exactly one of --prompt or --input")
-    generate_cli(_cfg(config, overrides), prompt, input, output, console)
+    generate_cli(_cfg(config, overrides), prompt, input, output)
 
 
 @app.command()

@@ -8,7 +8,6 @@ global) batch, so batch_size=2 x grad_accum=4 is the same update as batch_size=8
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from contextlib import nullcontext
@@ -28,7 +27,7 @@ from tunesmith.runtime import autocast, autocast_dtype, device, dist_info, print
 from tunesmith.train import checkpoint, distributed
 from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
 from tunesmith.train.optim import make_optimizer, make_scheduler
-from tunesmith.train.plan_io import finish_plan, mfu, start_plan
+from tunesmith.train.plan_io import finish_plan, mfu, start_plan, total_steps
 from tunesmith.train.record import hardware, write_manifest
 
 
@@ -76,7 +75,7 @@ def train(cfg: Config) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stream = EpochStream(data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id)
     micro_per_step = tc.grad_accum * d.world
-    total = tc.max_steps or max(1, math.ceil(tc.epochs * stream.batches_per_epoch / micro_per_step))
+    total = total_steps(tc, stream.batches_per_epoch, micro_per_step)
     opt = make_optimizer(model, tc, dev)
     sched = make_scheduler(opt, tc, total)
     amp = autocast_dtype(tc.precision, dev)

@@ -10,11 +10,25 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tunesmith.config import Config
+from tunesmith.config import Config, TrainConfig
+from tunesmith.data.pack import epoch_batches
 from tunesmith.plan import compare_measured, make_plan
 
 
-def start_plan(cfg: Config, run: Path, samples: list[dict], total_steps: int, micro_per_step: int, is_main: bool) -> dict:
+def total_steps(tc: TrainConfig, batches_per_epoch: int, micro_per_step: int) -> int:
+    """train.max_steps, else enough optimizer steps for train.epochs passes over the micro-batches."""
+    return tc.max_steps or max(1, -(-int(tc.epochs * batches_per_epoch) // micro_per_step))
+
+
+def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
+    """The plan of `cfg` with the real token counts and step count of these training samples."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    per_epoch = len(epoch_batches(lengths, cfg.train.batch_size, cfg.data.max_length, cfg.data.packing, 0, 0))
+    micro = cfg.train.grad_accum * world
+    return start_plan(cfg, None, samples, total_steps(cfg.train, per_epoch, micro), micro, False)
+
+
+def start_plan(cfg: Config, run: Path | None, samples: list[dict], total_steps: int, micro_per_step: int, is_main: bool) -> dict:
     """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts."""
     tokens = sum(len(s["input_ids"]) for s in samples)
     # Packed rows are nearly full; padded rows hold one sample each (real tokens only count for speed).
@@ -23,7 +37,7 @@ def start_plan(cfg: Config, run: Path, samples: list[dict], total_steps: int, mi
     planned = cfg.model_copy(deep=True)
     planned.train.max_steps = total_steps
     plan = make_plan(planned, tokens_per_step=tokens_per_step)
-    if is_main:
+    if is_main and run is not None:
         (run / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
     return plan
 
