@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class UserError(Exception):
@@ -54,11 +54,12 @@ class DataConfig(_Section):
     sources: list[SourceConfig] | None = Field(None, description="several sources mixed by weight (streaming text)")
     text_field: str = Field("text", description="field that holds raw text for format=text")
 
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if self.test_size >= 1 and self.test_size != int(self.test_size):
-            raise ValueError(f"data.test_size must be a fraction < 1 or a whole count (got {self.test_size})")
-        return self
+    @field_validator("test_size")
+    @classmethod
+    def _whole_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("must be a fraction < 1 or a whole count")
+        return v
 
 
 class TrainConfig(_Section):
@@ -196,12 +197,42 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+# Names other trainers use for our fields (HF Trainer, axolotl, litgpt...): last segment -> our name.
+_ALIASES = {
+    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "seq_len": "max_length", "cutoff_len": "max_length", "block_size": "max_length",
+    "num_steps": "max_steps", "total_steps": "max_steps", "eval_steps": "eval_every", "save_steps": "save_every",
+    "logging_steps": "log_every", "lr_scheduler_type": "scheduler", "torch_dtype": "dtype", "output_dir": "out_dir",
+    "model_name_or_path": "name", "dataset": "path", "train_file": "path", "val_size": "test_size",
+    "eval_size": "test_size", "validation_split": "test_size", "max_tokens": "max_new_tokens",
+}
+
+
+def suggest_key(key: str) -> str | None:
+    """The closest known key: the same section first, compared on the last segment, aliases included."""
+    section, _, last = key.rpartition(".")
+    prefix = section + "." if section else ""
+    known = _known_keys(Config)
+    siblings = {k[len(prefix):]: k for k in known if k.startswith(prefix) and "." not in k[len(prefix):]}
+    # an alias counts as a sibling name pointing at its target, so a typo of an alias finds the target too
+    names = dict(siblings) | {a: siblings[t] for a, t in _ALIASES.items() if t in siblings}
+    guess = difflib.get_close_matches(last, list(names), n=1, cutoff=0.6)
+    if guess:
+        return names[guess[0]]
+    if siblings:  # a known section: nothing close there means nothing close at all
+        return None
+    guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)  # a misspelt section: search every key
+    return guess[0] if guess else None
+
+
 def _format_error(err: dict, source: str, raw: dict) -> str:
     loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
-        guess = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
-        hint = f" — did you mean '{guess[0]}'?" if guess else " (see `tunesmith config show`)"
+        guess = suggest_key(key)
+        hint = f" — did you mean '{guess}'?" if guess else " (see `tunesmith config show`)"
         return f"{source}: unknown key '{key}'{hint}"
     value = raw
     for p in err["loc"]:

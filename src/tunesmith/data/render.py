@@ -45,6 +45,8 @@ def truncate(prompt: list[int], response: list[int], max_length: int, side: str)
 
 def render(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects) -> list[dict]:
     """Examples -> samples {input_ids, labels, where}; a row whose response does not survive truncation is bad."""
+    if not examples:
+        return []
     if template.kind == "chat":
         pairs = [_chat_ids(ex, tokenizer) for ex in examples]
     else:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The main job, offline: inspect the data, plan, fine-tune SmolLM2-135M-Instruct on earnings-call QA,
+# compare base vs tuned, print the table and where the report is. Extra args are config overrides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+CFG=configs/quickstart.yaml
+step() {  # step NAME CMD...: run, and remember how long it took
+  local name=$1; shift
+  local t0=$SECONDS
+  echo; echo "== $name: $*"
+  "$@"
+  TIMES+=("$name $((SECONDS - t0))s")
+}
+TIMES=()
+step inspect tunesmith data inspect "$CFG" "$@"
+step plan    tunesmith plan "$CFG" "$@"
+step train   tunesmith train "$CFG" "$@"
+step compare tunesmith compare "$CFG" "$@"
+OUT=$(tunesmith config show "$CFG" "$@" --json-value out_dir 2>/dev/null || echo runs/quickstart)
+echo
+echo "== time per step: ${TIMES[*]}"
+echo "report:        $OUT/eval/report.html"
+echo "chat with it:  tunesmith chat $CFG model.name=$OUT/final"
+echo "your own data: tunesmith train $CFG data.path=my_data.jsonl out_dir=runs/mine   (then: tunesmith compare ...)"

@@ -1,0 +1,227 @@
+"""build(cfg, tokenizer, out_dir) -> Prepared: the one call training and eval make to get their data.
+
+read rows -> to_example -> (dedupe) -> split (or data.test_path) -> data.limit -> render -> write rejects.
+The tokenized splits are cached in `<out_dir>/data/` under a key of (data files' size+mtime, the data
+config that changes the samples, the template, the tokenizer): `prepare` writes them, `build` reuses them
+when the key matches. Storage is numpy `.npz` (flat ids + offsets, loaded with allow_pickle=False) plus
+jsonl for examples: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tunesmith.config import Config, DataConfig, UserError
+from tunesmith.data.formats import Example, Template, get_template, prompt_key, to_example
+from tunesmith.data.rejects import Rejects
+from tunesmith.data.render import render
+from tunesmith.data.sources import read_rows, resolve_files
+from tunesmith.data.split import split
+from tunesmith.runtime import print0
+
+CACHE_DIR = "data"
+# Data config fields that change the samples (packing/streaming change only how they are batched/read).
+_KEY_FIELDS = ("path", "format", "template", "fields", "split", "max_length", "truncation", "test_size",
+               "test_path", "seed", "limit", "on_bad_row", "dedupe", "text_field")
+_FORMAT_VERSION = 1  # bump when the cache layout or the rendering rules change
+
+
+@dataclass
+class Prepared:
+    """Rendered splits (samples = {input_ids, labels, where}) plus the examples they came from."""
+
+    train: list[dict]
+    test: list[dict]
+    train_examples: list[Example]
+    test_examples: list[Example]
+    template: Template
+    rejected: int
+    data_hash: str
+    template_hash: str
+
+
+def build(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared:
+    """Read, validate, split and render the data; reuse/write the cache in <out_dir>/data when out_dir is set."""
+    d = cfg.data
+    template = get_template(d.template, d.format)
+    cache = Path(out_dir) / CACHE_DIR if out_dir is not None else None
+    key = cache_key(d, template, tokenizer)
+    if cache is not None:
+        hit = load_cache(cache, key, template)
+        if hit is not None:
+            return hit
+    rejects = Rejects(d.on_bad_row, out_dir)
+    train_ex, test_ex = load_examples(d, rejects)
+    train = render_all(train_ex, template, tokenizer, d.max_length, d.truncation, rejects)
+    test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
+    if not train:
+        raise UserError(f"{d.path}: no training examples left (rows skipped: {rejects.count}; see data_rejects.jsonl)")
+    rejects.write()
+    if rejects.count:
+        print0(f"data: {rejects.summary()}")
+    prepared = Prepared(train, test, train_ex, test_ex, template, rejects.count,
+                        data_hash=data_hash(d), template_hash=template_hash(template))
+    if cache is not None:
+        save_cache(cache, key, prepared)
+    return prepared
+
+
+def render_all(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str,
+               rejects: Rejects) -> list[dict]:
+    """render(), also for an empty split (a fast tokenizer cannot encode an empty batch)."""
+    return render(examples, template, tokenizer, max_length, truncation, rejects) if examples else []
+
+
+def prepare(cfg: Config, tokenizer) -> Path:
+    """Build the splits and write them to <out_dir>/data/ (reused by training); returns that directory."""
+    build(cfg, tokenizer, cfg.out_dir)
+    return Path(cfg.out_dir) / CACHE_DIR
+
+
+def read_examples(path: str, d: DataConfig, rejects: Rejects) -> list[Example]:
+    """Rows of one source -> validated Examples (bad rows go to `rejects`)."""
+    out = []
+    for row in read_rows(path, d, rejects):
+        ex = to_example(row, d.format, rejects)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def load_examples(d: DataConfig, rejects: Rejects) -> tuple[list[Example], list[Example]]:
+    """(train, test) Examples: deduped if asked, split (or data.test_path), then data.limit on train."""
+    examples = read_examples(d.path, d, rejects)
+    if d.dedupe:
+        examples = dedupe(examples, rejects)
+    if d.test_path:
+        train, test = examples, read_examples(d.test_path, d, rejects)
+        if d.dedupe:
+            test = dedupe(test, rejects)
+    else:
+        train, test = split(examples, d.test_size, d.seed, prompt_key)
+    if d.limit is not None:
+        train = train[: d.limit]
+    return train, test
+
+
+def dedupe(examples: list[Example], rejects: Rejects) -> list[Example]:
+    """Drop exact duplicates (normalized text); each one is recorded as 'duplicate of <where>'."""
+    from tunesmith.data.checks import example_text
+    from tunesmith.data.split import normalize_text
+
+    first: dict[str, str] = {}
+    kept = []
+    for ex in examples:
+        k = normalize_text(example_text(ex))
+        if k in first:
+            # recorded, never raised: with dedupe on, a duplicate is expected, not a bad row
+            rejects.record(ex.where, None, f"duplicate of {first[k]}", asdict(ex))
+        else:
+            first[k] = ex.where
+            kept.append(ex)
+    return kept
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_stats(path: str | None, d: DataConfig) -> list:
+    if not path:
+        return []
+    files = resolve_files(path, d)
+    if files is None:  # a hub dataset: its id and split are all we know without downloading
+        return [path, d.split]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def data_hash(d: DataConfig) -> str:
+    """sha256 of the data files' contents (train, then test_path), for the run manifest."""
+    h = hashlib.sha256()
+    for path in (d.path, d.test_path):
+        files = resolve_files(path, d) if path else []
+        if files is None:
+            h.update(f"hub:{path}:{d.split}".encode())
+            continue
+        for f in files:
+            h.update(str(f.name).encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def template_hash(template: Template) -> str:
+    """A short hash of the template (format, kind, strings): part of the manifest and the cache key."""
+    return _hash(template.to_dict())
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of everything in the tokenizer that changes ids: the full fast-tokenizer JSON, specials, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    core = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return _hash([core, tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token,
+                  getattr(tokenizer, "chat_template", None), type(tokenizer).__name__])
+
+
+def cache_key(d: DataConfig, template: Template, tokenizer) -> str:
+    """The cache key of the rendered splits."""
+    conf = {k: getattr(d, k) for k in _KEY_FIELDS}
+    return _hash([_FORMAT_VERSION, conf, _file_stats(d.path, d), _file_stats(d.test_path, d),
+                  template.to_dict(), tokenizer_hash(tokenizer)])
+
+
+def _save_samples(path: Path, samples: list[dict]) -> None:
+    lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.fromiter((t for s in samples for t in s["input_ids"]), dtype=np.int64, count=int(offsets[-1]))
+    labels = np.fromiter((t for s in samples for t in s["labels"]), dtype=np.int64, count=int(offsets[-1]))
+    np.savez(path, input_ids=ids, labels=labels, offsets=offsets)
+
+
+def _load_samples(path: Path, wheres: list[str]) -> list[dict]:
+    with np.load(path, allow_pickle=False) as z:
+        ids, labels, off = z["input_ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
+    return [{"input_ids": ids[off[i] : off[i + 1]], "labels": labels[off[i] : off[i + 1]], "where": w}
+            for i, w in enumerate(wheres)]
+
+
+def save_cache(cache: Path, key: str, p: Prepared) -> None:
+    """Write both splits, their examples and meta.json (written last: it marks the cache complete)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "meta.json").unlink(missing_ok=True)
+    for name, samples, examples in (("train", p.train, p.train_examples), ("test", p.test, p.test_examples)):
+        _save_samples(cache / f"{name}.npz", samples)
+        with (cache / f"{name}_examples.jsonl").open("w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
+    meta = {"key": key, "rejected": p.rejected, "data_hash": p.data_hash, "template_hash": p.template_hash,
+            "template": p.template.to_dict(), "train_where": [s["where"] for s in p.train],
+            "test_where": [s["where"] for s in p.test]}
+    (cache / "meta.json").write_text(json.dumps(meta))
+
+
+def load_cache(cache: Path, key: str, template: Template) -> Prepared | None:
+    """The cached Prepared when <cache>/meta.json has this key, else None."""
+    meta_path = cache / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("key") != key:
+        return None
+
+    def examples(name: str) -> list[Example]:
+        with (cache / f"{name}_examples.jsonl").open(encoding="utf-8") as f:
+            return [Example(**json.loads(line)) for line in f]
+
+    return Prepared(
+        train=_load_samples(cache / "train.npz", meta["train_where"]),
+        test=_load_samples(cache / "test.npz", meta["test_where"]),
+        train_examples=examples("train"), test_examples=examples("test"), template=template,
+        rejected=meta["rejected"], data_hash=meta["data_hash"], template_hash=meta["template_hash"],
+    )

@@ -1,0 +1,315 @@
+"""The OpenAI-compatible HTTP server (FastAPI) and the playground page.
+
+Requests are parsed by hand (size cap, JSON, strict schema) so every failure gets an OpenAI-style error
+body with the right status. Generation happens in the scheduler's worker thread; handlers only await.
+No endpoint takes a file path: models are loaded once, at startup, from the config.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunesmith.config import Config, GenerateConfig, UserError
+from tunesmith.generate import Completion, prompt_ids, template_for
+from tunesmith.serve.playground import page
+from tunesmith.serve.scheduler import LoadedModel, Scheduler
+from tunesmith.serve.schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_body,
+    chunk,
+    completion_body,
+    new_id,
+    validation_message,
+)
+
+
+def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] | None = None) -> FastAPI:
+    """The app serving `models` by name; `examples` are the playground's one-click questions."""
+    if not models:
+        raise UserError("serve.models: no model to serve (name one, e.g. serve.models={base: smollm2-135m-instruct})")
+    sched = Scheduler(models, cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sched.start()
+        yield
+        sched.close()
+
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.scheduler = sched
+    key = _api_key(cfg)
+    check_auth = _auth_check(key)
+    _error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": list(models)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(page(list(models), examples or [], auth=key is not None))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        check_auth(request)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"} for n in models]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        req = await _parse(request, CompletionRequest, cfg.serve.max_request_bytes)
+        lm = _model(models, req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
+        ids = lm.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        return await _answer(sched, lm, req, ids, _gen_cfg(cfg, req, req.max_tokens, lm, ids), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        req = await _parse(request, ChatRequest, cfg.serve.max_request_bytes)
+        lm = _model(models, req.model)
+        if not any(m.role == "user" for m in req.messages):
+            raise ApiError(400, "messages: at least one message with role 'user' is needed", param="messages")
+        try:
+            ids = prompt_ids(lm.template, lm.tokenizer, [m.model_dump() for m in req.messages])
+        except UserError as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from None
+        limit = req.max_completion_tokens or req.max_tokens
+        return await _answer(sched, lm, req, ids, _gen_cfg(cfg, req, limit, lm, ids), chat=True)
+
+    return app
+
+
+def _api_key(cfg: Config) -> str | None:
+    """The Bearer token from serve.api_key_env (None: auth off); a named but empty variable is a user error."""
+    if not cfg.serve.api_key_env:
+        return None
+    key = os.environ.get(cfg.serve.api_key_env, "")
+    if not key:
+        raise UserError(f"serve.api_key_env: environment variable {cfg.serve.api_key_env} is empty or unset (export it, or remove serve.api_key_env)")
+    return key
+
+
+def _auth_check(key: str | None):
+    """request -> None, or ApiError(401) when auth is on and the Bearer token is missing or wrong."""
+
+    def check(request: Request) -> None:
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        # constant-time comparison: response timing must not leak how much of the key was right
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key",
+                           kind="authentication_error")
+
+    return check
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-style body: ours, routing's (404/405) and unexpected ones (500)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        body = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+
+async def _parse(request: Request, schema: type, cap: int):
+    """Body -> validated request: 413 over the size cap, 400 bad JSON, 422 wrong fields or types."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {cap} (serve.max_request_bytes)", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > cap:
+            raise ApiError(413, f"request body is over {cap} bytes (serve.max_request_bytes)", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(e.errors()[0])
+        raise ApiError(422, message, param=param, code="invalid_value") from None
+
+
+def _model(models: dict[str, LoadedModel], name: str) -> LoadedModel:
+    if name not in models:
+        raise ApiError(404, f"model '{name}' does not exist (served: {', '.join(models)})", param="model", code="model_not_found")
+    return models[name]
+
+
+def _gen_cfg(cfg: Config, req, max_tokens: int | None, lm: LoadedModel, ids: list[int]) -> GenerateConfig:
+    """Request settings over the config's generate section; limits checked against the model and the cap."""
+    cap, ctx = cfg.serve.max_tokens_cap, lm.context_len
+    if max_tokens is not None and max_tokens > cap:
+        raise ApiError(400, f"max_tokens={max_tokens} is over the server's cap of {cap} (serve.max_tokens_cap)", param="max_tokens")
+    if not ids:
+        raise ApiError(400, "the prompt renders to no tokens", param="prompt")
+    if len(ids) >= ctx:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {ctx}", param="messages",
+                       code="context_length_exceeded")
+    g = cfg.generate
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop if req.stop is not None else g.stop)
+    limit = min(max_tokens or min(g.max_new_tokens, cap), ctx - len(ids))
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return g.model_copy(update={"max_new_tokens": limit, "temperature": pick(req.temperature, g.temperature),
+                                "top_p": pick(req.top_p, g.top_p), "top_k": pick(req.top_k, g.top_k),
+                                "repetition_penalty": pick(req.repetition_penalty, g.repetition_penalty),
+                                "stop": stop, "seed": pick(req.seed, g.seed)})
+
+
+async def _answer(sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool):
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    if not req.stream:
+        c = await sched.complete(lm.name, ids, gcfg)
+        return (chat_body if chat else completion_body)(rid, lm.name, c)
+
+    async def events():
+        # Leaving this generator (client gone: the server cancels it) closes sched.stream, which frees the row.
+        if chat:
+            yield _sse(chunk(rid, lm.name, True, None))
+        async for item in sched.stream(lm.name, ids, gcfg):
+            final = item if isinstance(item, Completion) else None
+            yield _sse(chunk(rid, lm.name, chat, None if final else item, final))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- loading what `tunesmith serve` serves ----
+
+
+def model_specs(cfg: Config) -> dict[str, str]:
+    """serve.models, or by default {"base": model.name, "tuned": out_dir/final (if trained)}."""
+    if cfg.serve.models:
+        return dict(cfg.serve.models)
+    specs = {"base": cfg.model.name}
+    if (Path(cfg.out_dir) / "final").is_dir():
+        specs["tuned"] = str(Path(cfg.out_dir) / "final")
+    return specs
+
+
+def serve(cfg: Config) -> None:
+    """`tunesmith serve`: load the models, then run uvicorn on serve.host:serve.port until interrupted."""
+    import uvicorn
+
+    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.api_key_env:
+        print(f"warning: serving on {cfg.serve.host} without auth (set serve.api_key_env to require a Bearer token)")
+    models = load_models(cfg, model_specs(cfg))
+    app = create_app(cfg, models, example_questions(cfg))
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model an adapter dir (or run dir with an adapter in final/) names; None for anything else."""
+    p = Path(path)
+    p = p / "final" if (p / "final").is_dir() else p
+    conf = p / "adapter_config.json"
+    return json.loads(conf.read_text())["base_model_name_or_path"] if conf.is_file() else None
+
+
+def _same(a: str, b: str) -> bool:
+    """Two model specs name the same model (same string, or the same directory)."""
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+
+def load_models(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel]:
+    """Load each model once. Adapters on a base that is also served, or shared by several adapters, become
+    adapters of ONE PeftModel (switched per batch); any other model loads on its own (adapters merged)."""
+    from tunesmith.model.export import load_for_inference
+    from tunesmith.runtime import device
+
+    dev = device()
+    bases = {name: _adapter_base(path) for name, path in specs.items()}
+    out: dict[str, LoadedModel] = {}
+    for base in dict.fromkeys(b for b in bases.values() if b is not None):
+        adapters = [n for n, b in bases.items() if b == base]
+        plain = [n for n, b in bases.items() if b is None and _same(specs[n], base)]
+        if len(adapters) > 1 or plain:
+            out.update(_load_shared(cfg, base, {n: specs[n] for n in adapters}, plain, dev))
+    for name, path in specs.items():
+        if name not in out:
+            model, tokenizer, stored = load_for_inference(path, cfg.model, dev)
+            out[name] = LoadedModel(name, model, tokenizer, template_for(stored, cfg))
+    return {name: out[name] for name in specs}
+
+
+def _load_shared(cfg: Config, base: str, adapters: dict[str, str], plain: list[str], dev) -> dict[str, LoadedModel]:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer, set_pad_token
+
+    base_cfg = cfg.model.model_copy(update={"name": base})
+    model, base_tok = load_model(base_cfg, dev), load_tokenizer(base_cfg)
+    peft, out = None, {}
+    for i, (name, path) in enumerate(adapters.items()):
+        d = Path(path) / "final" if (Path(path) / "final").is_dir() else Path(path)
+        tag = f"adapter{i}"  # PEFT adapter names are module keys: served names may hold dots or slashes
+        if peft is None:
+            peft = PeftModel.from_pretrained(model, str(d), adapter_name=tag)
+        else:
+            peft.load_adapter(str(d), adapter_name=tag)
+        tok = base_tok
+        if (d / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(d, use_fast=True)
+            set_pad_token(tok)
+        stored = load_template(d) if (d / TEMPLATE_FILE).is_file() else None
+        out[name] = LoadedModel(name, peft, tok, template_for(stored, cfg), adapter=tag)
+    peft.eval()
+    for name in plain:
+        out[name] = LoadedModel(name, peft, base_tok, template_for(None, cfg), adapter=None)
+    return out
+
+
+def example_questions(cfg: Config, limit: int = 5) -> list[str]:
+    """A few test questions for the playground: the run's eval predictions, else the data's test split."""
+    from tunesmith.data.formats import prompt_key, to_example
+    from tunesmith.data.rejects import Rejects
+    from tunesmith.data.sources import read_rows
+    from tunesmith.data.split import split
+
+    preds = Path(cfg.out_dir) / "eval" / "predictions.jsonl"
+    if preds.is_file():
+        rows = [json.loads(line) for line in preds.read_text().splitlines()[: limit * 4] if line.strip()]
+        found = [r.get("prompt") or r.get("question") for r in rows if isinstance(r, dict)]
+        return [q for q in found if isinstance(q, str) and q.strip()][:limit]
+    try:
+        rejects = Rejects("skip")
+        path = cfg.data.test_path or cfg.data.path
+        examples = [e for row in read_rows(path, cfg.data, rejects) if (e := to_example(row, cfg.data.format, rejects))]
+        test = examples if cfg.data.test_path else split(examples, cfg.data.test_size, cfg.data.seed, prompt_key)[1]
+    except UserError:  # no data at hand: the playground simply shows no examples
+        return []
+    return [prompt_key(e) for e in test if cfg.data.format != "text"][:limit]

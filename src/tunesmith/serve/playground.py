@@ -1,0 +1,118 @@
+"""The playground: one self-contained page (no external scripts, fonts or styles) served at GET /.
+
+Two models side by side; each answer streams over SSE (fetch + ReadableStream) from /v1/chat/completions,
+with token count, time to first token and total latency. Kept as a Python string so it ships inside the
+package without package-data configuration.
+"""
+
+from __future__ import annotations
+
+import json
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tunesmith playground</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1rem; color: #222; }
+h1 { font-size: 1.3rem; margin: 0 0 .8rem; }
+.row { display: flex; gap: .6rem; align-items: center; flex-wrap: wrap; margin-bottom: .6rem; }
+textarea { width: 100%; box-sizing: border-box; font: inherit; padding: .5rem; }
+button { font: inherit; padding: .35rem .9rem; cursor: pointer; }
+.examples button { background: #eef2f7; border: 1px solid #c9d3e0; border-radius: 1rem; font-size: .85rem; }
+.panes { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; margin-top: 1rem; }
+.pane { border: 1px solid #ccd; border-radius: .4rem; padding: .6rem; min-height: 8rem; }
+.pane h2 { font-size: 1rem; margin: 0 0 .4rem; }
+.answer { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: .9rem; min-height: 4rem; }
+.stat { color: #667; font-size: .8rem; margin-top: .4rem; }
+.error { color: #b00020; }
+</style></head>
+<body>
+<h1>tunesmith playground</h1>
+<div class="row">
+  <label>left <select id="left-model"></select></label>
+  <label>right <select id="right-model"></select></label>
+  <label>max tokens <input id="max-tokens" type="number" value="128" min="1" style="width:5rem"></label>
+  <label id="key-label" hidden>API key <input id="api-key" type="password" autocomplete="off"></label>
+</div>
+<div class="row examples" id="examples"></div>
+<form id="ask">
+  <textarea id="question" rows="3" placeholder="Ask both models the same question"></textarea>
+  <div class="row"><button id="send" type="submit">Ask both</button></div>
+</form>
+<div class="panes">
+  <div class="pane"><h2 id="left-name"></h2><div class="answer" id="left-answer"></div><div class="stat" id="left-stat"></div></div>
+  <div class="pane"><h2 id="right-name"></h2><div class="answer" id="right-answer"></div><div class="stat" id="right-stat"></div></div>
+</div>
+<script>
+const CFG = __CONFIG__;
+const $ = (id) => document.getElementById(id);
+for (const side of ["left", "right"]) {
+  const sel = $(side + "-model");
+  for (const m of CFG.models) { const o = document.createElement("option"); o.value = o.textContent = m; sel.appendChild(o); }
+  sel.value = CFG.pair[side === "left" ? 0 : 1];
+}
+$("key-label").hidden = !CFG.auth;
+for (const q of CFG.examples) {
+  const b = document.createElement("button"); b.type = "button"; b.textContent = q;
+  b.onclick = () => { $("question").value = q; ask(); };
+  $("examples").appendChild(b);
+}
+
+async function run(side, question) {
+  const model = $(side + "-model").value, out = $(side + "-answer"), stat = $(side + "-stat");
+  $(side + "-name").textContent = model; out.textContent = ""; out.className = "answer"; stat.textContent = "...";
+  const t0 = performance.now(); let first = null, tokens = 0, pieces = 0;
+  const headers = {"Content-Type": "application/json"};
+  if ($("api-key").value) headers["Authorization"] = "Bearer " + $("api-key").value;
+  const body = {model, messages: [{role: "user", content: question}], stream: true, max_tokens: Number($("max-tokens").value)};
+  try {
+    const res = await fetch("/v1/chat/completions", {method: "POST", headers, body: JSON.stringify(body)});
+    if (!res.ok) {
+      const e = await res.json().catch(() => ({}));
+      throw new Error((e.error && e.error.message) || ("HTTP " + res.status));
+    }
+    const reader = res.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let cut;
+      while ((cut = buf.indexOf("\\n\\n")) >= 0) {
+        const event = buf.slice(0, cut); buf = buf.slice(cut + 2);
+        for (const line of event.split("\\n")) {
+          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          const msg = JSON.parse(line.slice(6));
+          const delta = msg.choices && msg.choices[0] && msg.choices[0].delta;
+          if (delta && delta.content) { if (first === null) first = performance.now(); out.textContent += delta.content; pieces++; }
+          if (msg.usage) tokens = msg.usage.completion_tokens;
+          const ms = performance.now() - t0;
+          stat.textContent = (tokens || pieces) + " tokens | " + (first === null ? "-" : Math.round(first - t0) + " ms to first token") + " | " + Math.round(ms) + " ms";
+        }
+      }
+    }
+    const total = (performance.now() - t0) / 1000;
+    stat.textContent = tokens + " tokens | " + (first === null ? "-" : Math.round(first - t0) + " ms to first token") +
+      " | " + Math.round(total * 1000) + " ms total | " + (tokens / total).toFixed(1) + " tokens/s";
+  } catch (err) {
+    out.className = "answer error"; out.textContent = "error: " + err.message; stat.textContent = "";
+  }
+}
+
+function ask() {
+  const q = $("question").value.trim();
+  if (!q) return;
+  run("left", q); run("right", q);
+}
+$("ask").addEventListener("submit", (ev) => { ev.preventDefault(); ask(); });
+</script>
+</body></html>
+"""
+
+
+def page(models: list[str], examples: list[str], auth: bool) -> str:
+    """The playground HTML with its settings inlined; default pair: base and tuned when both are served."""
+    pair = ["base", "tuned"] if {"base", "tuned"} <= set(models) else [models[0], models[-1]]
+    settings = {"models": models, "pair": pair, "examples": examples, "auth": auth}
+    # "</" inside a JSON string would end the <script> element early; "<\\/" is the same string in JS.
+    return _PAGE.replace("__CONFIG__", json.dumps(settings).replace("</", "<\\/"))

@@ -1,0 +1,556 @@
+"""Documents -> grounded QA pairs with an LLM (`tunesmith synth DOCS... --out qa.jsonl`).
+
+read (.md .txt .rst .html, .pdf with the `pdf` extra) -> sections by headings -> token windows with overlap
+-> prompt for N pairs as JSON -> parse (JSON array/object, fenced, truncated, or Q:/A: lines; malformed
+output is retried with sampling) -> filters: length, grounding in the chunk, near-duplicate questions, and
+leakage (a question near one already kept on the other side) -> append to the output.
+
+Files written next to `--out qa.jsonl` (one chunk's pairs all go to one side, chosen by a hash of the
+chunk id with synth.test_size, like data/split.py):
+- `qa.jsonl`: train pairs, `qa.test.jsonl`: test pairs; `qa` schema + provenance `source`, `chunk`, `generator`
+- `qa.done.jsonl`: one line per finished chunk (also those whose pairs were all dropped)
+- `qa.report.json`: counts per filter with examples (also printed)
+Appends are the only writes, so an interrupted run resumes: chunks named in qa.done.jsonl or in the
+outputs' `chunk` field are skipped, and kept questions are reloaded so no duplicate is written again.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from tunesmith.config import Config, GenerateConfig, SynthConfig, UserError
+from tunesmith.data.checks import jaccard, shingles
+from tunesmith.data.split import normalize_text, split
+
+DOC_SUFFIXES = (".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf")
+NEAR_DUPLICATE = 0.8  # Jaccard of word 3-grams above which two questions are "the same question"
+_ATX = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_UNDERLINE = re.compile(r"^([=\-~^\"'`*+#])\1{2,}\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_STOPWORDS = ("a an the of to in on at for by with and or but is are was were be been it its this that these those as "
+              "from which who what when where how why do does did not no can will would should may might has have had")
+_STOP = frozenset(_STOPWORDS.split())
+
+SYSTEM = "You write question-answer pairs that teach a model the content of a document. You reply with JSON only."
+PROMPT = """Read this passage from "{source}" (section: {heading}) and write {n} question-answer pairs about it.
+Rules:
+- Each question must make sense on its own: name the subject, never say "the passage" or "the text".
+- Each answer must be stated in the passage: reuse its words and add nothing it does not say.
+- Answers are one to three sentences.
+Reply with only a JSON array: [{{"question": "...", "answer": "..."}}]
+
+Passage:
+\"\"\"
+{text}
+\"\"\"
+
+Now the JSON array of {n} pairs about this passage:"""
+
+
+@dataclass
+class Chunk:
+    """A piece of a document to ask questions about; `id` = `source#k` is stable across runs."""
+
+    id: str
+    source: str
+    heading: str
+    text: str
+
+
+# ---- reading and chunking ----
+
+
+class _HtmlText(html.parser.HTMLParser):
+    """HTML -> text with `#` headings (so sections split the same way as Markdown); scripts/styles dropped."""
+
+    BLOCKS = {"p", "div", "li", "br", "tr", "pre", "section", "article", "table", "ul", "ol", "dt", "dd", "blockquote"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in ("script", "style", "nav", "head"):
+            self.skip += 1
+        elif re.fullmatch(r"h[1-6]", tag):
+            self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "nav", "head"):
+            self.skip = max(0, self.skip - 1)
+        elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data if "\n" not in data.strip() else " ".join(data.split()))
+
+
+def read_document(path: Path) -> str:
+    """The text of one document (.md .txt .rst as is, .html as text with # headings, .pdf page by page)."""
+    name = path.name.lower()
+    if name.endswith(".pdf"):
+        try:
+            import pypdf
+        except ImportError:
+            raise UserError(f"{path}: reading PDF needs pypdf (pip install 'tunesmith[pdf]')") from None
+        return "\n\n".join(page.extract_text() or "" for page in pypdf.PdfReader(path).pages)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 at byte {e.start} (re-save the file as UTF-8)") from None
+    if name.endswith((".html", ".htm")):
+        parser = _HtmlText()
+        parser.feed(text)
+        text = re.sub(r"\n{3,}", "\n\n", "".join(parser.parts))
+    return text
+
+
+def find_documents(paths: list[Path]) -> list[Path]:
+    """Files and folders -> sorted document files (hidden files and folders skipped)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(DOC_SUFFIXES)
+                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            if not p.name.lower().endswith(DOC_SUFFIXES):
+                raise UserError(f"{p}: not a document synth reads ({' '.join(DOC_SUFFIXES)})")
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    if not out:
+        raise UserError(f"{' '.join(map(str, paths))}: no documents found ({' '.join(DOC_SUFFIXES)})")
+    return list(dict.fromkeys(out))
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """(heading path, body) per section: Markdown `#` headings and underlined (RST/setext) titles; not in code.
+
+    >>> sections("intro\\n# A\\nx\\n## B\\ny\\nC\\n===\\nz")
+    [('', 'intro'), ('A', 'x'), ('A > B', 'y'), ('C', 'z')]
+    """
+    lines = text.splitlines()
+    out, stack, body, fenced, styles = [], [], [], False, []
+    heading = ""
+
+    def close() -> None:
+        if "".join(body).strip():
+            out.append((heading, "\n".join(body).strip()))
+        body.clear()
+
+    i = 0
+    while i < len(lines):
+        line, nxt = lines[i], lines[i + 1] if i + 1 < len(lines) else ""
+        fenced ^= bool(_FENCE.match(line))
+        atx = None if fenced else _ATX.match(line)
+        under = not fenced and line.strip() and not line[0].isspace() and _UNDERLINE.match(nxt) \
+            and len(nxt.strip()) >= len(line.strip()) and not _UNDERLINE.match(line)
+        if atx or under:
+            if body and _UNDERLINE.match(body[-1]):
+                body.pop()  # an RST overline above this title
+            close()
+            if under:  # underline styles get levels in order of first use (the RST rule)
+                style = nxt.strip()[0]
+                styles += [] if style in styles else [style]
+            level, title = (len(atx.group(1)), atx.group(2)) if atx else (styles.index(style) + 1, line.strip())
+            stack = [s for s in stack if s[0] < level] + [(level, title)]
+            heading = " > ".join(t for _, t in stack)
+            i += 1 if atx else 2
+            continue
+        if not _UNDERLINE.match(line) or body:  # an RST overline before a title is not text
+            body.append(line)
+        i += 1
+    close()
+    return out
+
+
+def windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Token windows [start, end) of `size` stepping by size - overlap; the last one ends at n.
+
+    >>> windows(10, 4, 1)
+    [(0, 4), (3, 7), (6, 10)]
+    """
+    if overlap >= size:
+        raise UserError(f"synth.overlap_tokens ({overlap}) must be smaller than synth.chunk_tokens ({size})")
+    step = size - overlap
+    return [(s, min(s + size, n)) for s in range(0, max(n - overlap, 1), step)]
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of whitespace-separated words: the token count used for remote generators."""
+    return [m.span() for m in re.finditer(r"\S+", text)]
+
+
+def chunk_documents(docs: list[Path], spans: Callable[[str], list[tuple[int, int]]], size: int, overlap: int) -> list[Chunk]:
+    """Every document -> sections -> windows of `size` tokens (as counted by `spans`) with `overlap`."""
+    chunks = []
+    for path in docs:
+        k = 0
+        for heading, body in sections(read_document(path)):
+            sp = spans(body)
+            for a, b in windows(len(sp), size, overlap) if sp else []:
+                chunks.append(Chunk(f"{path}#{k}", str(path), heading, body[sp[a][0] : sp[b - 1][1]]))
+                k += 1
+    return chunks
+
+
+# ---- generators ----
+
+
+class Generator(Protocol):
+    """What synth needs from an LLM: a name, a token count for chunking, and batched chat completion."""
+
+    name: str
+
+    def spans(self, text: str) -> list[tuple[int, int]]: ...
+
+    def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]: ...
+
+
+def retry_config(gen: GenerateConfig, attempt: int) -> GenerateConfig:
+    """Attempt 0 uses generate.* as set; a retry samples (temperature >= 0.7, new seed) so it can differ."""
+    if attempt == 0:
+        return gen
+    return gen.model_copy(update={"temperature": max(gen.temperature, 0.7), "seed": gen.seed + attempt})
+
+
+class LocalGenerator:
+    """A local model through tunesmith's own batched `generate` (default: model.name)."""
+
+    def __init__(self, cfg: Config):
+        from tunesmith.model.export import load_for_inference
+        from tunesmith.runtime import device
+
+        self.model, self.tok, _ = load_for_inference(cfg.model.name, cfg.model, device())
+        self.gen, self.name = cfg.generate, cfg.model.name
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return [tuple(s) for s in self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]]
+
+    def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]:
+        from tunesmith.generate import generate
+
+        if getattr(self.tok, "chat_template", None):
+            ids = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
+        else:  # a base model: plain text with a cue
+            ids = [self.tok("\n\n".join(m["content"] for m in c) + "\n\nJSON:\n")["input_ids"] for c in conversations]
+        return [c.text for c in generate(self.model, self.tok, ids, retry_config(self.gen, attempt))]
+
+
+class RemoteGenerator:
+    """Any OpenAI-compatible endpoint: POST {base_url}/chat/completions, `concurrency` requests at a time."""
+
+    def __init__(self, s: SynthConfig, gen: GenerateConfig):
+        if not s.model:
+            raise UserError("synth.model: name the generator model at synth.base_url (e.g. synth.model=gpt-4o-mini)")
+        key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
+        if s.api_key_env and not key:
+            raise UserError(f"synth.api_key_env: environment variable {s.api_key_env} is empty or unset (export it)")
+        self.url, self.s, self.gen, self.name = s.base_url.rstrip("/") + "/chat/completions", s, gen, s.model
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return word_spans(text)
+
+    def _one(self, client, messages: list[dict], attempt: int) -> str:
+        import httpx
+
+        g = retry_config(self.gen, attempt)
+        body = {"model": self.s.model, "messages": messages, "temperature": g.temperature, "max_tokens": g.max_new_tokens}
+        for _ in range(self.s.max_retries + 1):  # HTTP retries (5xx, 429, timeouts)
+            try:
+                r = client.post(self.url, json=body, headers=self.headers)
+            except httpx.ConnectError as e:
+                raise UserError(f"synth.base_url: cannot connect to {self.url} ({e}; is the server running?)") from None
+            except httpx.TimeoutException:
+                r = None
+            if r is not None and r.status_code < 500 and r.status_code != 429:
+                if r.status_code >= 400:
+                    raise UserError(f"synth.base_url: {self.url} answered {r.status_code} ({r.text[:200]}; check synth.model and the key)")
+                return r.json()["choices"][0]["message"]["content"] or ""
+        return ""  # the server kept failing: this attempt counts as malformed output
+
+    def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import httpx
+
+        with httpx.Client(timeout=120.0) as client, ThreadPoolExecutor(self.s.concurrency) as pool:
+            return list(pool.map(lambda c: self._one(client, c, attempt), conversations))
+
+
+def make_generator(cfg: Config) -> Generator:
+    """Remote when synth.base_url is set, else the local model.name."""
+    return RemoteGenerator(cfg.synth, cfg.generate) if cfg.synth.base_url else LocalGenerator(cfg)
+
+
+def conversation(chunk: Chunk, n: int) -> list[dict]:
+    """The chat messages that ask for `n` grounded pairs about `chunk`."""
+    user = PROMPT.format(source=Path(chunk.source).name, heading=chunk.heading or "-", n=n, text=chunk.text)
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+# ---- parsing ----
+
+_QA_LINE = re.compile(r"^\s*(?:[-*]\s*|\d+[.)]\s*)?\**(Q|Question|A|Answer)\**\s*\d*\s*[:：]\**\s*(.*)$", re.IGNORECASE)
+
+
+def _pair(obj: object) -> dict | None:
+    if not isinstance(obj, dict):
+        return None
+    low = {str(k).lower(): v for k, v in obj.items()}
+    q, a = low.get("question", low.get("q")), low.get("answer", low.get("a"))
+    return {"question": q.strip(), "answer": a.strip()} if isinstance(q, str) and isinstance(a, str) else None
+
+
+def _from_json(obj: object) -> list[dict]:
+    if isinstance(obj, dict):
+        inner = next((v for v in obj.values() if isinstance(v, list)), None)
+        return _from_json(inner) if inner is not None else [p for p in [_pair(obj)] if p]
+    return [p for p in map(_pair, obj) if p] if isinstance(obj, list) else []
+
+
+def parse_pairs(text: str) -> list[dict] | None:
+    """Generator output -> [{question, answer}], or None when nothing usable is in it (malformed).
+
+    Accepted: a JSON array of objects, an object holding such an array or one pair, either inside a code
+    fence or surrounded by prose; a truncated array (complete objects are salvaged); `Q:`/`A:` lines.
+    >>> parse_pairs('Sure! ```json\\n[{"question": "Who?", "answer": "Ada."}]\\n```')
+    [{'question': 'Who?', 'answer': 'Ada.'}]
+    """
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    candidates = [fenced.group(1)] if fenced else []
+    for a, b in ("[]", "{}"):
+        i, j = text.find(a), text.rfind(b)
+        if 0 <= i < j:
+            candidates.append(text[i : j + 1])
+    for c in candidates:
+        try:
+            pairs = _from_json(json.loads(c))
+        except json.JSONDecodeError:
+            continue
+        if pairs:
+            return pairs
+    salvaged = []
+    for m in re.finditer(r"\{[^{}]*\}", text):
+        try:
+            salvaged += [p for p in [_pair(json.loads(m.group(0)))] if p]
+        except json.JSONDecodeError:
+            continue
+    return salvaged or _from_qa_lines(text) or None
+
+
+def _from_qa_lines(text: str) -> list[dict]:
+    pairs, q, a, into = [], None, None, None
+    for line in text.splitlines() + ["Q:"]:
+        m = _QA_LINE.match(line)
+        if m and m.group(1).lower().startswith("q"):
+            if q and a:
+                pairs.append({"question": q.strip(), "answer": a.strip()})
+            q, a, into = m.group(2), None, "q"
+        elif m:
+            a, into = m.group(2), "a"
+        elif into == "a" and line.strip():
+            a += " " + line.strip()  # an answer may run over several lines
+        elif into == "q" and line.strip():
+            q += " " + line.strip()
+    return pairs
+
+
+# ---- filters ----
+
+
+def content_words(text: str) -> list[str]:
+    """Normalized words minus stopwords: what an answer must share with its chunk.
+
+    >>> content_words("The CLI exits with code 2.")
+    ['cli', 'exits', 'code', '2']
+    """
+    return [w for w in normalize_text(text).split() if w not in _STOP]
+
+
+def grounding(answer: str, chunk_text: str) -> float:
+    """Share of the answer's content words found in the chunk (0 when the answer has none)."""
+    words = content_words(answer)
+    have = set(normalize_text(chunk_text).split())
+    return sum(w in have for w in words) / len(words) if words else 0.0
+
+
+@dataclass
+class Questions:
+    """Kept questions of one side: exact (normalized) lookup plus word 3-gram sets for near duplicates."""
+
+    exact: set[str] = field(default_factory=set)
+    grams: list[set[int]] = field(default_factory=list)
+    index: dict[int, list[int]] = field(default_factory=dict)  # shingle -> kept questions holding it
+
+    def near(self, q: str) -> bool:
+        if normalize_text(q) in self.exact:
+            return True
+        g = shingles(q)
+        seen = {i for h in g for i in self.index.get(h, ())}
+        return any(jaccard(g, self.grams[i]) >= NEAR_DUPLICATE for i in seen)
+
+    def add(self, q: str) -> None:
+        self.exact.add(normalize_text(q))
+        g = shingles(q)
+        for h in g:
+            self.index.setdefault(h, []).append(len(self.grams))
+        self.grams.append(g)
+
+
+def verdict(pair: dict, chunk: Chunk, s: SynthConfig, mine: Questions, other: Questions) -> str:
+    """'kept' or the filter that drops the pair: length, grounding, duplicate (same side) or leakage (other side)."""
+    q, a = pair["question"], pair["answer"]
+    if not (s.min_answer_chars <= len(a) <= s.max_answer_chars) or len(q) < 3:
+        return "length"
+    if grounding(a, chunk.heading + "\n" + chunk.text) < s.min_grounding:
+        return "grounding"
+    if mine.near(q):
+        return "duplicate"
+    if other.near(q):
+        return "leakage"
+    return "kept"
+
+
+# ---- the run ----
+
+FILTERS = ("malformed", "length", "grounding", "duplicate", "leakage")
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    """qa.jsonl -> {train: qa.jsonl, test: qa.test.jsonl, done: qa.done.jsonl, report: qa.report.json}."""
+    return {"train": out, "test": out.with_suffix(".test.jsonl"), "done": out.with_suffix(".done.jsonl"),
+            "report": out.with_suffix(".report.json")}
+
+
+def read_appended(path: Path) -> list[dict]:
+    """Rows of an append-only jsonl; a last line cut short by a kill is removed from the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def ask(gen: Generator, chunks: list[Chunk], s: SynthConfig, report: dict) -> dict[str, list[dict]]:
+    """Pairs per chunk id; output that does not parse is asked again up to synth.max_retries times."""
+    parsed, pending, last = {}, list(chunks), {}
+    for attempt in range(s.max_retries + 1):
+        if not pending:
+            break
+        texts = gen.complete([conversation(c, s.pairs_per_chunk) for c in pending], attempt)
+        report["requests"] += len(pending)
+        report["retried"] += len(pending) if attempt else 0
+        retry = []
+        for c, text in zip(pending, texts, strict=True):
+            pairs = parse_pairs(text)
+            if pairs is None:
+                retry.append(c)
+                last[c.id] = text
+            else:
+                parsed[c.id] = pairs[: s.pairs_per_chunk]
+        pending = retry
+    for c in pending:
+        parsed[c.id] = []
+        _count(report, "malformed", {"chunk": c.id, "output": last[c.id][:300]})
+    return parsed
+
+
+def _count(report: dict, what: str, example: dict) -> None:
+    if what == "kept":
+        report["kept"][example.pop("side")] += 1
+    else:
+        report["dropped"][what] += 1
+    if len(report["examples"][what]) < 3:
+        report["examples"][what].append(example)
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))  # one write per round
+
+
+def synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | None = None) -> dict:
+    """Documents -> filtered QA pairs appended to `out` (train) and `out`.test.jsonl; returns the report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    s, files = cfg.synth, output_paths(Path(out))
+    files["train"].parent.mkdir(parents=True, exist_ok=True)
+    gen = generator if generator is not None else make_generator(cfg)
+    documents = find_documents([Path(d) for d in docs])
+    chunks = chunk_documents(documents, gen.spans, s.chunk_tokens, s.overlap_tokens)
+    try:  # the side of a chunk's pairs: hash of its id, stable across runs (data/split.py)
+        test_ids = {c.id for c in split(chunks, s.test_size, cfg.data.seed, lambda c: c.id)[1]} if len(chunks) > 1 else set()
+    except UserError:
+        raise UserError(f"synth.test_size={s.test_size} leaves no training chunks ({len(chunks)} in all); lower it") from None
+    kept = {"train": Questions(), "test": Questions()}
+    done = {r["chunk"] for r in read_appended(files["done"])}
+    for side in kept:
+        for row in read_appended(files[side]):
+            kept[side].add(row["question"])
+            done.add(row.get("chunk"))
+    todo = [c for c in chunks if c.id not in done]
+    report = {"generator": gen.name, "documents": len(documents), "chunks": len(chunks), "chunks_done_before": len(chunks) - len(todo),
+              "chunks_processed": 0, "requests": 0, "retried": 0, "pairs_generated": 0, "kept": {"train": 0, "test": 0},
+              "dropped": dict.fromkeys(FILTERS, 0), "examples": {k: [] for k in ("kept", *FILTERS)},
+              "files": {k: str(v) for k, v in files.items()}}
+    size = max(cfg.generate.batch_size, s.concurrency)  # one round = one local batch or `concurrency` requests
+    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("synth", total=len(todo))
+        for i in range(0, len(todo), size):
+            batch = todo[i : i + size]
+            parsed = ask(gen, batch, s, report)
+            rows: dict[str, list[dict]] = {"train": [], "test": []}
+            for c in batch:
+                side = "test" if c.id in test_ids else "train"
+                for pair in parsed[c.id]:
+                    report["pairs_generated"] += 1
+                    v = verdict(pair, c, s, kept[side], kept["test" if side == "train" else "train"])
+                    _count(report, v, {"chunk": c.id, **pair, "side": side})
+                    if v == "kept":
+                        kept[side].add(pair["question"])
+                        rows[side].append({**pair, "source": c.source, "chunk": c.id, "generator": gen.name})
+            _append(files["train"], rows["train"])
+            _append(files["test"], rows["test"])
+            _append(files["done"], [{"chunk": c.id} for c in batch])  # after the pairs: a kill in between redoes the chunk
+            report["chunks_processed"] += len(batch)
+            bar.advance(task, len(batch))
+    files["report"].write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def synth_cli(cfg: Config, docs: list[Path], out: Path, console) -> dict:
+    """`tunesmith synth`: run, then print the quality report (counts per filter and examples)."""
+    from rich.table import Table
+
+    r = synth(cfg, docs, out)
+    table = Table(title=f"synth: {r['documents']} documents, {r['chunks']} chunks ({r['chunks_done_before']} done before)")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    table.add_column("example")
+    rows = [("chunks processed", r["chunks_processed"], None), ("requests (retried)", f"{r['requests']} ({r['retried']})", None),
+            ("pairs generated", r["pairs_generated"], None), ("kept train / test", f"{r['kept']['train']} / {r['kept']['test']}", "kept")]
+    rows += [(f"dropped: {k}", v, k) for k, v in r["dropped"].items()]
+    for name, count, key in rows:
+        ex = r["examples"].get(key) or [{}]
+        text = ex[0].get("output") or (f"Q: {ex[0]['question']}  A: {ex[0]['answer']}" if "question" in ex[0] else "")
+        table.add_row(name, str(count), text[:120])
+    console.print(table)
+    console.print(f"wrote {r['files']['train']} and {r['files']['test']} (report: {r['files']['report']})")
+    return r

@@ -1,0 +1,211 @@
+"""Readers: every format, the place of every row, every bad-row kind, column mapping, streaming, hub offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+
+from tunesmith.config import DataConfig, UserError
+from tunesmith.data.rejects import Rejects
+from tunesmith.data.sources import read_rows
+
+
+def rows(path, **cfg):
+    rej = Rejects(cfg.pop("policy", "skip"))
+    out = [(r.where, r.fields) for r in read_rows(str(path), DataConfig(**cfg), rej)]
+    return out, rej
+
+
+def write_lines(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_jsonl_where_is_file_and_line_blank_lines_ignored(tmp_path):
+    f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q1", "answer": "a1"}', b"", b'{"question": "q2", "answer": "a2"}'])
+    out, rej = rows(f)
+    assert out == [(f"{f}:1", {"question": "q1", "answer": "a1"}), (f"{f}:3", {"question": "q2", "answer": "a2"})]
+    assert rej.count == 0
+
+
+def test_jsonl_bom_on_first_line_is_accepted(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"question": "q", "answer": "a"}\n')
+    assert rows(f)[0] == [(f"{f}:1", {"question": "q", "answer": "a"})]
+
+
+def test_invalid_json_fails_with_place_message_and_column(tmp_path):
+    f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q", "answer": "a"}', b'{"question": "q" "answer": "a"}'])
+    with pytest.raises(UserError) as e:
+        rows(f, policy="fail")
+    assert str(e.value) == (f"{f}:2: invalid JSON (Expecting ',' delimiter at column 18) "
+                            "(use data.on_bad_row=skip to skip and report such rows)")
+
+
+def test_bad_rows_skipped_and_reported_each_with_cause(tmp_path):
+    f = write_lines(tmp_path / "a.jsonl", [
+        b'{"question": "ok1", "answer": "a"}',
+        b'{"question": oops}',                      # invalid JSON
+        b'["not", "an", "object"]',                 # not an object
+        b'{"question": "caf\xe9", "answer": "a"}',  # latin-1 byte: invalid UTF-8
+        b'{"question": "ok2", "answer": "a"}',
+    ])
+    out, rej = rows(f)
+    assert [w for w, _ in out] == [f"{f}:1", f"{f}:5"]
+    assert [(i["where"], i["cause"]) for i in rej.items] == [
+        (f"{f}:2", "invalid JSON (Expecting value at column 14)"),
+        (f"{f}:3", "row is not a JSON object (got list)"),
+        (f"{f}:4", "invalid UTF-8 (byte 0xe9 at column 18)"),
+    ]
+
+
+def test_rejects_write_lists_every_skipped_row(tmp_path):
+    rej = Rejects("skip", tmp_path / "run")
+    rej.bad("f.jsonl:3", "answer", "field 'answer' is empty", {"question": "q", "answer": " "})
+    rej.bad("f.jsonl:9", None, "invalid JSON (Expecting value at column 1)")
+    path = rej.write()
+    assert path == tmp_path / "run" / "data_rejects.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines == [
+        {"where": "f.jsonl:3", "field": "answer", "cause": "field 'answer' is empty", "row": {"question": "q", "answer": " "}},
+        {"where": "f.jsonl:9", "field": None, "cause": "invalid JSON (Expecting value at column 1)", "row": None},
+    ]
+    assert rej.count == 2
+    assert Rejects("skip", None).write() is None
+
+
+def test_rejects_fail_policy_raises_one_line():
+    with pytest.raises(UserError, match=r"^f.jsonl:7: field 'answer' is empty \(use data.on_bad_row=skip"):
+        Rejects("fail").bad("f.jsonl:7", "answer", "field 'answer' is empty")
+
+
+def test_read_rows_is_lazy(tmp_path):
+    # The bad line 2 is only seen when the generator gets there: rows are streamed, not read up front.
+    f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q", "answer": "a"}', b"{bad"])
+    it = read_rows(str(f), DataConfig(), Rejects("fail"))
+    assert next(it).where == f"{f}:1"
+    with pytest.raises(UserError, match=":2: invalid JSON"):
+        next(it)
+
+
+def test_json_list_items_and_errors(tmp_path):
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps([{"question": "q1", "answer": "a1"}, 7, {"question": "q2", "answer": "a2"}]))
+    out, rej = rows(f)
+    assert [w for w, _ in out] == [f"{f}:item 1", f"{f}:item 3"]
+    assert rej.items[0]["where"] == f"{f}:item 2" and rej.items[0]["cause"] == "row is not a JSON object (got int)"
+    g = tmp_path / "b.json"
+    g.write_text('{"question": "q"}')
+    with pytest.raises(UserError, match="must hold a list of objects"):
+        rows(g)
+    h = tmp_path / "c.json"
+    h.write_text('[{"question": "q"},\n {"question": }]')
+    with pytest.raises(UserError, match=r"c.json:2: invalid JSON \(Expecting value at column 15\)"):
+        rows(h)
+
+
+def test_json_file_holding_jsonl_is_read_as_jsonl(tmp_path):
+    f = write_lines(tmp_path / "a.json", [b'{"question": "q1"}', b'{"question": "q2"}'])
+    assert [w for w, _ in rows(f)[0]] == [f"{f}:1", f"{f}:2"]
+
+
+def test_csv_rows_counted_from_one_after_header(tmp_path):
+    f = tmp_path / "a.csv"
+    with f.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["question", "answer"])
+        w.writerow(["q1", "line one\nline two"])  # one row spanning two lines
+        w.writerow(["q2", "a2", "extra"])           # too many values
+        w.writerow(["q3", "a3"])
+    out, rej = rows(f)
+    assert out == [(f"{f}:row 1", {"question": "q1", "answer": "line one\nline two"}),
+                   (f"{f}:row 3", {"question": "q3", "answer": "a3"})]
+    assert rej.items[0]["where"] == f"{f}:row 2" and rej.items[0]["cause"] == "row has 3 values, the header has 2"
+
+
+def test_csv_invalid_utf8_names_row_and_field(tmp_path):
+    f = tmp_path / "a.csv"
+    f.write_bytes(b"question,answer\nq1,a1\nq2,caf\xe9\nq3,a3\n")
+    out, rej = rows(f)
+    assert [w for w, _ in out] == [f"{f}:row 1", f"{f}:row 3"]
+    assert (rej.items[0]["where"], rej.items[0]["field"], rej.items[0]["cause"]) == \
+        (f"{f}:row 2", "answer", "field 'answer' is not valid UTF-8")
+
+
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"question": ["q1", "q2", "q3"], "answer": ["a1", "a2", "a3"]}), f)
+    expected = [(f"{f}:row {i}", {"question": f"q{i}", "answer": f"a{i}"}) for i in (1, 2, 3)]
+    assert rows(f)[0] == expected
+    from tunesmith.data.sources import read_parquet
+
+    assert [(r.where, r.fields) for r in read_parquet(f, batch_rows=2)] == expected  # across two record batches
+
+
+def test_directory_and_glob_are_sorted_and_skip_hidden_and_other_suffixes(tmp_path):
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    write_lines(d / "b.jsonl", [b'{"question": "b"}'])
+    write_lines(d / "a.jsonl", [b'{"question": "a"}'])
+    write_lines(d / "sub" / "c.jsonl", [b'{"question": "c"}'])
+    write_lines(d / ".hidden.jsonl", [b"{bad"])
+    (d / "README.md").write_text("# not data for qa")
+    out, _ = rows(d)
+    assert [f["question"] for _, f in out] == ["a", "b", "c"]
+    out, _ = rows(str(d / "*.jsonl"))
+    assert [f["question"] for _, f in out] == ["a", "b"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="directory holds no data files"):
+        rows(tmp_path / "empty")
+    with pytest.raises(UserError, match="glob matches no data files"):
+        rows(str(tmp_path / "nothing*.jsonl"))
+
+
+def test_text_files_one_row_per_file(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "b.md").write_text("# Title\nbody")
+    (d / "a.txt").write_text("first document")
+    (d / "bad.txt").write_bytes(b"line one\nline \xff two\n")
+    out, rej = rows(d, format="text", template="text")
+    assert out == [(str(d / "a.txt"), {"text": "first document"}), (str(d / "b.md"), {"text": "# Title\nbody"})]
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{d / 'bad.txt'}:2", "invalid UTF-8 at line 2")
+
+
+def test_field_mapping_and_text_field(tmp_path):
+    f = write_lines(tmp_path / "a.jsonl", [b'{"prompt": "q", "completion": "a", "id": 1}'])
+    out, _ = rows(f, fields={"question": "prompt", "answer": "completion"})
+    assert out[0][1] == {"question": "q", "answer": "a", "id": 1}
+    g = write_lines(tmp_path / "t.jsonl", [b'{"content": "raw"}'])
+    out, _ = rows(g, format="text", template="text", text_field="content")
+    assert out[0][1] == {"text": "raw"}
+
+
+def test_missing_local_file_fails(tmp_path):
+    with pytest.raises(UserError, match=r"nope\.jsonl: file not found"):
+        rows(tmp_path / "nope.jsonl")
+
+
+def test_hub_id_offline_fails_fast_with_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(UserError) as e:
+        rows("someorg/some-dataset-that-is-not-cached")
+    assert time.perf_counter() - t < 5
+    msg = str(e.value)
+    assert msg.startswith("someorg/some-dataset-that-is-not-cached: ") and "local copy" in msg and "\n" not in msg
+
+
+def test_gzipped_jsonl(tmp_path):
+    import gzip
+
+    f = tmp_path / "a.jsonl.gz"
+    with gzip.open(f, "wb") as fh:
+        fh.write(b'{"question": "q1"}\n{"question": "q2"}\n')
+    assert rows(f)[0] == [(f"{f}:1", {"question": "q1"}), (f"{f}:2", {"question": "q2"})]

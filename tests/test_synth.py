@@ -1,0 +1,384 @@
+"""synth: reading and chunking documents, parsing generator output, every filter, resumability, remote endpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import SynthConfig, UserError, load_config
+from tunesmith.synth import (
+    Chunk,
+    Questions,
+    chunk_documents,
+    conversation,
+    find_documents,
+    grounding,
+    output_paths,
+    parse_pairs,
+    read_document,
+    sections,
+    synth,
+    verdict,
+    windows,
+    word_spans,
+)
+
+DOC = """# Install
+tunesmith installs with pip. Run pip install tunesmith inside a virtual environment.
+
+## From source
+Clone the repository and run make test. The Makefile creates the virtual environment.
+
+```
+# not a heading: a comment in code
+pip install -e .
+```
+
+# Errors
+A user error prints one line with the place, the cause and the way out. The exit code is 2.
+An internal error prints a traceback and exits with code 1. Bad rows are reported with file and line.
+
+# Serving
+The server speaks the OpenAI chat completions protocol. It binds to the loopback address by default.
+The playground page lets you compare the base and the tuned model side by side.
+"""
+
+
+class Scripted:
+    """A generator that answers from the passage it is given: one pair per sentence (grounded by design).
+
+    `fail_after` raises after that many complete() calls (an interrupted run); `replies` overrides the
+    output of the first calls, one reply per call (e.g. malformed text)."""
+
+    name = "scripted"
+
+    def __init__(self, fail_after: int | None = None, replies: list[str] | None = None):
+        self.calls, self.fail_after, self.replies = 0, fail_after, list(replies or [])
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return word_spans(text)
+
+    def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("generator went away")
+        self.calls += 1
+        if self.replies:
+            return [self.replies.pop(0) for _ in conversations]
+        return [json.dumps(pairs_for(c[-1]["content"])) for c in conversations]
+
+
+def pairs_for(prompt: str) -> list[dict]:
+    passage = prompt.split('"""')[1].strip()
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", passage) if len(s.split()) >= 3]
+    # the same generic question first for every chunk: kept once, then a duplicate (same side) or leakage (other)
+    generic = [{"question": "What is this part of the manual about?", "answer": sentences[0]}] if sentences else []
+    return generic + [{"question": f"What does the manual say about {' '.join(s.split()[:5])}?", "answer": s} for s in sentences]
+
+
+def test_sections_split_on_markdown_and_underlined_headings_not_in_code():
+    secs = sections(DOC)
+    assert [h for h, _ in secs] == ["Install", "Install > From source", "Errors", "Serving"]
+    assert "# not a heading" in secs[1][1]
+    rst = "=====\nGuide\n=====\nintro\n\nUsage\n-----\nrun it\n\nFlags\n-----\nnone\n"
+    assert sections(rst) == [("Guide", "intro"), ("Guide > Usage", "run it"), ("Guide > Flags", "none")]
+    assert sections("plain text, no headings") == [("", "plain text, no headings")]
+
+
+def test_token_windows_overlap_and_chunk_ids():
+    assert windows(10, 4, 1) == [(0, 4), (3, 7), (6, 10)]
+    assert windows(3, 4, 1) == [(0, 3)]
+    assert windows(8, 4, 0) == [(0, 4), (4, 8)]
+    with pytest.raises(UserError, match="overlap_tokens"):
+        windows(10, 4, 4)
+
+
+def test_chunk_documents_by_heading_then_by_tokens(tmp_path):
+    doc = tmp_path / "guide.md"
+    doc.write_text("# One\nw0 w1 w2 w3 w4 w5 w6 w7 w8 w9\n# Two\nx y\n")
+    chunks = chunk_documents([doc], word_spans, size=4, overlap=1)
+    assert [(c.id, c.heading, c.text) for c in chunks] == [
+        (f"{doc}#0", "One", "w0 w1 w2 w3"), (f"{doc}#1", "One", "w3 w4 w5 w6"), (f"{doc}#2", "One", "w6 w7 w8 w9"),
+        (f"{doc}#3", "Two", "x y")]
+
+
+def test_reads_html_rst_and_finds_documents_in_folders(tmp_path):
+    (tmp_path / "site").mkdir()
+    page = tmp_path / "site" / "index.html"
+    page.write_text("<html><head><title>t</title><script>var x = 1;</script></head><body>"
+                    "<h1>Guide</h1><p>Run <b>make test</b>.</p><h2>More</h2><p>Then serve.</p></body></html>")
+    assert sections(read_document(page)) == [("Guide", "Run make test."), ("Guide > More", "Then serve.")]
+    (tmp_path / "site" / "notes.rst").write_text("Title\n=====\nbody\n")
+    (tmp_path / "site" / "image.png").write_bytes(b"\x89PNG")
+    (tmp_path / "site" / ".hidden.md").write_text("# x\ny\n")
+    assert [p.name for p in find_documents([tmp_path / "site"])] == ["index.html", "notes.rst"]
+    with pytest.raises(UserError, match="no such file"):
+        find_documents([tmp_path / "missing"])
+    with pytest.raises(UserError, match="not a document"):
+        find_documents([tmp_path / "site" / "image.png"])
+
+
+def test_pdf_needs_the_extra(tmp_path):
+    try:
+        import pypdf  # noqa: F401
+    except ImportError:
+        (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4")
+        with pytest.raises(UserError, match=r"tunesmith\[pdf\]"):
+            read_document(tmp_path / "a.pdf")
+    else:
+        pytest.skip("pypdf is installed: PDFs are read")
+
+
+@pytest.mark.parametrize("text", [
+    '[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}]',
+    'Here you go:\n```json\n[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}]\n```\nDone.',
+    '{"pairs": [{"Question": "Who?", "Answer": "Ada."}, {"q": "When?", "a": "1843."}]}',
+    '[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}, {"question": "Wh',  # cut off
+    "1. Q: Who?\nA: Ada.\n\n2. Q: When?\nA: 1843.",
+    "**Question 1:** Who?\n**Answer:** Ada.\nQuestion 2: When?\nAnswer: 1843.",
+])
+def test_parse_good_output_in_every_shape(text):
+    assert parse_pairs(text) == [{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}]
+
+
+def test_parse_single_object_multiline_answer_and_malformed():
+    assert parse_pairs('{"question": "Who?", "answer": "Ada."}') == [{"question": "Who?", "answer": "Ada."}]
+    assert parse_pairs("Q: Who wrote it?\nA: Ada\nLovelace.") == [{"question": "Who wrote it?", "answer": "Ada Lovelace."}]
+    for bad in ["I cannot help with that.", "[]", '{"note": "nothing"}', '[{"question": "Who?"}]', ""]:
+        assert parse_pairs(bad) is None, bad
+
+
+def test_grounding_is_the_share_of_answer_content_words_in_the_chunk():
+    chunk = "A user error prints one line. The exit code is 2."
+    # content words: exit, code, 2 -> all three in the chunk
+    assert grounding("The exit code is 2.", chunk) == 1.0
+    # content words: exit, code, 3 -> 2 of 3
+    assert grounding("The exit code is 3.", chunk) == pytest.approx(2 / 3)
+    assert grounding("It is.", chunk) == 0.0  # no content words: nothing to ground
+
+
+def test_every_filter():
+    s = SynthConfig(min_grounding=0.6, min_answer_chars=5, max_answer_chars=40)
+    chunk = Chunk("d.md#0", "d.md", "Errors", "A user error prints one line. The exit code is 2.")
+    mine, other = Questions(), Questions()
+    mine.add("What is the exit code of a user error?")
+    other.add("How many lines does a user error print?")
+    def v(q, a):
+        return verdict({"question": q, "answer": a}, chunk, s, mine, other)
+    assert v("What does a user error print?", "One line.") == "kept"
+    assert v("Exit code?", "2.") == "length"  # 2 chars < 5
+    assert v("What does it print?", "A user error prints one line " * 3) == "length"  # > 40 chars
+    assert v("Which exit code?", "The exit code is 7 or 9.") == "grounding"  # exit, code, 7, 9: 2/4 < 0.6
+    assert v("What is the exit code of a user error ?", "The exit code is 2.") == "duplicate"  # same after normalizing
+    assert v("So what is the exit code of a user error?", "The exit code is 2.") == "duplicate"  # Jaccard 6/7
+    assert v("How many lines does a user error print out?", "One line.") == "leakage"  # near a test question
+    q = Questions()
+    q.add("How do I install tunesmith from source?")
+    assert q.near("How do I install tunesmith from source code?")  # Jaccard 5/6 >= 0.8
+    assert not q.near("How do I run the tests?")
+
+
+def _cfg(tmp_path, *over):
+    return load_config(None, ["synth.pairs_per_chunk=3", "synth.chunk_tokens=20", "synth.overlap_tokens=4",
+                              "synth.test_size=0.3", "synth.min_grounding=0.5", *over])
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_synth_writes_provenance_sides_and_report(tmp_path):
+    (tmp_path / "guide.md").write_text(DOC)
+    out = tmp_path / "qa.jsonl"
+    report = synth(_cfg(tmp_path), [tmp_path / "guide.md"], out, generator=Scripted())
+    files = output_paths(out)
+    train, test = _rows(files["train"]), _rows(files["test"])
+    assert report["chunks"] == report["chunks_processed"] == len(_rows(files["done"])) > 3
+    assert report["kept"] == {"train": len(train), "test": len(test)} and train and test
+    assert report["pairs_generated"] == len(train) + len(test) + sum(v for k, v in report["dropped"].items() if k != "malformed")
+    assert all(set(r) == {"question", "answer", "source", "chunk", "generator"} for r in train + test)
+    assert {r["generator"] for r in train} == {"scripted"} and {r["source"] for r in train} == {str(tmp_path / "guide.md")}
+    assert not {r["chunk"] for r in train} & {r["chunk"] for r in test}  # a chunk's pairs stay on one side
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    # overlapping windows repeat sentences: those questions are dropped as duplicates (or leakage), with examples
+    assert report["dropped"]["duplicate"] + report["dropped"]["leakage"] > 0
+    assert json.loads(files["report"].read_text()) == report
+    # the output is a qa file the data pipeline reads
+    from tunesmith.data.pipeline import read_examples
+    from tunesmith.data.rejects import Rejects
+    assert len(read_examples(str(out), load_config(None, []).data, Rejects())) == len(train)
+
+
+def test_malformed_output_is_retried_then_counted(tmp_path):
+    (tmp_path / "a.txt").write_text("The exit code of a user error is 2. It prints one line.")
+    good = json.dumps([{"question": "What is the exit code of a user error?", "answer": "The exit code is 2."}])
+    gen = Scripted(replies=["Sorry, I cannot.", good])
+    report = synth(_cfg(tmp_path, "synth.max_retries=2"), [tmp_path / "a.txt"], tmp_path / "qa.jsonl", generator=gen)
+    assert (report["requests"], report["retried"], report["dropped"]["malformed"]) == (2, 1, 0)
+    assert report["kept"]["train"] + report["kept"]["test"] == 1
+    gen = Scripted(replies=["no", "still no"])
+    report = synth(_cfg(tmp_path, "synth.max_retries=1"), [tmp_path / "a.txt"], tmp_path / "qa2.jsonl", generator=gen)
+    assert report["dropped"]["malformed"] == 1 and report["examples"]["malformed"][0]["output"] == "still no"
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path):
+    (tmp_path / "guide.md").write_text(DOC)
+    cfg = _cfg(tmp_path, "generate.batch_size=2", "synth.concurrency=1")  # rounds of 2 chunks
+    clean = synth(cfg, [tmp_path / "guide.md"], tmp_path / "clean.jsonl", generator=Scripted())
+    out = tmp_path / "qa.jsonl"
+    with pytest.raises(RuntimeError, match="went away"):
+        synth(cfg, [tmp_path / "guide.md"], out, generator=Scripted(fail_after=2))
+    first = _rows(output_paths(out)["done"])
+    assert len(first) == 4 < clean["chunks"]  # two rounds of two chunks were written
+    again = synth(cfg, [tmp_path / "guide.md"], out, generator=Scripted())
+    assert again["chunks_done_before"] == 4 and again["chunks_processed"] == clean["chunks"] - 4
+    done = [r["chunk"] for r in _rows(output_paths(out)["done"])]
+    assert len(done) == len(set(done)) == clean["chunks"]
+    for side in ("train", "test"):
+        assert _rows(output_paths(out)[side]) == _rows(output_paths(tmp_path / "clean.jsonl")[side])
+    # a third run has nothing to do; a cut-off last line (a kill mid-write) is trimmed, not parsed
+    with output_paths(out)["train"].open("a") as f:
+        f.write('{"question": "half a li')
+    third = synth(cfg, [tmp_path / "guide.md"], out, generator=Scripted(fail_after=0))
+    assert third["chunks_processed"] == 0
+    assert _rows(output_paths(out)["train"]) == _rows(output_paths(tmp_path / "clean.jsonl")["train"])
+
+
+class _ChatServer:
+    """A real HTTP server speaking POST /v1/chat/completions with scripted replies (status, content)."""
+
+    def __init__(self, replies: list[tuple[int, str]]):
+        self.replies, self.requests = list(replies), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, self.headers.get("Authorization"), body))
+                status, content = outer.replies.pop(0) if outer.replies else (200, json.dumps(pairs_for(body["messages"][-1]["content"])))
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]} if status == 200
+                                  else {"error": {"message": content}}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_remote_generator_against_a_local_http_server(tmp_path, monkeypatch):
+    (tmp_path / "a.md").write_text("# Errors\nThe exit code of a user error is 2. A user error prints one line.\n")
+    monkeypatch.setenv("SYNTH_KEY", "sk-test")
+    server = _ChatServer([(500, "overloaded"), (200, "I am not sure what you mean.")])  # then good replies
+    try:
+        cfg = _cfg(tmp_path, f"synth.base_url={server.url}", "synth.model=gen-1", "synth.api_key_env=SYNTH_KEY",
+                   "synth.concurrency=2", "synth.max_retries=2", "synth.test_size=0")
+        report = synth(cfg, [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+    finally:
+        server.close()
+    path, auth, body = server.requests[0]
+    assert (path, auth, body["model"]) == ("/v1/chat/completions", "Bearer sk-test", "gen-1")
+    assert [m["role"] for m in body["messages"]] == ["system", "user"] and "exit code" in body["messages"][1]["content"]
+    assert len(server.requests) == 3  # 500 -> HTTP retry; malformed -> a second attempt; then good
+    assert report["retried"] == 1 and report["dropped"]["malformed"] == 0
+    assert server.requests[2][2]["temperature"] >= 0.7  # the retry samples
+    rows = _rows(tmp_path / "qa.jsonl")
+    assert len(rows) == 3 and {r["generator"] for r in rows} == {"gen-1"}
+
+
+def test_remote_configuration_errors(tmp_path, monkeypatch):
+    (tmp_path / "a.md").write_text("# A\nsome words here.\n")
+    with pytest.raises(UserError, match="synth.model"):
+        synth(_cfg(tmp_path, "synth.base_url=http://127.0.0.1:9/v1"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(UserError, match="NO_SUCH_KEY"):
+        synth(_cfg(tmp_path, "synth.base_url=http://127.0.0.1:9/v1", "synth.model=m", "synth.api_key_env=NO_SUCH_KEY"),
+              [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="cannot connect"):
+        synth(_cfg(tmp_path, f"synth.base_url=http://127.0.0.1:{port}/v1", "synth.model=m"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+    server = _ChatServer([(404, "model 'm' not found")])
+    try:
+        with pytest.raises(UserError, match="answered 404"):
+            synth(_cfg(tmp_path, f"synth.base_url={server.url}", "synth.model=m"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+    finally:
+        server.close()
+
+
+def test_conversation_names_the_source_section_and_count():
+    msgs = conversation(Chunk("docs/a.md#3", "docs/a.md", "Install > From source", "Clone it."), 4)
+    assert "a.md" in msgs[1]["content"] and "Install > From source" in msgs[1]["content"]
+    assert "write 4 question-answer pairs" in msgs[1]["content"] and 'Clone it.\n"""' in msgs[1]["content"]
+
+
+def test_remote_generator_against_tunesmiths_own_server(tmp_path, model_dir):
+    import uvicorn
+
+    from tunesmith.serve.app import create_app, load_models
+
+    (tmp_path / "a.md").write_text("# A\nThe exit code of a user error is 2.\n# B\nThe server binds to the loopback address.\n")
+    serve_cfg = load_config(None, ["generate.max_new_tokens=8"])
+    app = create_app(serve_cfg, load_models(serve_cfg, {"tiny": str(model_dir)}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        cfg = _cfg(tmp_path, f"synth.base_url=http://127.0.0.1:{port}/v1", "synth.model=tiny", "synth.max_retries=1",
+                   "generate.max_new_tokens=8")
+        report = synth(cfg, [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    # an untrained tiny model writes no JSON: every chunk is asked twice over HTTP, then counted malformed
+    assert report["chunks"] == 2 and report["requests"] == 4 and report["retried"] == 2
+    assert report["dropped"]["malformed"] == 2 and len(report["examples"]["malformed"][0]["output"]) > 0
+
+
+@pytest.mark.slow
+def test_docs_to_model_config_end_to_end(tmp_path, model_dir):
+    """configs/docs-to-model.yaml, small: synth from the repo's docs (scripted HTTP generator) -> train -> the
+    tuned model's loss on the held-out generated QA is below the base model's."""
+    import torch
+
+    from tunesmith.data.pipeline import build
+    from tunesmith.eval.loss import evaluate_loss
+    from tunesmith.model.load import load_model, load_tokenizer
+    from tunesmith.train.loop import train
+
+    repo = Path(__file__).parent.parent
+    run = tmp_path / "run"
+    server = _ChatServer([])
+    try:
+        cfg = load_config(repo / "configs" / "docs-to-model.yaml", [
+            f"model.name={model_dir}", f"synth.base_url={server.url}", "synth.model=scripted", "synth.chunk_tokens=48",
+            "synth.overlap_tokens=8", f"data.path={run}/qa.jsonl", f"data.test_path={run}/qa.test.jsonl", f"out_dir={run}",
+            "train.max_steps=40", "train.lr=1e-2", "train.eval_every=0", "train.save_every=0", "data.max_length=128"])
+        report = synth(cfg, [repo / "docs"], run / "qa.jsonl")
+    finally:
+        server.close()
+    assert report["kept"]["train"] >= 10 and report["kept"]["test"] > 0
+    result = train(cfg)
+    tok = load_tokenizer(cfg.model)
+    data = build(cfg, tok)
+    base = evaluate_loss(load_model(cfg.model, torch.device("cpu")), data.test, 4, 128, tok.pad_token_id, True, torch.device("cpu"))
+    assert result["eval"]["loss"] < base["loss"]
