@@ -192,7 +192,6 @@ def test_user_errors_for_epochs_other_sources_and_offline_hub(tmp_path):
         hub.next()
 
 
-@pytest.mark.xfail(strict=False, reason="awaiting loop integration (train/loop.py picks TextStream when data.streaming)")
 def test_train_streams_text_and_checkpoints_the_document_cursor(tmp_path, model_dir):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [f"The revenue of company {i} was {i} million." for i in range(200)])
     held_out = write_jsonl(tmp_path / "held_out.jsonl", ["The revenue of company 7 was 7 million."] * 4)

@@ -101,10 +101,10 @@ def test_token_windows_overlap_and_chunk_ids():
 def test_chunk_documents_by_heading_then_by_tokens(tmp_path):
     doc = tmp_path / "guide.md"
     doc.write_text("# One\nw0 w1 w2 w3 w4 w5 w6 w7 w8 w9\n# Two\nx y\n")
-    chunks = chunk_documents([doc], word_spans, size=4, overlap=1)
+    chunks = chunk_documents(find_documents([doc]), word_spans, size=4, overlap=1)
     assert [(c.id, c.heading, c.text) for c in chunks] == [
-        (f"{doc}#0", "One", "w0 w1 w2 w3"), (f"{doc}#1", "One", "w3 w4 w5 w6"), (f"{doc}#2", "One", "w6 w7 w8 w9"),
-        (f"{doc}#3", "Two", "x y")]
+        ("guide.md#0", "One", "w0 w1 w2 w3"), ("guide.md#1", "One", "w3 w4 w5 w6"), ("guide.md#2", "One", "w6 w7 w8 w9"),
+        ("guide.md#3", "Two", "x y")]
 
 
 def test_reads_html_rst_and_finds_documents_in_folders(tmp_path):
@@ -116,7 +116,7 @@ def test_reads_html_rst_and_finds_documents_in_folders(tmp_path):
     (tmp_path / "site" / "notes.rst").write_text("Title\n=====\nbody\n")
     (tmp_path / "site" / "image.png").write_bytes(b"\x89PNG")
     (tmp_path / "site" / ".hidden.md").write_text("# x\ny\n")
-    assert [p.name for p in find_documents([tmp_path / "site"])] == ["index.html", "notes.rst"]
+    assert [name for _, name in find_documents([tmp_path / "site"])] == ["site/index.html", "site/notes.rst"]
     with pytest.raises(UserError, match="no such file"):
         find_documents([tmp_path / "missing"])
     with pytest.raises(UserError, match="not a document"):
@@ -202,7 +202,7 @@ def test_synth_writes_provenance_sides_and_report(tmp_path):
     assert report["kept"] == {"train": len(train), "test": len(test)} and train and test
     assert report["pairs_generated"] == len(train) + len(test) + sum(v for k, v in report["dropped"].items() if k != "malformed")
     assert all(set(r) == {"question", "answer", "source", "chunk", "generator"} for r in train + test)
-    assert {r["generator"] for r in train} == {"scripted"} and {r["source"] for r in train} == {str(tmp_path / "guide.md")}
+    assert {r["generator"] for r in train} == {"scripted"} and {r["source"] for r in train} == {"guide.md"}
     assert not {r["chunk"] for r in train} & {r["chunk"] for r in test}  # a chunk's pairs stay on one side
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     # overlapping windows repeat sentences: those questions are dropped as duplicates (or leakage), with examples
@@ -324,6 +324,7 @@ def test_remote_configuration_errors(tmp_path, monkeypatch):
 
 def test_conversation_names_the_source_section_and_count():
     msgs = conversation(Chunk("docs/a.md#3", "docs/a.md", "Install > From source", "Clone it."), 4)
+    assert "Q: <question>" in conversation(Chunk("a#0", "a", "", "x"), 1, "lines")[1]["content"]
     assert "a.md" in msgs[1]["content"] and "Install > From source" in msgs[1]["content"]
     assert "write 4 question-answer pairs" in msgs[1]["content"] and 'Clone it.\n"""' in msgs[1]["content"]
 

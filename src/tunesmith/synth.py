@@ -27,7 +27,7 @@ from typing import Protocol
 
 from tunesmith.config import Config, GenerateConfig, SynthConfig, UserError
 from tunesmith.data.checks import jaccard, shingles
-from tunesmith.data.split import normalize_text, split
+from tunesmith.data.split import normalize_text, split_hash
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf")
 NEAR_DUPLICATE = 0.8  # Jaccard of word 3-grams above which two questions are "the same question"
@@ -38,20 +38,22 @@ _STOPWORDS = ("a an the of to in on at for by with and or but is are was were be
               "from which who what when where how why do does did not no can will would should may might has have had")
 _STOP = frozenset(_STOPWORDS.split())
 
-SYSTEM = "You write question-answer pairs that teach a model the content of a document. You reply with JSON only."
+SYSTEM = "You write question-answer pairs that teach a model the content of a document."
+# How to reply. Strong (remote) models follow JSON; SmolLM2-135M never did in our trials, but writes Q:/A: lines.
+REPLY = {"json": 'Reply with only a JSON array of {n} objects: [{{"question": "...", "answer": "..."}}]',
+         "lines": "Reply with {n} pairs in this format, nothing else:\nQ: <question>\nA: <answer copied from the passage>"}
 PROMPT = """Read this passage from "{source}" (section: {heading}) and write {n} question-answer pairs about it.
 Rules:
 - Each question must make sense on its own: name the subject, never say "the passage" or "the text".
 - Each answer must be stated in the passage: reuse its words and add nothing it does not say.
 - Answers are one to three sentences.
-Reply with only a JSON array: [{{"question": "...", "answer": "..."}}]
+{reply}
 
 Passage:
 \"\"\"
 {text}
 \"\"\"
-
-Now the JSON array of {n} pairs about this passage:"""
+"""
 
 
 @dataclass
@@ -116,22 +118,25 @@ def read_document(path: Path) -> str:
     return text
 
 
-def find_documents(paths: list[Path]) -> list[Path]:
-    """Files and folders -> sorted document files (hidden files and folders skipped)."""
-    out: list[Path] = []
+def find_documents(paths: list[Path]) -> list[tuple[Path, str]]:
+    """Files and folders -> sorted (document file, name); the name (`folder/sub/file.md`, or the file's name
+    when given directly) is the provenance `source` and the stem of chunk ids, the same on every machine."""
+    out: dict[Path, str] = {}
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(DOC_SUFFIXES)
-                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p)
+                if f.is_file() and f.name.lower().endswith(DOC_SUFFIXES) and not any(x.startswith(".") for x in rel.parts):
+                    out.setdefault(f, f"{p.resolve().name}/{rel.as_posix()}")
         elif p.is_file():
             if not p.name.lower().endswith(DOC_SUFFIXES):
                 raise UserError(f"{p}: not a document synth reads ({' '.join(DOC_SUFFIXES)})")
-            out.append(p)
+            out.setdefault(p, p.name)
         else:
             raise UserError(f"{p}: no such file or folder")
     if not out:
         raise UserError(f"{' '.join(map(str, paths))}: no documents found ({' '.join(DOC_SUFFIXES)})")
-    return list(dict.fromkeys(out))
+    return list(out.items())
 
 
 def sections(text: str) -> list[tuple[str, str]]:
@@ -192,17 +197,27 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(r"\S+", text)]
 
 
-def chunk_documents(docs: list[Path], spans: Callable[[str], list[tuple[int, int]]], size: int, overlap: int) -> list[Chunk]:
-    """Every document -> sections -> windows of `size` tokens (as counted by `spans`) with `overlap`."""
+def chunk_documents(docs: list[tuple[Path, str]], spans: Callable[[str], list[tuple[int, int]]], size: int, overlap: int) -> list[Chunk]:
+    """Every (document, name) -> sections -> windows of `size` tokens (as counted by `spans`) with `overlap`."""
     chunks = []
-    for path in docs:
+    for path, name in docs:
         k = 0
         for heading, body in sections(read_document(path)):
             sp = spans(body)
             for a, b in windows(len(sp), size, overlap) if sp else []:
-                chunks.append(Chunk(f"{path}#{k}", str(path), heading, body[sp[a][0] : sp[b - 1][1]]))
+                chunks.append(Chunk(f"{name}#{k}", name, heading, body[sp[a][0] : sp[b - 1][1]]))
                 k += 1
     return chunks
+
+
+def held_out_chunks(chunks: list[Chunk], test_size: float, seed: int) -> set[str]:
+    """Chunks whose pairs go to the test side: hash(id) / 2**64 < test_size (stable as chunks are added,
+    like data/split.py); at least one chunk stays on the train side."""
+    h = {c.id: split_hash(c.id, seed) for c in chunks}
+    test = {i for i, v in h.items() if v < test_size * 2**64}
+    if test and len(test) == len(h):
+        test.discard(max(h, key=h.get))
+    return test
 
 
 # ---- generators ----
@@ -211,7 +226,7 @@ def chunk_documents(docs: list[Path], spans: Callable[[str], list[tuple[int, int
 class Generator(Protocol):
     """What synth needs from an LLM: a name, a token count for chunking, and batched chat completion."""
 
-    name: str
+    name: str  # also an optional `style`: "json" (default) or "lines", how the prompt asks for the reply
 
     def spans(self, text: str) -> list[tuple[int, int]]: ...
 
@@ -234,6 +249,7 @@ class LocalGenerator:
 
         self.model, self.tok, _ = load_for_inference(cfg.model.name, cfg.model, device())
         self.gen, self.name = cfg.generate, cfg.model.name
+        self.style = "lines"  # see REPLY: small local models write Q:/A: lines far more reliably than JSON
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         return [tuple(s) for s in self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]]
@@ -295,9 +311,10 @@ def make_generator(cfg: Config) -> Generator:
     return RemoteGenerator(cfg.synth, cfg.generate) if cfg.synth.base_url else LocalGenerator(cfg)
 
 
-def conversation(chunk: Chunk, n: int) -> list[dict]:
-    """The chat messages that ask for `n` grounded pairs about `chunk`."""
-    user = PROMPT.format(source=Path(chunk.source).name, heading=chunk.heading or "-", n=n, text=chunk.text)
+def conversation(chunk: Chunk, n: int, style: str = "json") -> list[dict]:
+    """The chat messages that ask for `n` grounded pairs about `chunk` (reply style: json or Q:/A: lines)."""
+    reply = REPLY[style].format(n=n)
+    user = PROMPT.format(source=chunk.source, heading=chunk.heading or "-", n=n, text=chunk.text, reply=reply)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -452,7 +469,8 @@ def ask(gen: Generator, chunks: list[Chunk], s: SynthConfig, report: dict) -> di
     for attempt in range(s.max_retries + 1):
         if not pending:
             break
-        texts = gen.complete([conversation(c, s.pairs_per_chunk) for c in pending], attempt)
+        style = getattr(gen, "style", "json")
+        texts = gen.complete([conversation(c, s.pairs_per_chunk, style) for c in pending], attempt)
         report["requests"] += len(pending)
         report["retried"] += len(pending) if attempt else 0
         retry = []
@@ -472,7 +490,7 @@ def ask(gen: Generator, chunks: list[Chunk], s: SynthConfig, report: dict) -> di
 
 def _count(report: dict, what: str, example: dict) -> None:
     if what == "kept":
-        report["kept"][example.pop("side")] += 1
+        report["kept"][example["side"]] += 1
     else:
         report["dropped"][what] += 1
     if len(report["examples"][what]) < 3:
@@ -494,10 +512,7 @@ def synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | None 
     gen = generator if generator is not None else make_generator(cfg)
     documents = find_documents([Path(d) for d in docs])
     chunks = chunk_documents(documents, gen.spans, s.chunk_tokens, s.overlap_tokens)
-    try:  # the side of a chunk's pairs: hash of its id, stable across runs (data/split.py)
-        test_ids = {c.id for c in split(chunks, s.test_size, cfg.data.seed, lambda c: c.id)[1]} if len(chunks) > 1 else set()
-    except UserError:
-        raise UserError(f"synth.test_size={s.test_size} leaves no training chunks ({len(chunks)} in all); lower it") from None
+    test_ids = held_out_chunks(chunks, s.test_size, cfg.data.seed)
     kept = {"train": Questions(), "test": Questions()}
     done = {r["chunk"] for r in read_appended(files["done"])}
     for side in kept:
@@ -552,5 +567,6 @@ def synth_cli(cfg: Config, docs: list[Path], out: Path, console) -> dict:
         text = ex[0].get("output") or (f"Q: {ex[0]['question']}  A: {ex[0]['answer']}" if "question" in ex[0] else "")
         table.add_row(name, str(count), text[:120])
     console.print(table)
-    console.print(f"wrote {r['files']['train']} and {r['files']['test']} (report: {r['files']['report']})")
+    console.print(f"kept {r['kept']['train']} train pairs -> {r['files']['train']}, {r['kept']['test']} test pairs -> "
+                  f"{r['files']['test']} (report: {r['files']['report']})")
     return r

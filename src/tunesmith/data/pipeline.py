@@ -77,6 +77,17 @@ def render_all(examples: list[Example], template: Template, tokenizer, max_lengt
     return render(examples, template, tokenizer, max_length, truncation, rejects) if examples else []
 
 
+def build_heldout(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared:
+    """For streaming runs: only the held-out data.test_path is rendered (the corpus itself is streamed)."""
+    d = cfg.data
+    template = get_template(d.template, d.format)
+    rejects = Rejects(d.on_bad_row, out_dir)
+    test_ex = read_examples(d.test_path, d, rejects) if d.test_path else []
+    test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
+    rejects.write()
+    return Prepared([], test, [], test_ex, template, rejects.count, data_hash=data_hash(d), template_hash=template_hash(template))
+
+
 def prepare(cfg: Config, tokenizer) -> Path:
     """Build the splits and write them to <out_dir>/data/ (reused by training); returns that directory."""
     build(cfg, tokenizer, cfg.out_dir)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import Config, UserError, save_config
+from tunesmith.config import Config, save_config
 from tunesmith.data.pack import EpochStream
-from tunesmith.data.pipeline import build, tokenizer_hash
+from tunesmith.data.pipeline import build, build_heldout, tokenizer_hash
+from tunesmith.data.stream import TextStream
 from tunesmith.eval.loss import evaluate_loss, loss_sum
 from tunesmith.model.export import save_final
 from tunesmith.model.load import load_model, load_tokenizer
@@ -29,6 +30,13 @@ from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metr
 from tunesmith.train.optim import make_optimizer, make_scheduler
 from tunesmith.train.plan_io import finish_plan, mfu, start_plan, total_steps
 from tunesmith.train.record import hardware, write_manifest
+
+
+def _epoch(stream) -> float:
+    """Fractional epoch for the log (a text stream reports its own whole-epoch count)."""
+    if isinstance(stream, EpochStream):
+        return stream.epoch + stream.index / max(1, stream.batches_per_epoch)
+    return stream.epoch
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,7 +67,8 @@ def train(cfg: Config) -> dict:
 
     # ---- data and model
     tok = load_tokenizer(cfg.model)
-    data = build(cfg, tok, run if d.is_main else None)
+    # A streamed corpus is never held in memory: only the held-out file (data.test_path) is rendered.
+    data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run if d.is_main else None)
     quantize = cfg.lora.quantize if cfg.lora else None
     model = load_model(cfg.model, dev, quantize=quantize)
     if cfg.lora:
@@ -73,9 +82,13 @@ def train(cfg: Config) -> dict:
     # ---- steps, optimizer, schedule
     tc = cfg.train
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stream = EpochStream(data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id)
     micro_per_step = tc.grad_accum * d.world
-    total = total_steps(tc, stream.batches_per_epoch, micro_per_step)
+    if cfg.data.streaming:
+        stream = TextStream(cfg.data, tok, tc.batch_size, tc.seed, d.rank, d.world)
+        total = tc.max_steps or stream.batches_per_epoch  # the latter raises: a stream has no epochs to count
+    else:
+        stream = EpochStream(data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id)
+        total = total_steps(tc, stream.batches_per_epoch, micro_per_step)
     opt = make_optimizer(model, tc, dev)
     sched = make_scheduler(opt, tc, total)
     amp = autocast_dtype(tc.precision, dev)
@@ -86,7 +99,7 @@ def train(cfg: Config) -> dict:
         cursor = checkpoint.load(ckpt, model, opt, sched)
         stream.load_state(cursor)
         start = cursor["step"]
-        print0(f"resumed from {ckpt} at step {start} (epoch {cursor['epoch']}, batch {cursor['index']})")
+        print0(f"resumed from {ckpt} at step {start} (data cursor {json.dumps({k: v for k, v in cursor.items() if k != 'step'})[:200]})")
 
     if d.is_main:
         write_manifest(run / "manifest.json", model=cfg.model.name, lora=cfg.lora is not None, seed=tc.seed,
@@ -147,7 +160,7 @@ def train(cfg: Config) -> dict:
             if done % tc.log_every == 0 or done == total:
                 tps = window_tokens / max(time.time() - t_window, 1e-9)
                 row = {"step": done, "split": "train", "loss": step_loss.item(), "lr": lr, "tokens": tokens_seen,
-                       "tokens_per_s": tps, "epoch": stream.epoch + stream.index / max(1, stream.batches_per_epoch)}
+                       "tokens_per_s": tps, "epoch": _epoch(stream)}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 row["mfu"] = mfu(plan, tps)

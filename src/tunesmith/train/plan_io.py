@@ -31,9 +31,12 @@ def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
 def start_plan(cfg: Config, run: Path | None, samples: list[dict], total_steps: int, micro_per_step: int, is_main: bool) -> dict:
     """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts."""
     tokens = sum(len(s["input_ids"]) for s in samples)
-    # Packed rows are nearly full; padded rows hold one sample each (real tokens only count for speed).
-    rows = len(samples) if not cfg.data.packing else max(1, -(-tokens // cfg.data.max_length))
-    tokens_per_step = int(tokens / rows * cfg.train.batch_size * micro_per_step)
+    if samples:
+        # Packed rows are nearly full; padded rows hold one sample each (real tokens only count for speed).
+        rows = len(samples) if not cfg.data.packing else max(1, -(-tokens // cfg.data.max_length))
+        tokens_per_step = int(tokens / rows * cfg.train.batch_size * micro_per_step)
+    else:  # a streamed corpus: every row is a full max_length block
+        tokens_per_step = cfg.train.batch_size * cfg.data.max_length * micro_per_step
     planned = cfg.model_copy(deep=True)
     planned.train.max_steps = total_steps
     plan = make_plan(planned, tokens_per_step=tokens_per_step)
