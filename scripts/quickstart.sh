@@ -17,7 +17,7 @@ step inspect tunesmith data inspect "$CFG" "$@"
 step plan    tunesmith plan "$CFG" "$@"
 step train   tunesmith train "$CFG" "$@"
 step compare tunesmith compare "$CFG" "$@"
-OUT=$(tunesmith config show "$CFG" "$@" --json-value out_dir 2>/dev/null || echo runs/quickstart)
+OUT=$(tunesmith config get "$CFG" out_dir "$@")
 echo
 echo "== time per step: ${TIMES[*]}"
 echo "report:        $OUT/eval/report.html"

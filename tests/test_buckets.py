@@ -68,3 +68,12 @@ def test_bucket_counts_lists_every_bucket():
     assert list(counts) == list(BUCKETS)
     assert counts == {"empty": 1, "no_eos": 2, "repetitive": 0, "copies_question": 0, "too_long": 0,
                       "wrong_number": 1}
+
+
+def test_copy_is_judged_against_a_reference_that_restates_the_question():
+    q = "What was the adjusted EBITDA for Green Dot in Q3 2020"
+    ref = "The adjusted EBITDA for Green Dot in Q3 2020 was $34 million."
+    # same shape as the reference: not a copy, even though most words come from the question
+    assert "copies_question" not in buckets("The adjusted EBITDA for Green Dot in Q3 2020 was $12 million.", ref, q, False)
+    # pure echo of the question with a short reference: a copy
+    assert "copies_question" in buckets("What was the adjusted EBITDA for Green Dot in Q3 2020", "$34 million.", q, False)

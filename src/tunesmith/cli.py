@@ -41,6 +41,16 @@ def config_show(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
     console.print(table)
 
 
+@config_app.command("get")
+def config_get(config: Path = CONFIG, key: str = typer.Argument(..., help="dotted key, e.g. out_dir"),
+               overrides: list[str] = OVERRIDES) -> None:
+    """Print one resolved value (for scripts)."""
+    values = {k: v for k, v, _ in describe(_cfg(config, overrides))}
+    if key not in values:
+        raise UserError(f"{config}: no key '{key}' (see `tunesmith config show`)")
+    print(values[key] if isinstance(values[key], str) else json.dumps(values[key], default=str))
+
+
 @data_app.command("inspect")
 def data_inspect(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """What will be learned: counts, lengths, truncation, duplicates, leakage, rendered examples."""

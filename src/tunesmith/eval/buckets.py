@@ -23,6 +23,8 @@ REPEAT_MIN_NGRAMS = 4
 # Share of the answer's words that occur in the question. A real answer adds words the question lacks
 # ("What was revenue in Q3?" -> "Revenue in Q3 was $34 million": 4/6 = 0.67); an echo adds almost none.
 COPY_OVERLAP = 0.8
+# ... and only when it overlaps the question clearly more than the reference answer does.
+COPY_MARGIN = 0.1
 # Echo check needs a few words: a one-word answer like "Revenue" legitimately reuses a question word.
 COPY_MIN_WORDS = 3
 # Answers longer than this many times the reference (in words) ramble: fine-tuning should fix the length.
@@ -59,7 +61,10 @@ def buckets(pred: str, ref: str, question: str, hit_max_tokens: bool) -> list[st
     grams = words - REPEAT_NGRAM + 1
     if grams >= REPEAT_MIN_NGRAMS and repeated_ngram_ratio(pred) > REPEAT_RATIO:
         found.append("repetitive")
-    if words >= COPY_MIN_WORDS and question_overlap(pred, question) >= COPY_OVERLAP:
+    # Many datasets' references restate the question ("Revenue in Q3 was $34M."): an answer only counts as a
+    # copy when it leans on the question clearly more than the reference itself does.
+    overlap = question_overlap(pred, question)
+    if words >= COPY_MIN_WORDS and overlap >= COPY_OVERLAP and overlap > question_overlap(ref, question) + COPY_MARGIN:
         found.append("copies_question")
     ref_words = len(ref.split())
     if ref_words and len(pred.split()) > TOO_LONG_RATIO * ref_words:
