@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -179,6 +180,8 @@ def synth(docs: list[Path] = typer.Argument(..., help="documents or folders (.md
 
 def main() -> None:
     """Console entry point: user errors are one line on stderr with exit code 2."""
+    # Libraries' deprecation chatter (e.g. transformers' is_gradient_checkpointing) is not for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
     except UserError as e:
