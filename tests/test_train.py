@@ -169,3 +169,10 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, model_dir, qa_file, mon
     after = load_file(run / "checkpoints" / "step-2" / "trainable.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert checkpoint.find_resume("auto", run).name == "step-2"
+
+
+def test_fresh_run_into_old_out_dir_starts_a_fresh_log(tmp_path, model_dir, qa_file):
+    for _ in range(2):
+        train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=2"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]

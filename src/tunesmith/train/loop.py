@@ -110,6 +110,8 @@ def train(cfg: Config) -> dict:
 
     model = distributed.wrap(model, d, dev, tc.fsdp)
     core = distributed.unwrap(model)
+    if start == 0 and d.is_main:
+        (run / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run into an old out_dir starts a fresh log
     log = MetricsLog(run / "metrics.jsonl", tensorboard_writer(run, tc.tensorboard and d.is_main), enabled=d.is_main)
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
