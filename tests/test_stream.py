@@ -205,6 +205,15 @@ def test_train_streams_text_and_checkpoints_the_document_cursor(tmp_path, model_
     cursor = json.loads((tmp_path / "run" / "checkpoints" / "step-4" / "cursor.json").read_text())
     assert cursor["index"] == 4 and cursor["sources"][0]["file"] == 0  # TextStream's state, not EpochStream's
 
+    # continued pretraining closes with held-out perplexity, base vs tuned (no questions to answer)
+    from tunesmith.eval.compare import compare
+
+    metrics = compare(cfg)
+    assert metrics["tuned"]["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
+    assert metrics["delta"]["perplexity"] == pytest.approx(metrics["tuned"]["perplexity"] - metrics["base"]["perplexity"])
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    assert (tmp_path / "run" / "eval" / "report.html").is_file()
+
 
 _MEMORY_PROBE = textwrap.dedent("""
     import json, resource, sys, time

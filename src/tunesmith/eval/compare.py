@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from tunesmith.config import Config, GenerateConfig, ModelConfig, UserError
 from tunesmith.data.formats import Example, Template, as_messages, prompt_key
-from tunesmith.data.pipeline import Prepared, build
+from tunesmith.data.pipeline import Prepared, build, build_heldout
 from tunesmith.data.render import render_prompt
 from tunesmith.eval.buckets import bucket_counts, buckets
 from tunesmith.eval.loss import evaluate_loss
@@ -157,26 +158,51 @@ def final_dir(run: Path) -> Path:
     return final
 
 
-def answer_both(cfg: Config, final: Path, tok, test: Questions, probe: Questions, dev: torch.device) -> dict[str, Answers]:
-    """Base and tuned answers. Adapter: one load, base through `disable_adapter()`. Full: base, free, tuned."""
+def with_both(cfg: Config, final: Path, dev: torch.device, fn: Callable) -> dict:
+    """{"base": fn(model, label), "tuned": ...}. Adapter: one load, base through `disable_adapter()`. Full: base, free, tuned."""
     if (final / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
         quantize = cfg.lora.quantize if cfg.lora else None
         model = PeftModel.from_pretrained(load_model(cfg.model, dev, quantize=quantize), str(final)).eval()
         with model.disable_adapter():  # the untouched base weights: LoRA's delta is skipped in every layer
-            base = answer(model, tok, test, probe, cfg, f"base ({cfg.model.name}, adapter off)")
-        tuned = answer(model, tok, test, probe, cfg, f"tuned ({final}, adapter on)")
-        return {"base": base, "tuned": tuned}
+            base = fn(model, f"base ({cfg.model.name}, adapter off)")
+        return {"base": base, "tuned": fn(model, f"tuned ({final}, adapter on)")}
     model = load_model(cfg.model, dev).eval()
-    base = answer(model, tok, test, probe, cfg, f"base ({cfg.model.name})")
+    base = fn(model, f"base ({cfg.model.name})")
     del model
     _release(dev)
     model = load_model(cfg.model.model_copy(update={"name": str(final)}), dev).eval()
-    tuned = answer(model, tok, test, probe, cfg, f"tuned ({final})")
+    tuned = fn(model, f"tuned ({final})")
     del model
     _release(dev)
     return {"base": base, "tuned": tuned}
+
+
+def answer_both(cfg: Config, final: Path, tok, test: Questions, probe: Questions, dev: torch.device) -> dict[str, Answers]:
+    """Base and tuned answers to the same prompts."""
+    return with_both(cfg, final, dev, lambda model, label: answer(model, tok, test, probe, cfg, label))
+
+
+def compare_text(cfg: Config, run: Path, final: Path, dev: torch.device) -> dict:
+    """Raw text (continued pretraining): held-out loss and perplexity, base vs tuned; no questions to answer."""
+    tok = load_tokenizer(cfg.model)
+    data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run)
+    if not data.test:
+        raise UserError(f"{run}: no held-out text to score (set data.test_path, or data.test_size for a non-streamed corpus)")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    amp = autocast_dtype(cfg.train.precision, dev)
+
+    def score(model, label: str) -> dict:
+        print0(f"{label}: perplexity over {len(data.test)} held-out blocks")
+        return evaluate_loss(model, data.test, cfg.eval.batch_size, cfg.data.max_length, pad, cfg.data.packing, dev, amp)
+
+    both = with_both(cfg, final, dev, score)
+    metrics = {"base": both["base"], "tuned": both["tuned"], "delta": deltas(both["base"], both["tuned"]),
+               "notes": [f"loss/perplexity: every token of the held-out text ({cfg.data.test_path or 'test split'})"],
+               "models": {"base": cfg.model.name, "tuned": str(final)}}
+    write_outputs(run / EVAL_DIR, metrics, [], [], run / "metrics.jsonl", f"tunesmith compare: {run.name}")
+    return metrics
 
 
 def lm_eval_of(cfg: Config, model_path: str, out: Path, dev: torch.device) -> dict:
@@ -304,6 +330,8 @@ def compare(cfg: Config, run_dir: Path | None = None) -> dict:
     run = Path(run_dir if run_dir is not None else cfg.out_dir)
     final = final_dir(run)
     dev = device()
+    if cfg.data.format == "text":
+        return compare_text(cfg, run, final, dev)
     tok = load_tokenizer(cfg.model)
     data = build(cfg, tok, run)  # the run's cached splits when the data, template and tokenizer are unchanged
     template = stored_template(final) or data.template
