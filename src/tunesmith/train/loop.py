@@ -117,6 +117,7 @@ def train(cfg: Config) -> dict:
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     done = start
     last_eval: dict = {}
+    last_loss: float | None = None
     tokens_seen, t_train, window_tokens, t_window = 0, 0.0, 0, time.time()
 
     with progress_bar(d.is_main) as bar:
@@ -136,9 +137,9 @@ def train(cfg: Config) -> dict:
             #     so scale by world to keep the update = mean over all label tokens of the global batch.
             step_loss = torch.zeros((), device=dev)
             for i, batch in enumerate(mine):
-                sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
-                ctx = model.no_sync() if not sync else nullcontext()
-                with ctx, autocast(amp, dev):
+                # DDP: all-reduce gradients only on the last micro-batch of the step
+                last = i == len(mine) - 1 or not hasattr(model, "no_sync")
+                with model.no_sync() if not last else nullcontext(), autocast(amp, dev):
                     s, _ = loss_sum(model, batch)
                     (s * d.world / n_labels).backward()
                 step_loss += s.detach()
@@ -167,6 +168,7 @@ def train(cfg: Config) -> dict:
                     row["grad_norm"] = float(grad_norm)
                 row["mfu"] = mfu(plan, tps)
                 log.write(row)
+                last_loss = row["loss"]
                 window_tokens, t_window = 0, time.time()
                 bar.update(task, loss=row["loss"], tps=tps)
             bar.update(task, completed=done, lr=lr)
@@ -187,10 +189,8 @@ def train(cfg: Config) -> dict:
 
     for s, h in old_handlers.items():
         signal.signal(s, h)
-    result = {"run_dir": str(run), "steps": done, "train_loss": None, "eval": last_eval,
+    result = {"run_dir": str(run), "steps": done, "train_loss": last_loss, "eval": last_eval,
               "tokens": tokens_seen, "train_seconds": t_train, "wall_seconds": time.time() - t0}
-    rows = read_metrics(run / "metrics.jsonl")
-    result["train_loss"] = next((r["loss"] for r in reversed(rows) if r.get("split") == "train"), None)
     if stop.signum:
         distributed.shutdown(d)
         raise SystemExit(128 + stop.signum)
@@ -198,7 +198,7 @@ def train(cfg: Config) -> dict:
         spec = {"template": data.template.to_dict(), "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
                 "fields": cfg.data.fields, "base_model": cfg.model.name}
         save_final(core, tok, run / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
-        plot_losses(rows, run / "loss.png")
+        plot_losses(read_metrics(run / "metrics.jsonl"), run / "loss.png")
         result["plan"] = finish_plan(plan, run, tokens_seen, t_train, result["wall_seconds"], dev)
         (run / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
         print0(f"done: {result['steps']} steps, final model in {run / 'final'}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -12,14 +11,6 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("tunesmith", "torch", "transformers", "peft", "tokenizers", "datasets", "safetensors")
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's vocab, specials and chat template."""
-    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(str(tokenizer.all_special_tokens).encode())
-    h.update((tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, str) else b"")
-    return h.hexdigest()[:16]
 
 
 def _versions() -> dict[str, str]:
