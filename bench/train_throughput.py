@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -66,9 +67,10 @@ def run_ours(model: Path, data: Path, out: Path, precision: str) -> dict:
 
     cfg = config(model, data, out, precision, packing=True, batch=2)
     samples = build(cfg, load_tokenizer(cfg.model), None).train
+    # Rows per step: as many as keep each optimizer step at or under HF's 8 samples' tokens, so tunesmith
+    # takes at least HF's number of steps over the same tokens (rows of 512 never match 8 samples exactly).
     mean = sum(len(s["input_ids"]) for s in samples) / len(samples)
-    # rows of 512 hold ~512/mean samples: pick the row count that matches HF's 8 samples per step
-    cfg.train.batch_size = max(1, round(8 * mean / 512))
+    cfg.train.batch_size = max(1, math.floor(8 * mean / 512))
     result = train(cfg)
     plan = json.loads((out / "plan.json").read_text())
     return {"tokens_per_s": result["tokens"] / result["train_seconds"], "mfu": plan["measured"]["mfu"],

@@ -18,6 +18,7 @@ from tunesmith.synth import (
     Chunk,
     Questions,
     conversation,
+    drop_cut_line,
     grounding,
     output_paths,
     parse_pairs,
@@ -72,6 +73,9 @@ def test_parse_good_output_in_every_shape(text):
 def test_parse_single_object_multiline_answer_and_malformed():
     assert parse_pairs('{"question": "Who?", "answer": "Ada."}') == [{"question": "Who?", "answer": "Ada."}]
     assert parse_pairs("Q: Who wrote it?\nA: Ada\nLovelace.") == [{"question": "Who wrote it?", "answer": "Ada Lovelace."}]
+    # output cut short after a marker: the dangling "Q" is not part of the answer; a cut last line is dropped
+    assert parse_pairs("Q: Who wrote it?\nA: Ada.\nQ") == [{"question": "Who wrote it?", "answer": "Ada."}]
+    assert parse_pairs(drop_cut_line("Q: Who?\nA: Ada.\nQ: When?\nA: In 18")) == [{"question": "Who?", "answer": "Ada."}]
     for bad in ["I cannot help with that.", "[]", '{"note": "nothing"}', '[{"question": "Who?"}]', ""]:
         assert parse_pairs(bad) is None, bad
 
@@ -95,8 +99,11 @@ def test_every_filter():
         return verdict({"question": q, "answer": a}, chunk, s, mine, other)
     assert v("What does a user error print?", "One line.") == "kept"
     assert v("Exit code?", "2.") == "length"  # 2 chars < 5
+    assert v("[1]", "The exit code is 2.") == "length"  # one content word: the question names no subject
     assert v("What does it print?", "A user error prints one line " * 3) == "length"  # > 40 chars
     assert v("Which exit code?", "The exit code is 7 or 9.") == "grounding"  # exit, code, 7, 9: 2/4 < 0.6
+    assert v("How does a user error print one line?", "A user error prints one line.") == "kept"  # "prints" is new
+    assert v("How does a user error print one line?", "A user error print one line.") == "echo"  # nothing new
     assert v("What is the exit code of a user error ?", "The exit code is 2.") == "duplicate"  # same after normalizing
     assert v("So what is the exit code of a user error?", "The exit code is 2.") == "duplicate"  # Jaccard 6/7
     assert v("How many lines does a user error print out?", "One line.") == "leakage"  # near a test question
@@ -216,7 +223,8 @@ def test_remote_generator_against_a_local_http_server(tmp_path, monkeypatch):
         server.close()
     path, auth, body = server.requests[0]
     assert (path, auth, body["model"]) == ("/v1/chat/completions", "Bearer sk-test", "gen-1")
-    assert [m["role"] for m in body["messages"]] == ["system", "user"] and "exit code" in body["messages"][1]["content"]
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert "exit code" in body["messages"][-1]["content"]
     assert len(server.requests) == 3  # 500 -> HTTP retry; malformed -> a second attempt; then good
     assert report["retried"] == 1 and report["dropped"]["malformed"] == 0
     assert server.requests[2][2]["temperature"] >= 0.7  # the retry samples
@@ -245,11 +253,16 @@ def test_remote_configuration_errors(tmp_path, monkeypatch):
         server.close()
 
 
-def test_conversation_names_the_source_section_and_count():
-    msgs = conversation(Chunk("docs/a.md#3", "docs/a.md", "Install > From source", "Clone it."), 4)
-    assert "Q: <question>" in conversation(Chunk("a#0", "a", "", "x"), 1, "lines")[1]["content"]
-    assert "a.md" in msgs[1]["content"] and "Install > From source" in msgs[1]["content"]
-    assert "write 4 question-answer pairs" in msgs[1]["content"] and 'Clone it.\n"""' in msgs[1]["content"]
+def test_conversation_shows_a_worked_example_then_names_the_source_section_and_count():
+    msgs = conversation(Chunk("docs/a.md#3", "docs/a.md", "Install > From source", "Clone it."), 2)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    # the example is answered in the asked style with as many pairs as asked (up to the 3 it has)
+    assert parse_pairs(msgs[2]["content"]) == json.loads(msgs[2]["content"]) and len(json.loads(msgs[2]["content"])) == 2
+    lines = conversation(Chunk("a#0", "a", "", "x"), 5, "lines")
+    assert len(parse_pairs(lines[2]["content"])) == 3 and lines[2]["content"].startswith("Q: ")
+    assert "a.md" in msgs[3]["content"] and "Install > From source" in msgs[3]["content"]
+    assert "Write 2 question-answer pairs" in msgs[3]["content"] and '"""\nClone it.\n"""' in msgs[3]["content"]
+    assert "Write 5 question-answer pairs" in lines[3]["content"] and "Q: and A: lines" in lines[3]["content"]
 
 
 def test_remote_generator_against_tunesmiths_own_server(tmp_path, model_dir):

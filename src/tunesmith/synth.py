@@ -1,9 +1,10 @@
 """Documents -> grounded QA pairs with an LLM (`tunesmith synth DOCS... --out qa.jsonl`).
 
 read (.md .txt .rst .html, .pdf with the `pdf` extra) -> sections by headings -> token windows with overlap
-(those three: data/documents.py) -> prompt for N pairs as JSON -> parse (JSON array/object, fenced, truncated,
-or Q:/A: lines; malformed output is retried with sampling) -> filters: length, grounding in the chunk,
-near-duplicate questions, and leakage (a question near one already kept on the other side) -> append to the output.
+(those three: data/documents.py) -> prompt for N pairs (after a worked example), as JSON or Q:/A: lines -> parse
+(JSON array/object, fenced, truncated, or Q:/A: lines; malformed output is retried with sampling) -> filters:
+length, grounding in the chunk, echo (the answer only restates the question), near-duplicate questions, and
+leakage (a question near one already kept on the other side) -> append to the output.
 
 Files written next to `--out qa.jsonl` (one chunk's pairs all go to one side, chosen by a hash of the
 chunk id with synth.test_size, like data/split.py):
@@ -34,21 +35,28 @@ _STOPWORDS = ("a an the of to in on at for by with and or but is are was were be
 _STOP = frozenset(_STOPWORDS.split())
 
 SYSTEM = "You write question-answer pairs that teach a model the content of a document."
-# How to reply. Strong (remote) models follow JSON; SmolLM2-135M never did in our trials, but writes Q:/A: lines.
-REPLY = {"json": 'Reply with only a JSON array of {n} objects: [{{"question": "...", "answer": "..."}}]',
-         "lines": "Reply with {n} pairs in this format, nothing else:\nQ: <question>\nA: <answer copied from the passage>"}
-PROMPT = """Read this passage from "{source}" (section: {heading}) and write {n} question-answer pairs about it.
-Rules:
-- Each question must make sense on its own: name the subject, never say "the passage" or "the text".
-- Each answer must be stated in the passage: reuse its words and add nothing it does not say.
-- Answers are one to three sentences.
-{reply}
-
-Passage:
+PROMPT = """Passage from "{source}" (section: {heading}):
 \"\"\"
 {text}
 \"\"\"
-"""
+
+Write {n} question-answer pairs about this passage.
+- Each question names its subject; never say "the passage" or "the text".
+- Each answer is one or two sentences copied or paraphrased from the passage, adding nothing.
+{reply}"""
+# How to reply. Strong (remote) models follow JSON; SmolLM2-135M never did in our trials, but writes Q:/A: lines.
+REPLY = {"json": "Reply with only a JSON array of {n} objects with the keys question and answer.",
+         "lines": "Reply with {n} pairs as Q: and A: lines, nothing else."}
+# A one-shot example turn before the real request: without it SmolLM2-135M copied the format's placeholders
+# ("Q: [Question: 1]") or looped. A richer example (3 facts about a command) was copied verbatim into 5 of
+# 8 replies; this plain one much less. Numbers: configs/docs-to-model.yaml.
+EXAMPLE = Chunk("acme/README.md#2", "acme/README.md", "acme > Install",
+                "Install acme with `pip install acme`. It needs Python 3.9 or newer. The `acme check FILE` command "
+                "validates a file and exits with code 1 when it finds an error.")
+EXAMPLE_PAIRS = [{"question": "How do you install acme?", "answer": "Install acme with pip install acme."},
+                 {"question": "What does the acme check command do?",
+                  "answer": "acme check FILE validates a file and exits with code 1 when it finds an error."},
+                 {"question": "Which Python version does acme need?", "answer": "acme needs Python 3.9 or newer."}]
 
 # ---- chunks: train or test side ----
 
@@ -103,8 +111,11 @@ class LocalGenerator:
         if getattr(self.tok, "chat_template", None):
             ids = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
         else:  # a base model: plain text with a cue
-            ids = [self.tok("\n\n".join(m["content"] for m in c) + "\n\nJSON:\n")["input_ids"] for c in conversations]
-        return [c.text for c in generate(self.model, self.tok, ids, retry_config(self.gen, attempt))]
+            ids = [self.tok("\n\n".join(m["content"] for m in c) + "\n\n")["input_ids"] for c in conversations]
+        # a run of blank lines is where small models start looping: no pair comes after it
+        g = retry_config(self.gen, attempt)
+        g = g.model_copy(update={"stop": [*g.stop, "\n\n\n"]})
+        return [drop_cut_line(c.text) if c.finish_reason == "length" else c.text for c in generate(self.model, self.tok, ids, g)]
 
 
 class RemoteGenerator:
@@ -149,16 +160,39 @@ class RemoteGenerator:
             return list(pool.map(lambda c: self._one(client, c, attempt), conversations))
 
 
+def drop_cut_line(text: str) -> str:
+    """Q:/A: output cut by max_new_tokens -> without its last, unfinished line (so no half answer is kept).
+
+    >>> drop_cut_line("Q: Who?\\nA: Ada.\\nQ: When?\\nA: In 18")
+    'Q: Who?\\nA: Ada.\\nQ: When?'
+    """
+    return text[: text.rfind("\n")] if "\n" in text else text
+
+
 def make_generator(cfg: Config) -> Generator:
     """Remote when synth.base_url is set, else the local model.name."""
     return RemoteGenerator(cfg.synth, cfg.generate) if cfg.synth.base_url else LocalGenerator(cfg)
 
 
-def conversation(chunk: Chunk, n: int, style: str = "json") -> list[dict]:
-    """The chat messages that ask for `n` grounded pairs about `chunk` (reply style: json or Q:/A: lines)."""
+def _user(chunk: Chunk, n: int, style: str) -> str:
     reply = REPLY[style].format(n=n)
-    user = PROMPT.format(source=chunk.source, heading=chunk.heading or "-", n=n, text=chunk.text, reply=reply)
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return PROMPT.format(source=chunk.source, heading=chunk.heading or "-", n=n, text=chunk.text, reply=reply)
+
+
+def _reply(pairs: list[dict], style: str) -> str:
+    if style == "json":
+        return json.dumps(pairs, ensure_ascii=False)
+    return "\n".join(f"Q: {p['question']}\nA: {p['answer']}" for p in pairs)
+
+
+def conversation(chunk: Chunk, n: int, style: str = "json") -> list[dict]:
+    """Chat messages asking for `n` grounded pairs about `chunk` (reply style: json or Q:/A: lines), after a
+    worked example (EXAMPLE, answered in the same style) so that small models see the format filled in."""
+    k = min(n, len(EXAMPLE_PAIRS))
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": _user(EXAMPLE, k, style)},
+            {"role": "assistant", "content": _reply(EXAMPLE_PAIRS[:k], style)},
+            {"role": "user", "content": _user(chunk, n, style)}]
 
 
 # ---- parsing ----
@@ -221,6 +255,8 @@ def _from_qa_lines(text: str) -> list[dict]:
             q, a, into = m.group(2), None, "q"
         elif m:
             a, into = m.group(2), "a"
+        elif re.fullmatch(r"\s*(Q|A|Question|Answer)\s*\d*\s*", line, re.IGNORECASE):
+            continue  # a marker without its colon (output cut short): not part of the answer
         elif into == "a" and line.strip():
             a += " " + line.strip()  # an answer may run over several lines
         elif into == "q" and line.strip():
@@ -271,12 +307,14 @@ class Questions:
 
 
 def verdict(pair: dict, chunk: Chunk, s: SynthConfig, mine: Questions, other: Questions) -> str:
-    """'kept' or the filter that drops the pair: length, grounding, duplicate (same side) or leakage (other side)."""
+    """'kept' or the filter that drops the pair: length (answer chars; question content words), grounding, echo, duplicate (same side) or leakage (other side)."""
     q, a = pair["question"], pair["answer"]
-    if not (s.min_answer_chars <= len(a) <= s.max_answer_chars) or len(q) < 3:
-        return "length"
+    if not (s.min_answer_chars <= len(a) <= s.max_answer_chars) or len(content_words(q)) < 2:
+        return "length"  # a question needs two content words to name its subject ("[1]" and "Why?" do not)
     if grounding(a, chunk.heading + "\n" + chunk.text) < s.min_grounding:
         return "grounding"
+    if set(content_words(a)) <= set(content_words(q)):
+        return "echo"  # the answer only restates its question ("How do you run X?" "Run X."): nothing to learn
     if mine.near(q):
         return "duplicate"
     if other.near(q):
@@ -286,7 +324,7 @@ def verdict(pair: dict, chunk: Chunk, s: SynthConfig, mine: Questions, other: Qu
 
 # ---- the run ----
 
-FILTERS = ("malformed", "length", "grounding", "duplicate", "leakage")
+FILTERS = ("malformed", "length", "grounding", "echo", "duplicate", "leakage")
 
 
 def output_paths(out: Path) -> dict[str, Path]:

@@ -89,21 +89,22 @@ def get_template(name: str, fmt: str) -> Template:
 def to_example(row: Row, fmt: str, rejects: Rejects) -> Example | None:
     """Validate one Row against the format's schema; a bad row goes to `rejects` (raise or record) -> None."""
     fields = row.fields
-    for name in REQUIRED[fmt]:
-        if name not in fields or fields[name] is None:
+    required = REQUIRED[fmt]
+    for name in required:
+        if fields.get(name) is None:  # absent or null
             rejects.bad(row.where, name, f"missing field '{name}'", fields)
             return None
     if fmt == "chat":
         return _chat_example(row, rejects)
     out = {}
-    for name in REQUIRED[fmt] + OPTIONAL.get(fmt, ()):
+    for name in required + OPTIONAL.get(fmt, ()):
         value = fields.get(name, "")
         if value is None:
             value = ""
         if not isinstance(value, str):
             rejects.bad(row.where, name, f"field '{name}' must be a string (got {type(value).__name__})", fields)
             return None
-        if name in REQUIRED[fmt] and not value.strip():
+        if name in required and not value.strip():
             rejects.bad(row.where, name, f"field '{name}' is empty", fields)
             return None
         out[name] = value

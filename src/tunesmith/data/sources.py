@@ -50,8 +50,11 @@ def read_rows(path: str, cfg: DataConfig, rejects: Rejects) -> Iterator[Row]:
     mapping = dict(cfg.fields)
     if cfg.format == "text" and cfg.text_field != "text":
         mapping.setdefault("text", cfg.text_field)  # formats read raw text from the canonical "text"
+    if not mapping:
+        yield from _raw_rows(path, cfg, rejects)
+        return
     for row in _raw_rows(path, cfg, rejects):
-        yield Row(row.where, map_fields(row.fields, mapping)) if mapping else row
+        yield Row(row.where, map_fields(row.fields, mapping))
 
 
 def map_fields(fields: dict, mapping: dict[str, str]) -> dict:
@@ -126,18 +129,19 @@ def _parse_object(text: str, where: str, rejects: Rejects) -> dict | None:
 def read_jsonl(path: Path, rejects: Rejects) -> Iterator[Row]:
     """One JSON object per line; blank lines are ignored, every other bad line is reported."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    prefix = f"{path}:"
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
             try:
                 # utf-8-sig on line 1 only: editors on Windows write a BOM that json.loads rejects
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                rejects.bad(where, None, f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})",
+                rejects.bad(f"{prefix}{lineno}", None, f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})",
                             {"raw": raw[:500].decode("utf-8", "replace")})
                 continue
-            if not text.strip():
+            if not text or text.isspace():  # blank: no stripped copy of every line
                 continue
+            where = f"{prefix}{lineno}"
             obj = _parse_object(text, where, rejects)
             if obj is not None:
                 yield Row(where, obj)

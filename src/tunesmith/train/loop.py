@@ -19,12 +19,13 @@ import torch
 from tunesmith.config import Config, save_config
 from tunesmith.data.pack import EpochStream
 from tunesmith.data.pipeline import build, build_heldout, tokenizer_hash
+from tunesmith.data.render import IGNORE
 from tunesmith.data.stream import TextStream
-from tunesmith.eval.loss import evaluate_loss, loss_sum
+from tunesmith.eval.loss import evaluate_loss, loss_sum, next_token_targets
 from tunesmith.model.export import save_final
 from tunesmith.model.load import load_model, load_tokenizer
 from tunesmith.model.lora import apply_lora, trainable_summary
-from tunesmith.runtime import autocast, autocast_dtype, device, dist_info, print0, seed_everything
+from tunesmith.runtime import Dist, autocast, autocast_dtype, device, dist_info, print0, seed_everything
 from tunesmith.train import checkpoint, distributed
 from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
 from tunesmith.train.optim import make_optimizer, make_scheduler
@@ -51,6 +52,44 @@ class StopFlag:
 
     def __call__(self, signum, frame) -> None:
         self.signum = signum
+
+
+def _gather(stream, micro_per_step: int, d: Dist, dev: torch.device) -> tuple[list[dict], list[str], int, int]:
+    """This rank's micro-batches of one global step, their rows' places, and the global label and real-token counts.
+
+    The counts come from the host-side batches before any copy to the device, so a single-process step
+    never waits on the device for them; under torchrun one all-reduce sums them over ranks.
+    """
+    mine, wheres = [], []
+    for k in range(micro_per_step):
+        batch, w = stream.next()
+        if k % d.world == d.rank:
+            mine.append(batch)
+            wheres += w
+    counts = torch.tensor([sum(int((next_token_targets(b) != IGNORE).sum()) for b in mine),
+                           sum(int(b["real_tokens"]) for b in mine)])
+    if d.world > 1:
+        counts = distributed.all_reduce_sum(counts.to(dev), d).cpu()
+    return mine, wheres, max(1, int(counts[0])), int(counts[1])
+
+
+def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: torch.dtype | None,
+                      dev: torch.device) -> torch.Tensor:
+    """Backward of (sum of token losses / global label count) for each micro-batch; returns the summed loss.
+
+    DDP averages gradients over ranks, so each rank scales by `world` to keep the update the mean over all
+    label tokens of the global batch.
+    """
+    step_loss = torch.zeros((), device=dev)
+    for i, batch in enumerate(mine):
+        batch = {key: v.to(dev, non_blocking=True) for key, v in batch.items()}
+        # DDP: all-reduce gradients only on the last micro-batch of the step
+        last = i == len(mine) - 1 or not hasattr(model, "no_sync")
+        with model.no_sync() if not last else nullcontext(), autocast(amp, dev):
+            s, _ = loss_sum(model, batch)
+            (s * world / n_labels).backward()
+        step_loss += s.detach()
+    return step_loss
 
 
 def train(cfg: Config) -> dict:
@@ -124,25 +163,9 @@ def train(cfg: Config) -> dict:
         task = bar.add_task("train", total=total, completed=start, loss=float("nan"), lr=sched.get_last_lr()[0], tps=0.0)
         for step in range(start, total):
             t_step = time.time()
-            # (1) gather this rank's micro-batches of the global step; count label tokens over all of them.
-            mine, wheres = [], []
-            for k in range(micro_per_step):
-                batch, w = stream.next()
-                if k % d.world == d.rank:
-                    mine.append({key: v.to(dev, non_blocking=True) for key, v in batch.items()})
-                    wheres += w
-            n_labels = sum((b["labels"][:, 1:] != -100).sum() for b in mine).to(dev)
-            n_labels = distributed.all_reduce_sum(n_labels.clone(), d).clamp(min=1)
-            # (2) forward/backward: sum of token losses / global label count; DDP averages grads over ranks,
-            #     so scale by world to keep the update = mean over all label tokens of the global batch.
-            step_loss = torch.zeros((), device=dev)
-            for i, batch in enumerate(mine):
-                # DDP: all-reduce gradients only on the last micro-batch of the step
-                last = i == len(mine) - 1 or not hasattr(model, "no_sync")
-                with model.no_sync() if not last else nullcontext(), autocast(amp, dev):
-                    s, _ = loss_sum(model, batch)
-                    (s * d.world / n_labels).backward()
-                step_loss += s.detach()
+            # (1) this rank's micro-batches of the global step, (2) forward/backward of each
+            mine, wheres, n_labels, real = _gather(stream, micro_per_step, d, dev)
+            step_loss = _forward_backward(model, mine, n_labels, d.world, amp, dev)
             step_loss = distributed.all_reduce_sum(step_loss, d) / n_labels
             if not torch.isfinite(step_loss):
                 raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1} (batch with {', '.join(wheres[:4])}"
@@ -155,7 +178,6 @@ def train(cfg: Config) -> dict:
             opt.zero_grad(set_to_none=True)
 
             # (4) log: real (non-pad) tokens per second and MFU from the planner's FLOPs per token
-            real = distributed.all_reduce_sum(sum(b["real_tokens"] for b in mine).to(dev), d).item()
             tokens_seen += real
             window_tokens += real
             t_train += time.time() - t_step
