@@ -29,11 +29,11 @@ from itertools import chain
 from pathlib import Path
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import get_template, to_example
+from tunesmith.data.formats import get_template
 from tunesmith.data.pack import pack
+from tunesmith.data.pipeline import read_examples
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import IGNORE, render
-from tunesmith.data.sources import read_rows
 
 _WORD_TEXT = ("revenue growth margin quarter company guidance operating cash flow segment customers demand "
               "pricing cost supply chain outlook increase decrease percent million billion year fiscal adjusted "
@@ -64,11 +64,11 @@ def load_tokenizer(name: str):
 
 
 def tunesmith_path(path: Path, tok, max_length: int, seq_len: int) -> tuple[list[dict], list[list[int]]]:
-    """read_rows -> to_example -> render (batched fast tokenizer) -> pack."""
+    """read_examples (read_rows -> to_example) -> render (batched fast tokenizer) -> pack."""
     cfg = DataConfig(path=str(path), max_length=max_length)
     rejects = Rejects("fail")
     template = get_template("qa", "qa")
-    examples = [to_example(row, "qa", rejects) for row in read_rows(str(path), cfg, rejects)]
+    examples = read_examples(str(path), cfg, rejects)
     samples = render(examples, template, tok, max_length, "prompt_left", rejects)
     rows = pack([len(s["input_ids"]) for s in samples], seq_len)
     return samples, rows

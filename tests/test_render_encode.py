@@ -1,14 +1,26 @@
 """render's direct call into the Rust tokenizer gives exactly the ids of transformers' wrapper; truncation of the fused string path."""
 
 import importlib.util
+import random
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from tests import tiny
-from tunesmith.data.formats import Example, get_template, prompt_text
+from tunesmith.data.formats import ALPACA_INPUT, ALPACA_NO_INPUT, BUILTIN, Example, get_template, prompt_text
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.render import IGNORE, _plain_backend, encode_batch, render, truncate
+from tunesmith.data.render import (
+    IGNORE,
+    _plain_backend,
+    _special_tokens_around,
+    _split_plan,
+    encode_batch,
+    prompt_ids,
+    render,
+    truncate,
+)
 
 TEXTS = [
     "### Question:\nWhat was the revenue?\n\n### Answer:\n",
@@ -79,3 +91,83 @@ def test_encode_batch_equals_wrapper_on_smollm2():
     texts = TEXTS + ["<|im_start|>assistant\nHi<|im_end|>", "What was the EBITDA of company 7?"] * 3
     for special in (True, False):
         assert encode_batch(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+
+
+# --- prompt_ids: the template's fixed text encoded once, values encoded alone, ids exact -------------------
+
+def _whitespace_bpe(pre: str = "bytelevel", normalizer: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on text full of line breaks and runs of spaces, so that merges like
+    "\\n\\n", "\\n " and " ?" exist and a wrong split point changes the ids (the tiny tokenizer has few)."""
+    corpus = ["### Question:\n\nWhat  was it?\n \n### Answer:\n 42  units\t\tdone. It's 7 'quoted'\n\n\n"] * 50
+    tok = Tokenizer(models.BPE())
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level]) if pre == "digits" else level
+    if normalizer:
+        tok.normalizer = normalizers.NFC()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<eos>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+TOKENIZERS = {"tiny": tiny.tokenizer, "bos": bos_tokenizer, "whitespace": _whitespace_bpe,
+              "digits": lambda: _whitespace_bpe("digits"), "nfc": lambda: _whitespace_bpe(normalizer=True)}
+PIECES = ["What", "was", " ", "  ", "\n", "\n\n", "\t", "?", "'s", "42", "7", "é", "e\u0301", "\u0301", "日本",
+          "🙂", "<eos>", "<|im_start|>", "{", "}", " x"]
+
+
+def _fuzz_examples(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+
+    def value() -> str:
+        return "".join(rng.choices(PIECES, k=rng.randint(1, 6)))
+
+    return [Example(f"f.jsonl:{i}", {"question": value(), "answer": "a", "instruction": value(),
+                                     "input": value() if i % 3 else "", "output": "o"}) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@pytest.mark.parametrize("template", [("qa", "qa"), ("alpaca", "alpaca"), ("Context:\n{input}\nQ:\n{question}\n", "qa"),
+                                      ("{question}\n\nA:\n", "qa"), ("Q: {question} A:", "qa")])
+def test_prompt_ids_equal_encoding_the_whole_prompt(name, template):
+    tok = TOKENIZERS[name]()
+    t = get_template(*template)
+    examples = _fuzz_examples(300, seed=hash(name) % 1000)
+    whole = encode_batch(tok, [prompt_text(ex, t) for ex in examples], add_special_tokens=True)
+    assert prompt_ids(examples, t, tok) == whole
+
+
+def test_builtin_templates_are_split_for_byte_level_tokenizers():
+    # The parity test above would pass with no splitting at all: check that the fast path is really taken.
+    for make in TOKENIZERS.values():
+        backend = make().backend_tokenizer
+        specials = _special_tokens_around(backend)
+        assert specials is not None
+        for fmt in (BUILTIN["qa"], ALPACA_INPUT, ALPACA_NO_INPUT):
+            plan = _split_plan(fmt, backend, specials)
+            assert plan is not None and plan.fits({"question": "Why?", "instruction": "Do it.", "input": "x"})
+            assert not plan.fits({"question": " Why?", "instruction": " Do it.", "input": "x"})  # leading space
+
+
+def test_split_points_off_pre_token_boundaries_are_refused():
+    tok = _whitespace_bpe()
+    backend = tok.backend_tokenizer
+    specials = _special_tokens_around(backend)
+    # Naively split, these give other ids than the whole prompt (a blank line before the value, a space
+    # that joins the next word, letters that merge), so the rules must refuse them: the guard that they matter.
+    for fmt, value in (("A:\n\n{question}", "What"), ("Q: {question}", "was"), ("Q:\n{question}s?\n", "wa")):
+        lit_ids = [tok(lit, add_special_tokens=False)["input_ids"] for lit in fmt.split("{question}")]
+        naive = lit_ids[0] + tok(value, add_special_tokens=False)["input_ids"] + lit_ids[1]
+        assert naive != tok(fmt.format(question=value))["input_ids"], fmt
+        assert _split_plan(fmt, backend, specials) is None
+    assert _split_plan("{question}{answer}", backend, specials) is None  # adjacent fields
+    assert _split_plan("Q:\n{question!r}\n", backend, specials) is None  # conversion
+
+
+def test_unproven_tokenizers_encode_whole_prompts():
+    tok = _whitespace_bpe()
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert _special_tokens_around(tok.backend_tokenizer) is None
+    tok = _whitespace_bpe()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert _special_tokens_around(tok.backend_tokenizer) is None

@@ -19,7 +19,7 @@ import numpy as np
 from tunesmith.config import Config, DataConfig, UserError
 from tunesmith.data.formats import Example, Template, get_template, prompt_key, to_example
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.render import render
+from tunesmith.data.render import gc_paused, render
 from tunesmith.data.sources import read_rows, resolve_files
 from tunesmith.data.split import split
 from tunesmith.runtime import print0
@@ -97,10 +97,11 @@ def prepare(cfg: Config, tokenizer) -> Path:
 def read_examples(path: str, d: DataConfig, rejects: Rejects) -> list[Example]:
     """Rows of one source -> validated Examples (bad rows go to `rejects`)."""
     out = []
-    for row in read_rows(path, d, rejects):
-        ex = to_example(row, d.format, rejects)
-        if ex is not None:
-            out.append(ex)
+    with gc_paused():
+        for row in read_rows(path, d, rejects):
+            ex = to_example(row, d.format, rejects)
+            if ex is not None:
+                out.append(ex)
     return out
 
 

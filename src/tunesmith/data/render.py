@@ -9,8 +9,10 @@ the ids `render_prompt` produces at inference time.
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from string import Formatter
 
 from tunesmith.config import UserError
 from tunesmith.data.formats import Example, Template, as_messages, prompt_text
@@ -53,7 +55,7 @@ def render(examples: list[Example], template: Template, tokenizer, max_length: i
     if not examples:
         return []
     if template.kind != "chat":
-        with _gc_paused():
+        with gc_paused():
             return _string_samples(examples, template, tokenizer, max_length, truncation, rejects)
     pairs = [_chat_ids(ex, tokenizer) for ex in examples]
     samples = []
@@ -71,10 +73,11 @@ def _no_response(max_length: int) -> str:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
-    # Rendering allocates a few lists per row and keeps them all (no cycles), so each full collection it
-    # triggers rescans every token list built so far and frees nothing; paused, one collection runs later
-    # (bench/data_prep.py, 50k rows: ~3% less CPU for the whole path).
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic GC while bulk data is built: reading and rendering keep every object they make."""
+    # They allocate a few containers per row and keep them all (no cycles), so each full collection they
+    # trigger rescans everything built so far and frees nothing; paused, one collection runs later
+    # (bench/data_prep.py, 50k rows: reading and rendering ~10% less CPU).
     was_on = gc.isenabled()
     gc.disable()
     try:
@@ -95,10 +98,9 @@ def _truncate_pair(ids: list[int], labels: list[int], max_length: int, side: str
 
 def _string_samples(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects) -> list[dict]:
     eos = _eos_id(tokenizer)
-    prompts = [prompt_text(ex, template) for ex in examples]
     field = template.response_field
-    # Two batched calls into the Rust tokenizer, no per-token Python loops.
-    p_ids = encode_batch(tokenizer, prompts, add_special_tokens=True) if any(prompts) else [[]] * len(prompts)
+    # Batched calls into the Rust tokenizer, no per-token Python loops.
+    p_ids = prompt_ids(examples, template, tokenizer)
     r_ids = encode_batch(tokenizer, [ex.fields[field] for ex in examples], add_special_tokens=False)
     samples = []
     if template.format == "text":
@@ -137,6 +139,121 @@ def encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[
     for start in range(0, len(texts), _ENCODE_CHUNK):
         ids.extend([e.ids for e in encode(texts[start : start + _ENCODE_CHUNK], add_special_tokens=add_special_tokens)])
     return ids
+
+
+def prompt_ids(examples: list[Example], template: Template, tokenizer) -> list[list[int]]:
+    """Each example's prompt ids, exactly `encode_batch(tokenizer, [prompt_text(...)], True)`, fixed text encoded once.
+
+    The template's fixed text is ~25% of a QA prompt's tokens. Where splitting a prompt into its fixed
+    pieces and field values falls on pre-token boundaries (`_split_plan`), BPE never merges across the
+    split and the pieces' ids concatenate to the whole prompt's ids; every other row is encoded whole.
+    """
+    if template.format == "text":
+        return [[] for _ in examples]
+    backend = _plain_backend(tokenizer)
+    specials = _special_tokens_around(backend) if backend is not None else None
+    formats = [_prompt_format(ex, template) for ex in examples]
+    plans = {f: _split_plan(f, backend, specials) for f in set(formats)} if specials is not None else {}
+    split = [plans.get(f) is not None and plans[f].fits(ex.fields) for ex, f in zip(examples, formats)]
+    whole = [prompt_text(ex, template) for ex, s in zip(examples, split) if not s]
+    values = [ex.fields[name] for ex, f, s in zip(examples, formats, split) if s for _, name in plans[f].fields]
+    whole_ids = iter(encode_batch(tokenizer, whole, add_special_tokens=True))
+    value_ids = iter(encode_batch(tokenizer, values, add_special_tokens=False))
+    out = []
+    for f, s in zip(formats, split):
+        if not s:
+            out.append(next(whole_ids))
+            continue
+        ids = list(plans[f].pieces[0])
+        for piece in plans[f].pieces[1:]:
+            ids += next(value_ids)
+            ids += piece
+        out.append(ids)
+    return out
+
+
+def _prompt_format(example: Example, template: Template) -> str:
+    if template.prompt_no_input is not None and not example.fields.get("input", "").strip():
+        return template.prompt_no_input
+    return template.prompt
+
+
+# Junction rules a field value must meet (bit flags): its first / last character is not whitespace.
+_START, _END = 1, 2
+
+
+class _Plan:
+    """A prompt format split at its fields: pieces[0] + value_0 + pieces[1] + ... + pieces[-1] (pieces are ids)."""
+
+    def __init__(self, pieces: list[list[int]], fields: list[tuple[int, str]]):
+        self.pieces, self.fields = pieces, fields  # fields: (junction rules, name); one piece more than fields
+
+    def fits(self, values: dict) -> bool:
+        """Whether this row's values meet the junction rules (and exist: a missing one is reported by prompt_text)."""
+        for rule, name in self.fields:
+            v = values.get(name)
+            if not isinstance(v, str) or not v or (rule & _START and v[0].isspace()) or (rule & _END and v[-1].isspace()):
+                return False
+        return True
+
+
+def _split_plan(fmt: str, backend, specials: tuple[list[int], list[int]]) -> _Plan | None:
+    """The split of a format string into encoded fixed pieces and fields, or None where it is not proven exact.
+
+    For GPT-2's byte-level split regex, which has no lookbehind (a pre-token boundary at k leaves the
+    pre-tokens after k those of the text after k alone):
+    - fixed text, then a field: the text ends in one line break or tab after a non-space (`:\n`) and the
+      value starts with a non-space: that character is a pre-token of its own in the piece and in the whole;
+    - a field, then fixed text: the value ends with a non-space and the text starts with whitespace: no
+      pattern runs from a non-space into whitespace.
+    Adjacent fields and format specs (`{x:>3}`) are not split.
+    """
+    parsed = list(Formatter().parse(fmt))
+    lits = [lit for lit, *_ in parsed]
+    names = [name for _, name, _, _ in parsed if name is not None]
+    if any(spec or conv or not name.isidentifier() for _, name, spec, conv in parsed if name is not None):
+        return None
+    if len(lits) == len(names):
+        lits.append("")
+    fields = []
+    for i, name in enumerate(names):
+        before, after, rule = lits[i], lits[i + 1], 0
+        if i > 0 or before:  # a value at the very start has its own pre-tokens in the whole too
+            if not before or before[-1] not in "\n\t" or (len(before) > 1 and before[-2].isspace()):
+                return None
+            rule |= _START
+        if after:
+            if after[0] not in " \n\t":
+                return None
+            rule |= _END
+        fields.append((rule, name))
+    pre, post = specials
+    pieces = [backend.encode(lit, add_special_tokens=False).ids for lit in lits]
+    pieces[0], pieces[-1] = pre + pieces[0], pieces[-1] + post
+    return _Plan(pieces, fields)
+
+
+def _special_tokens_around(backend) -> tuple[list[int], list[int]] | None:
+    """(ids before, ids after) add_special_tokens puts around a text; None where `_split_plan`'s proof does not hold."""
+    state = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+    parts = state.get("pretokenizers", [state])
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if len(byte_level) != 1 or not byte_level[0]["use_regex"] or byte_level[0]["add_prefix_space"]:
+        return None
+    if any(p.get("type") not in ("ByteLevel", "Digits") for p in parts) or getattr(backend.model, "dropout", None):
+        return None  # Digits only splits further (never at a line break); BPE dropout is random per call
+    if backend.normalizer is not None and json.loads(backend.normalizer.__getstate__()).get("type") != "NFC":
+        return None  # NFC never composes with a line break or tab; other normalizers are not checked
+    for tok in backend.get_added_tokens_decoder().values():
+        if tok.lstrip or tok.rstrip or any(c.isspace() for c in tok.content):
+            return None  # such an added token could match across a piece boundary
+    processor = json.loads(backend.post_processor.__getstate__()) if backend.post_processor is not None else {}
+    if processor.get("type", "ByteLevel") not in ("TemplateProcessing", "ByteLevel"):
+        return None  # those two add the same ids around any single text
+    bare = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+    return None if at is None else (full[:at], full[at + len(bare) :])
 
 
 def _plain_backend(tokenizer):
