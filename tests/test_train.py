@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tests import tiny
 from tunesmith.config import load_config
 from tunesmith.train import checkpoint
+from tunesmith.train import loop as loop_mod
 from tunesmith.train.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,24 +131,19 @@ def test_sigterm_checkpoints_then_exits(tmp_path, model_dir, qa_file):
     assert int(ckpt.name.split("-")[1]) >= 3
 
 
-def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file):
+def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file, monkeypatch):
     cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", "train.max_grad_norm=null")
     calls = {"n": 0}
-    real = torch.nn.functional.cross_entropy
+    real = loop_mod.loss_sum
 
-    def poisoned(*a, **k):  # a numerically broken step 3: the loss becomes NaN
+    def poisoned(model, batch):  # a numerically broken step 3: the loss becomes NaN
         calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 3 else out
+        total, n = real(model, batch)
+        return (total * float("nan") if calls["n"] == 3 else total), n
 
-    import tunesmith.eval.loss as loss_mod
-
-    loss_mod.F.cross_entropy = poisoned
-    try:
-        with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 \(batch with .*qa.jsonl:\d+"):
-            train(cfg)
-    finally:
-        loss_mod.F.cross_entropy = real
+    monkeypatch.setattr(loop_mod, "loss_sum", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 \(batch with .*qa.jsonl:\d+"):
+        train(cfg)
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run")] == ["step-1", "step-2"]
 
 

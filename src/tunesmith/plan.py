@@ -174,7 +174,7 @@ class Precision:
     weight: int  # parameter (and grad, AdamW moment) bytes
     act: int  # activation bytes
     autocast_copies: bool  # fp32 params under bf16/fp16 autocast: the cast weight copies live until backward
-    fused_adam: bool  # CUDA: fused AdamW, no temporaries; CPU: the per-tensor loop, temporaries of one tensor
+    fused_adam: bool  # fused AdamW (CUDA and CPU): no temporaries; else the per-tensor loop's temporaries of one tensor
 
 
 def precision_for(cfg: Config, cuda: bool, bf16: bool) -> Precision:
@@ -182,7 +182,7 @@ def precision_for(cfg: Config, cuda: bool, bf16: bool) -> Precision:
     weight = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2 if (cuda and bf16) else 4}[cfg.model.dtype]
     auto = {"fp32": None, "bf16": 2, "fp16": 2, "auto": 2 if (cuda and bf16) else None}[cfg.train.precision]
     act = auto or weight
-    return Precision(weight, act, weight == 4 and auto is not None, cuda)
+    return Precision(weight, act, weight == 4 and auto is not None, True)  # make_optimizer: fused on CUDA and CPU
 
 
 def activation_bytes(arch: Arch, rows: int, seq_len: int, prec: Precision, attn: str = "sdpa",
@@ -282,8 +282,11 @@ def fit_table(arch: Arch, cfg: Config, seq_len: int) -> list[dict]:
     return rows
 
 
-def measure_peak_flops(device) -> float:
-    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short GEMM (cached on disk)."""
+def measure_peak_flops(device, bf16: bool = False) -> float:
+    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short GEMM (cached on disk).
+
+    On CPU the GEMM runs in fp32, or in bf16 when `bf16` (a run under bf16 autocast: its matmuls are bf16).
+    """
     import torch
 
     device = torch.device(device)
@@ -292,21 +295,23 @@ def measure_peak_flops(device) -> float:
         for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("4090", 165e12)):
             if key in name:
                 return peak
+    bf16 = bf16 or device.type == "cuda"
     key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:{torch.get_num_threads()}"
+    key += ":bf16" if bf16 and device.type != "cuda" else ""
     path = cache_root(None) / "peak_flops.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if key not in cached:
-        cached[key] = _gemm_flops(device)
+        cached[key] = _gemm_flops(device, torch.bfloat16 if bf16 else torch.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached, indent=1))
     return cached[key]
 
 
-def _gemm_flops(device) -> float:
-    """Best of a few square GEMMs: bf16 4096^2 on CUDA, fp32 1024^2 on CPU (the dtypes training runs in)."""
+def _gemm_flops(device, dtype) -> float:
+    """Best of a few square GEMMs in `dtype`: 4096^2 on CUDA, 1024^2 on CPU."""
     import torch
 
-    n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(5):
@@ -339,7 +344,8 @@ def _target(cfg: Config) -> dict:
         return {"name": torch.cuda.get_device_name(dev), "cuda": True, "bf16": bf16_supported(dev), "capacity": cap,
                 "usable": cap * USABLE, "peak_flops": measure_peak_flops(dev)}
     ram = host_ram_bytes()
-    return {"name": "cpu", "cuda": False, "bf16": False, "capacity": ram, "usable": ram * 0.8, "peak_flops": measure_peak_flops(dev)}
+    peak = measure_peak_flops(dev, bf16=cfg.train.precision == "bf16")  # bf16 autocast: bf16 GEMMs on CPU too
+    return {"name": "cpu", "cuda": False, "bf16": False, "capacity": ram, "usable": ram * 0.8, "peak_flops": peak}
 
 
 def what_can_i_run(cfg: Config, target: dict, seq_len: int = 1024) -> list[dict]:

@@ -27,12 +27,16 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     target = next_token_targets(batch)
     # keep[:, t]: hidden state t predicts a label, so only there is the LM head worth running (B, T).
     keep = F.pad(target != IGNORE, (0, 1), value=False)
-    with _head_only_at(model, keep):
+    head = _fusable_head(model)
+    with _head_only_at(model, keep, take=head is not None) as taken:
         if "position_ids" in batch:
             # Packed rows: no attention mask and no cache, so transformers isolates samples by position_ids.
             out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         else:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if taken:  # the head's (N, H) input, taken from the model: head and loss run fused, chunk by chunk
+        target = target[keep[:, :-1]]
+        return linear_cross_entropy(taken[0], head.weight, head.bias, target), target.new_tensor(target.numel())
     if out.logits.dim() == 2:  # (N, V): the head ran on the kept positions only, in row-major order
         logits, target = out.logits.float(), target[keep[:, :-1]]
     else:  # (B, T, V): a model whose head input is not (B, T, H); same loss, computed everywhere
@@ -42,29 +46,128 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 @contextmanager
-def _head_only_at(model, keep: torch.Tensor):
-    """Feed the output layer only the hidden states at `keep` (B, T) positions.
+def _head_only_at(model, keep: torch.Tensor, take: bool = False):
+    """Feed the output layer only the hidden states at `keep` (B, T) positions; with `take`, none, and yield them.
 
     Prompt tokens carry no loss, yet the LM head (hidden x vocab) and the log-softmax over the vocabulary
     are the largest cost per position for small models; a pre-hook on the head gathers (B, T, H) -> (N, H)
     inside the model's own forward, so DDP, FSDP, PEFT and elementwise logit post-processing (scaling,
-    soft-capping) all still apply.
+    soft-capping) all still apply. With `take` the head runs on zero rows and the caller gets the (N, H)
+    states in the yielded list, to compute head and loss itself (only for `_fusable_head` models).
     """
     core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    taken: list[torch.Tensor] = []
     if head is None:
-        yield
+        yield taken
         return
 
     def gather(module, args):
         hidden = args[0]
-        return (hidden[keep],) + args[1:] if hidden.shape[:2] == keep.shape else None
+        if hidden.shape[:2] != keep.shape:
+            return None
+        if take:
+            taken.append(hidden[keep])
+            return (hidden[:0, 0],) + args[1:]
+        return (hidden[keep],) + args[1:]
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        yield
+        yield taken
     finally:
         handle.remove()
+
+
+# Model types whose forward returns the output layer's result as the logits, untouched (no scaling or
+# soft-capping): for them the loss may be computed from the head's input and weights directly.
+_PLAIN_LOGITS = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
+
+
+def _fusable_head(model) -> torch.nn.Linear | None:
+    """The output layer when head + loss can run fused: a plain Linear with local (not sharded) weights."""
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    config = getattr(core, "config", None)
+    if type(head) is not torch.nn.Linear or getattr(config, "model_type", None) not in _PLAIN_LOGITS:
+        return None  # LoRA-wrapped or quantized heads, and models that post-process logits, take the generic path
+    if type(head.weight) is not torch.nn.Parameter:
+        return None  # e.g. an FSDP2 DTensor: only gathered inside the head's own forward
+    return head
+
+
+# Rows of logits per chunk: ~16M fp32 values (64 MB) at a time instead of all (N, V) at once.
+_CHUNK_VALUES = 1 << 24
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         target: torch.Tensor) -> torch.Tensor:
+    """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i), never holding all (N, V) logits.
+
+    hidden (N, H), weight (V, H), target (N,) with no IGNORE. Matmuls run in the autocast dtype when
+    autocast is on (as the head would), softmax in fp32. The gradients are made chunk by chunk in the
+    forward and kept ((N, H) and (V, H)), not the logits: no (N, V) log-softmax, casts or zero-fill.
+    """
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not grads:
+        return _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, (False, False, False))[0]
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper of `run`: forward computes loss and gradients, backward scales the gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, dtype):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        total, g_hidden, g_weight, g_bias = _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, need)
+        ctx.save_for_backward(*(g for g in (g_hidden, g_weight, g_bias) if g is not None))
+        ctx.need = need
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) * grad_total if n else None for n in ctx.need]
+        return out[0], out[1], out[2], None, None
+
+    @staticmethod
+    def run(hidden, weight, bias, target, dtype, need):
+        """(loss sum, d/d hidden, d/d weight, d/d bias); a gradient is None where `need` says so."""
+        n, vocab = hidden.shape[0], weight.shape[0]
+        h, w = hidden.to(dtype), weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        g_hidden = torch.empty_like(hidden) if need[0] else None
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        g_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need[2] else None
+        rows = max(1, _CHUNK_VALUES // vocab)
+        for s in range(0, n, rows):
+            h_c, t_c = h[s : s + rows], target[s : s + rows]
+            logits = (h_c @ w.T).float()  # (n_c, V)
+            if bias is not None:
+                logits += bias.float()
+            picked = logits.gather(1, t_c[:, None])[:, 0]
+            # log-sum-exp by hand, in place: each pass over the (n_c, V) values costs as much as a matmul here
+            top = logits.amax(-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            z = e.sum(-1)
+            total += (top[:, 0] + z.log() - picked).sum()
+            if not any(need):
+                continue
+            # d loss / d logits = softmax - one_hot(target), made in place in the logits' memory
+            probs = e.mul_(z.reciprocal()[:, None])
+            probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0
+            if g_bias is not None:
+                g_bias += probs.sum(0)
+            g = probs.to(dtype)
+            if g_hidden is not None:
+                g_hidden[s : s + rows] = g @ w
+            if g_weight is not None:
+                g_weight += g.T @ h_c
+        g_weight = g_weight.to(weight.dtype) if g_weight is not None else None
+        g_bias = g_bias.to(bias.dtype) if g_bias is not None else None
+        return total, g_hidden, g_weight, g_bias
 
 
 @torch.no_grad()
