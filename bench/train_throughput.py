@@ -4,7 +4,7 @@ A pythia-architecture model built from config (GPT-NeoX, hidden 256, 4 layers, v
 with a realistic length spread (median ~120 tokens, tail to 512). Each side runs in its own process so
 its peak RSS is its own. Both see the same samples once (1 epoch) with ~8 samples per optimizer step, then
 the same held-out set is scored by the same loss function. Prints real (non-pad) tokens/s, the ratio,
-MFU, peak RSS and eval loss.
+MFU, peak RSS and eval loss, in fp32 and in bf16 autocast (ratios at the same precision).
 
     python bench/train_throughput.py [--samples 1600] [--threads 2]
 """
@@ -77,7 +77,7 @@ def run_ours(model: Path, data: Path, out: Path, precision: str) -> dict:
             "eval_loss": result["eval"]["loss"], "steps": result["steps"], "real_tokens": result["tokens"]}
 
 
-def run_hf(model: Path, data: Path, out: Path) -> dict:
+def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -86,14 +86,15 @@ def run_hf(model: Path, data: Path, out: Path) -> dict:
     from tunesmith.model.load import load_tokenizer
     from tunesmith.plan import flops_per_token, measure_peak_flops
 
-    cfg = config(model, data, out, "fp32", packing=False, batch=8)
+    cfg = config(model, data, out, precision, packing=False, batch=8)
     tok = load_tokenizer(cfg.model)
     prepared = build(cfg, tok, None)
     rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in prepared.train]
     m = AutoModelForCausalLM.from_pretrained(model)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1,
                              learning_rate=5e-4, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                             use_cpu=not torch.cuda.is_available(), logging_steps=1000, disable_tqdm=True, seed=42)
+                             use_cpu=not torch.cuda.is_available(), logging_steps=1000, disable_tqdm=True, seed=42,
+                             bf16=precision == "bf16")  # bf16: Trainer's autocast, as tunesmith's train.precision=bf16
     trainer = Trainer(model=m, args=args, train_dataset=rows,
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     t0 = time.time()
@@ -101,19 +102,22 @@ def run_hf(model: Path, data: Path, out: Path) -> dict:
     seconds = time.time() - t0
     real = sum(len(r["input_ids"]) for r in rows)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ev = evaluate_loss(m, prepared.test, 8, 512, tok.pad_token_id, False, dev)
+    amp = torch.bfloat16 if precision == "bf16" else None
+    ev = evaluate_loss(m, prepared.test, 8, 512, tok.pad_token_id, False, dev, amp)
     tps = real / seconds
     fpt = flops_per_token(m.config, 512)["model"]
-    return {"tokens_per_s": tps, "mfu": tps * fpt / measure_peak_flops(dev), "eval_loss": ev["loss"],
+    peak = measure_peak_flops(dev, bf16=precision == "bf16")
+    return {"tokens_per_s": tps, "mfu": tps * fpt / peak, "eval_loss": ev["loss"],
             "steps": trainer.state.global_step, "real_tokens": real}
 
 
 def child(which: str, work: Path) -> None:
     out = work / f"run-{which}"
-    if which == "hf":
-        res = run_hf(work / "model", work / "qa.jsonl", out)
+    side, precision = which.split("-")
+    if side == "hf":
+        res = run_hf(work / "model", work / "qa.jsonl", out, precision)
     else:
-        res = run_ours(work / "model", work / "qa.jsonl", out, which.split("-")[1])
+        res = run_ours(work / "model", work / "qa.jsonl", out, precision)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
 
@@ -137,18 +141,22 @@ def main() -> None:
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": path}
     results = {}
-    for which in ("hf", "ours-fp32", "ours-bf16"):
+    for which in ("hf-fp32", "ours-fp32", "hf-bf16", "ours-bf16"):
         proc = subprocess.run([sys.executable, __file__, "--child", which, "--work", str(work)], env=env,
                               capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
         results[which] = json.loads(line[0][7:])
-    hf = results["hf"]
+    # Ratios against HF Trainer at the same precision (and, for bf16, also against its default fp32).
     print(f"\n{'side':<12}{'real tok/s':>12}{'ratio':>8}{'MFU':>8}{'peak RSS':>10}{'RSS ratio':>10}{'eval loss':>10}{'steps':>7}")
     for which, r in results.items():
+        hf = results["hf-" + which.split("-")[1]]
         print(f"{which:<12}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / hf['tokens_per_s']:>8.2f}{r['mfu']:>8.3f}"
               f"{r['peak_rss_gib']:>9.2f}G{r['peak_rss_gib'] / hf['peak_rss_gib']:>10.2f}{r['eval_loss']:>10.4f}{r['steps']:>7}")
+    base = results["hf-fp32"]
+    print(f"ours-bf16 vs HF Trainer's default (fp32): {results['ours-bf16']['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+          f"tokens/s, RSS {results['ours-bf16']['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
     print(json.dumps(results))
 
 
