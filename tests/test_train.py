@@ -172,3 +172,20 @@ def test_fresh_run_into_old_out_dir_starts_a_fresh_log(tmp_path, model_dir, qa_f
         train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=2"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+
+
+def test_emulated_bf16_gets_a_note(tmp_path, model_dir, qa_file, monkeypatch, capsys):
+    monkeypatch.setattr(loop_mod, "fast_bf16", lambda dev: False)  # a CPU without AVX512-BF16/AMX
+    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=bf16"))
+    assert "bf16 is emulated on this cpu" in capsys.readouterr().out
+    monkeypatch.setattr(loop_mod, "fast_bf16", lambda dev: True)
+    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=bf16", f"out_dir={tmp_path / 'b'}"))
+    assert "bf16 is emulated" not in capsys.readouterr().out
+
+
+def test_fast_bf16_follows_the_cpu_probes():
+    from tunesmith.runtime import fast_bf16
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert fast_bf16(torch.device("cpu")) == native
+    assert not fast_bf16(torch.device("meta"))

@@ -40,6 +40,14 @@ def bf16_supported(dev: torch.device) -> bool:
     return dev.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def fast_bf16(dev: torch.device) -> bool:
+    """Whether bf16 matmuls are native on `dev`: CUDA with bf16, or a CPU with AVX512-BF16 or AMX (else emulated, slow)."""
+    if dev.type == "cuda":
+        return bf16_supported(dev)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's capability probes
+    return dev.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def weight_dtype(name: str, dev: torch.device) -> torch.dtype:
     """model.dtype -> torch dtype; auto = bf16 on CUDA with bf16 support, fp32 elsewhere."""
     if name == "auto":

@@ -25,7 +25,16 @@ from tunesmith.eval.loss import evaluate_loss, loss_sum, next_token_targets
 from tunesmith.model.export import save_final
 from tunesmith.model.load import load_model, load_tokenizer
 from tunesmith.model.lora import apply_lora, trainable_summary
-from tunesmith.runtime import Dist, autocast, autocast_dtype, device, dist_info, print0, seed_everything
+from tunesmith.runtime import (
+    Dist,
+    autocast,
+    autocast_dtype,
+    device,
+    dist_info,
+    fast_bf16,
+    print0,
+    seed_everything,
+)
 from tunesmith.train import checkpoint, distributed
 from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
 from tunesmith.train.optim import make_optimizer, make_scheduler
@@ -131,6 +140,8 @@ def train(cfg: Config) -> dict:
     opt = make_optimizer(model, tc, dev)
     sched = make_scheduler(opt, tc, total)
     amp = autocast_dtype(tc.precision, dev)
+    if amp == torch.bfloat16 and not fast_bf16(dev):
+        print0(f"note: bf16 is emulated on this {dev.type} (no native bf16 matmuls): train.precision=fp32 is likely faster")
 
     start = 0
     ckpt = checkpoint.find_resume(tc.resume, run)
