@@ -2,69 +2,39 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.fake_openai import FakeChatServer
 from tunesmith.config import JudgeConfig, UserError
 from tunesmith.eval.judge import judge, judge_summary, parse_judgement
 
 ITEM = {"question": "What was Q3 revenue?", "reference": "$34 million", "answer": "34 million dollars"}
 
 
-class ScriptedServer:
-    """An OpenAI-style endpoint that answers each POST with the next scripted (status, content) or a stall."""
+def scripted(script: list):
+    """A reply function: each request takes the next (status, content), or "stall" (longer than the client's timeout)."""
+    script = list(script)
 
-    def __init__(self, script: list):
-        self.script = list(script)
-        self.requests: list[dict] = []
-        outer = self
+    def reply(body: dict) -> tuple[int, str]:
+        step = script.pop(0)
+        if step == "stall":
+            time.sleep(0.6)
+            return 200, '{"score": 1, "reason": "too late"}'
+        return step
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                step = outer.script.pop(0)
-                if step == "stall":  # longer than the client's timeout
-                    time.sleep(0.6)
-                    step = (200, '{"score": 1, "reason": "too late"}')
-                status, content = step
-                reply = {"id": "x", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": content}}]}
-                data = json.dumps(reply if status == 200 else {"error": content}).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up on a stalled reply
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return reply
 
 
 @pytest.fixture
 def server(request):
-    srv = ScriptedServer(request.param)
+    srv = FakeChatServer(scripted(request.param))
     yield srv
     srv.close()
 
 
-def cfg_for(srv: ScriptedServer, **extra) -> JudgeConfig:
+def cfg_for(srv: FakeChatServer, **extra) -> JudgeConfig:
     return JudgeConfig(base_url=srv.url, model="judge-1", timeout_s=extra.pop("timeout_s", 5.0), **extra)
 
 

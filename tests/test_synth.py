@@ -6,11 +6,11 @@ import json
 import re
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.fake_openai import FakeChatServer
 from tests.test_documents import DOC
 from tunesmith.config import SynthConfig, UserError, load_config
 from tunesmith.data.documents import word_spans
@@ -179,55 +179,30 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     assert _rows(output_paths(out)["train"]) == _rows(output_paths(tmp_path / "clean.jsonl")["train"])
 
 
-class _ChatServer:
-    """A real HTTP server speaking POST /v1/chat/completions with scripted replies (status, content)."""
-
-    def __init__(self, replies: list[tuple[int, str]]):
-        self.replies, self.requests = list(replies), []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((self.path, self.headers.get("Authorization"), body))
-                status, content = outer.replies.pop(0) if outer.replies else (200, json.dumps(pairs_for(body["messages"][-1]["content"])))
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]} if status == 200
-                                  else {"error": {"message": content}}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def _chat_server(replies: list[tuple[int, str]]) -> FakeChatServer:
+    """Scripted (status, content) replies first, then well-formed pairs for the chunk in the last message."""
+    replies = list(replies)
+    return FakeChatServer(lambda body: replies.pop(0) if replies else (200, json.dumps(pairs_for(body["messages"][-1]["content"]))))
 
 
 def test_remote_generator_against_a_local_http_server(tmp_path, monkeypatch):
     (tmp_path / "a.md").write_text("# Errors\nThe exit code of a user error is 2. A user error prints one line.\n")
     monkeypatch.setenv("SYNTH_KEY", "sk-test")
-    server = _ChatServer([(500, "overloaded"), (200, "I am not sure what you mean.")])  # then good replies
+    server = _chat_server([(500, "overloaded"), (200, "I am not sure what you mean.")])  # then good replies
     try:
         cfg = _cfg(tmp_path, f"synth.base_url={server.url}", "synth.model=gen-1", "synth.api_key_env=SYNTH_KEY",
                    "synth.concurrency=2", "synth.max_retries=2", "synth.test_size=0")
         report = synth(cfg, [tmp_path / "a.md"], tmp_path / "qa.jsonl")
     finally:
         server.close()
-    path, auth, body = server.requests[0]
+    first = server.requests[0]
+    path, auth, body = first["path"], first["auth"], first["body"]
     assert (path, auth, body["model"]) == ("/v1/chat/completions", "Bearer sk-test", "gen-1")
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
     assert "exit code" in body["messages"][-1]["content"]
     assert len(server.requests) == 3  # 500 -> HTTP retry; malformed -> a second attempt; then good
     assert report["retried"] == 1 and report["dropped"]["malformed"] == 0
-    assert server.requests[2][2]["temperature"] >= 0.7  # the retry samples
+    assert server.requests[2]["body"]["temperature"] >= 0.7  # the retry samples
     rows = _rows(tmp_path / "qa.jsonl")
     assert len(rows) == 3 and {r["generator"] for r in rows} == {"gen-1"}
 
@@ -245,7 +220,7 @@ def test_remote_configuration_errors(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     with pytest.raises(UserError, match="cannot connect"):
         synth(_cfg(tmp_path, f"synth.base_url=http://127.0.0.1:{port}/v1", "synth.model=m"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
-    server = _ChatServer([(404, "model 'm' not found")])
+    server = _chat_server([(404, "model 'm' not found")])
     try:
         with pytest.raises(UserError, match="answered 404"):
             synth(_cfg(tmp_path, f"synth.base_url={server.url}", "synth.model=m"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
@@ -304,7 +279,7 @@ def test_docs_to_model_config_end_to_end(tmp_path, model_dir):
 
     repo = Path(__file__).parent.parent
     run = tmp_path / "run"
-    server = _ChatServer([])
+    server = _chat_server([])
     try:
         cfg = load_config(repo / "configs" / "docs-to-model.yaml", [
             f"model.name={model_dir}", f"synth.base_url={server.url}", "synth.model=scripted", "synth.chunk_tokens=48",
