@@ -99,3 +99,32 @@ def test_fused_loss_in_chunks_under_bf16_autocast(tok, monkeypatch):
         torch.testing.assert_close(g[name], g_ref[name], rtol=2e-2, atol=2e-3, msg=name)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # eval: the loss only, same value
         torch.testing.assert_close(loss_sum(model, batch)[0], s.detach())
+
+
+def test_fsdp2_sharded_head_takes_the_generic_path(tok, monkeypatch):
+    # Under FSDP2 the head's weight is a sharded DTensor outside the head's own forward: never fused.
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    batch = batch_of(tok, packed=True)
+    expected, _ = loss_sum(tiny.llama(), batch)  # fused, unsharded
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = tiny.llama()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert loss_mod._fusable_head(model) is None
+        s, n = loss_sum(model, batch)
+        s.backward()
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(s, expected, atol=1e-5, rtol=1e-6)
+    assert int(n) > 0
