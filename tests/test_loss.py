@@ -121,7 +121,7 @@ def test_fsdp2_sharded_head_takes_the_generic_path(tok, monkeypatch):
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        assert loss_mod._fusable_head(model) is None
+        assert not loss_mod._fusable(model, model.get_output_embeddings())
         s, n = loss_sum(model, batch)
         s.backward()
     finally:

@@ -135,16 +135,19 @@ def _chat_example(row: Row, rejects: Rejects) -> Example | None:
     return Example(where=row.where, messages=clean)
 
 
+def prompt_format(example: Example, template: Template) -> str:
+    """The format string of this example's prompt: Alpaca rows with an empty `input` use the no-input prompt."""
+    if template.prompt_no_input is not None and not example.fields.get("input", "").strip():
+        return template.prompt_no_input
+    return template.prompt
+
+
 def prompt_text(example: Example, template: Template) -> str:
     """The prompt part of a string-template example (everything before the response)."""
     if template.format == "text":
         return ""
-    if template.prompt_no_input is not None and not example.fields.get("input", "").strip():
-        fmt = template.prompt_no_input
-    else:
-        fmt = template.prompt
     try:
-        return fmt.format(**example.fields)
+        return prompt_format(example, template).format(**example.fields)
     except KeyError as e:
         from tunesmith.config import UserError
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from string import Formatter
 
 from tunesmith.config import UserError
-from tunesmith.data.formats import Example, Template, as_messages, prompt_text
+from tunesmith.data.formats import Example, Template, as_messages, prompt_format, prompt_text
 from tunesmith.data.rejects import Rejects
 
 IGNORE = -100
@@ -152,7 +152,7 @@ def prompt_ids(examples: list[Example], template: Template, tokenizer) -> list[l
         return [[] for _ in examples]
     backend = _plain_backend(tokenizer)
     specials = _special_tokens_around(backend) if backend is not None else None
-    formats = [_prompt_format(ex, template) for ex in examples]
+    formats = [prompt_format(ex, template) for ex in examples]
     plans = {f: _split_plan(f, backend, specials) for f in set(formats)} if specials is not None else {}
     split = [plans.get(f) is not None and plans[f].fits(ex.fields) for ex, f in zip(examples, formats)]
     whole = [prompt_text(ex, template) for ex, s in zip(examples, split) if not s]
@@ -170,12 +170,6 @@ def prompt_ids(examples: list[Example], template: Template, tokenizer) -> list[l
             ids += piece
         out.append(ids)
     return out
-
-
-def _prompt_format(example: Example, template: Template) -> str:
-    if template.prompt_no_input is not None and not example.fields.get("input", "").strip():
-        return template.prompt_no_input
-    return template.prompt
 
 
 # Junction rules a field value must meet (bit flags): its first / last character is not whitespace.

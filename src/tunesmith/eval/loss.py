@@ -27,8 +27,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     target = next_token_targets(batch)
     # keep[:, t]: hidden state t predicts a label, so only there is the LM head worth running (B, T).
     keep = F.pad(target != IGNORE, (0, 1), value=False)
-    head = _fusable_head(model)
-    with _head_only_at(model, keep, take=head is not None) as taken:
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    with _head_only_at(head, keep, take=_fusable(core, head)) as taken:
         if "position_ids" in batch:
             # Packed rows: no attention mask and no cache, so transformers isolates samples by position_ids.
             out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
@@ -46,17 +47,15 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 @contextmanager
-def _head_only_at(model, keep: torch.Tensor, take: bool = False):
+def _head_only_at(head: torch.nn.Module | None, keep: torch.Tensor, take: bool = False):
     """Feed the output layer only the hidden states at `keep` (B, T) positions; with `take`, none, and yield them.
 
     Prompt tokens carry no loss, yet the LM head (hidden x vocab) and the log-softmax over the vocabulary
     are the largest cost per position for small models; a pre-hook on the head gathers (B, T, H) -> (N, H)
     inside the model's own forward, so DDP, FSDP, PEFT and elementwise logit post-processing (scaling,
     soft-capping) all still apply. With `take` the head runs on zero rows and the caller gets the (N, H)
-    states in the yielded list, to compute head and loss itself (only for `_fusable_head` models).
+    states in the yielded list, to compute head and loss itself (only for `_fusable` heads).
     """
-    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
     taken: list[torch.Tensor] = []
     if head is None:
         yield taken
@@ -83,16 +82,11 @@ def _head_only_at(model, keep: torch.Tensor, take: bool = False):
 _PLAIN_LOGITS = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
 
 
-def _fusable_head(model) -> torch.nn.Linear | None:
-    """The output layer when head + loss can run fused: a plain Linear with local (not sharded) weights."""
-    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
-    config = getattr(core, "config", None)
-    if type(head) is not torch.nn.Linear or getattr(config, "model_type", None) not in _PLAIN_LOGITS:
-        return None  # LoRA-wrapped or quantized heads, and models that post-process logits, take the generic path
-    if type(head.weight) is not torch.nn.Parameter:
-        return None  # e.g. an FSDP2 DTensor: only gathered inside the head's own forward
-    return head
+def _fusable(core, head: torch.nn.Module | None) -> bool:
+    """Whether head + loss of `core` (unwrapped model) can run fused: a plain Linear with local weights, untouched logits."""
+    if type(head) is not torch.nn.Linear or getattr(getattr(core, "config", None), "model_type", None) not in _PLAIN_LOGITS:
+        return False  # LoRA-wrapped or quantized heads, and models that post-process logits, take the generic path
+    return type(head.weight) is torch.nn.Parameter  # not e.g. an FSDP2 DTensor, gathered only inside the head's forward
 
 
 # Rows of logits per chunk: ~16M fp32 values (64 MB) at a time instead of all (N, V) at once.
