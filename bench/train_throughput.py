@@ -4,9 +4,10 @@ A pythia-architecture model built from config (GPT-NeoX, hidden 256, 4 layers, v
 with a realistic length spread (median ~120 tokens, tail to 512). Each side runs in its own process so
 its peak RSS is its own. Both see the same samples once (1 epoch) with ~8 samples per optimizer step, then
 the same held-out set is scored by the same loss function. Prints real (non-pad) tokens/s, the ratio,
-MFU, peak RSS and eval loss, in fp32 and in bf16 autocast (ratios at the same precision).
+MFU, peak RSS and eval loss, in fp32 and in bf16 autocast (ratios at the same precision). On CPU, part of
+tunesmith's lead is its huge-page setting (runtime.huge_pages_for_tensors); --hf-huge-pages also runs HF with it.
 
-    python bench/train_throughput.py [--samples 1600] [--threads 2]
+    python bench/train_throughput.py [--samples 1600] [--threads 2] [--hf-huge-pages]
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
 def child(which: str, work: Path) -> None:
     out = work / f"run-{which}"
     side, precision = which.split("-")
-    if side == "hf":
+    if side == "hfthp":  # HF Trainer with the huge-page setting tunesmith's loop makes
+        from tunesmith.runtime import huge_pages_for_tensors
+
+        huge_pages_for_tensors()
+    if side.startswith("hf"):
         res = run_hf(work / "model", work / "qa.jsonl", out, precision)
     else:
         res = run_ours(work / "model", work / "qa.jsonl", out, precision)
@@ -127,6 +132,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1600)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: SmolLM2's, 49k BPE)")
+    ap.add_argument("--hf-huge-pages", action="store_true",
+                    help="also run HF Trainer (bf16) with tunesmith's huge-page setting (runtime.huge_pages_for_tensors)")
     ap.add_argument("--child", default=None)
     ap.add_argument("--work", default=None)
     a = ap.parse_args()
@@ -141,12 +148,13 @@ def main() -> None:
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": path}
     results = {}
-    for which in ("hf-fp32", "ours-fp32", "hf-bf16", "ours-bf16"):
+    sides = ["hf-fp32", "ours-fp32", "hf-bf16", "ours-bf16"] + (["hfthp-bf16"] if a.hf_huge_pages else [])
+    for which in sides:
         proc = subprocess.run([sys.executable, __file__, "--child", which, "--work", str(work)], env=env,
                               capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
+            sys.exit(f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}\nso far: {json.dumps(results)}")
         results[which] = json.loads(line[0][7:])
     # Ratios against HF Trainer at the same precision (and, for bf16, also against its default fp32).
     print(f"\n{'side':<12}{'real tok/s':>12}{'ratio':>8}{'MFU':>8}{'peak RSS':>10}{'RSS ratio':>10}{'eval loss':>10}{'steps':>7}")
@@ -154,6 +162,9 @@ def main() -> None:
         hf = results["hf-" + which.split("-")[1]]
         print(f"{which:<12}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / hf['tokens_per_s']:>8.2f}{r['mfu']:>8.3f}"
               f"{r['peak_rss_gib']:>9.2f}G{r['peak_rss_gib'] / hf['peak_rss_gib']:>10.2f}{r['eval_loss']:>10.4f}{r['steps']:>7}")
+    if "hfthp-bf16" in results:
+        print(f"ours-bf16 vs HF Trainer (bf16) with the same huge-page setting: "
+              f"{results['ours-bf16']['tokens_per_s'] / results['hfthp-bf16']['tokens_per_s']:.2f}x tokens/s")
     base = results["hf-fp32"]
     print(f"ours-bf16 vs HF Trainer's default (fp32): {results['ours-bf16']['tokens_per_s'] / base['tokens_per_s']:.2f}x "
           f"tokens/s, RSS {results['ours-bf16']['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")

@@ -101,6 +101,18 @@ def test_fused_loss_in_chunks_under_bf16_autocast(tok, monkeypatch):
         torch.testing.assert_close(loss_sum(model, batch)[0], s.detach())
 
 
+def test_fused_loss_of_a_batch_without_labels_is_zero(tok):
+    model = tiny.gpt_neox()
+    batch = batch_of(tok, packed=True)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)  # e.g. every answer truncated away
+    s, n = loss_sum(model, batch)
+    assert int(n) == 0 and float(s) == 0.0
+    s.backward()
+    head = model.get_output_embeddings()
+    assert head.weight.grad is not None and not head.weight.grad.any()
+    assert "forward" not in vars(head)  # the head's own forward is back after the fused call
+
+
 def test_fsdp2_sharded_head_takes_the_generic_path(tok, monkeypatch):
     # Under FSDP2 the head's weight is a sharded DTensor outside the head's own forward: never fused.
     import socket

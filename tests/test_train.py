@@ -189,3 +189,28 @@ def test_fast_bf16_follows_the_cpu_probes():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert fast_bf16(torch.device("cpu")) == native
     assert not fast_bf16(torch.device("meta"))
+
+
+
+HUGE = """
+import os, torch
+from tunesmith.runtime import huge_pages_for_tensors
+huge_pages_for_tensors()
+x = torch.empty(2**24); x.fill_(1.0)  # 64 MB, touched
+huge = [line.split()[1] for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
+print(os.environ["THP_MEM_ALLOC_ENABLE"], huge[0])
+"""
+
+
+@pytest.mark.parametrize("user", [None, "0"])
+def test_large_tensors_get_huge_pages_unless_the_user_said_no(user):
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | ({"THP_MEM_ALLOC_ENABLE": user} if user else {})
+    setting, huge_kb = subprocess.run([sys.executable, "-c", HUGE], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split()
+    if user:
+        assert setting == "0"
+    else:
+        assert setting == "1" and int(huge_kb) >= 32 * 1024  # most of the 64 MB tensor sits on 2 MB pages

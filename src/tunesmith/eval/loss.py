@@ -53,7 +53,7 @@ def _head_only_at(head: torch.nn.Module | None, keep: torch.Tensor, take: bool =
     Prompt tokens carry no loss, yet the LM head (hidden x vocab) and the log-softmax over the vocabulary
     are the largest cost per position for small models; a pre-hook on the head gathers (B, T, H) -> (N, H)
     inside the model's own forward, so DDP, FSDP, PEFT and elementwise logit post-processing (scaling,
-    soft-capping) all still apply. With `take` the head runs on zero rows and the caller gets the (N, H)
+    soft-capping) all still apply. With `take` the head does not run (its logits have zero rows) and the caller gets the (N, H)
     states in the yielded list, to compute head and loss itself (only for `_fusable` heads).
     """
     taken: list[torch.Tensor] = []
@@ -71,10 +71,14 @@ def _head_only_at(head: torch.nn.Module | None, keep: torch.Tensor, take: bool =
         return (hidden[keep],) + args[1:]
 
     handle = head.register_forward_pre_hook(gather)
+    if take:  # not even a zero-row matmul: it would still cast the (V, H) weight and return a zero gradient
+        head.forward = lambda hidden: hidden.new_zeros(0, head.out_features)
     try:
         yield taken
     finally:
         handle.remove()
+        if take:
+            del head.forward
 
 
 # Model types whose forward returns the output layer's result as the logits, untouched (no scaling or
@@ -89,8 +93,9 @@ def _fusable(core, head: torch.nn.Module | None) -> bool:
     return type(head.weight) is torch.nn.Parameter  # not e.g. an FSDP2 DTensor, gathered only inside the head's forward
 
 
-# Rows of logits per chunk: ~16M fp32 values (64 MB) at a time instead of all (N, V) at once.
-_CHUNK_VALUES = 1 << 24
+# Rows of logits per chunk: ~64M fp32 values (256 MB) at a time instead of all (N, V) at once. Each extra
+# chunk costs a (V, H) cast-and-add of the weight gradient, so chunks are as large as memory comfortably allows.
+_CHUNK_VALUES = 1 << 26
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -133,7 +138,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_hidden = torch.empty_like(hidden) if need[0] else None
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        g_weight = None  # the first chunk's matmul makes it: no (V, H) zero-fill and add
         g_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need[2] else None
         rows = max(1, _CHUNK_VALUES // vocab)
         for s in range(0, n, rows):
@@ -157,8 +162,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = probs.to(dtype)
             if g_hidden is not None:
                 g_hidden[s : s + rows] = g @ w
-            if g_weight is not None:
-                g_weight += g.T @ h_c
+            if need[1]:
+                g_w = g.T @ h_c
+                g_weight = g_w.float() if g_weight is None else g_weight.add_(g_w)
+        if need[1] and g_weight is None:  # no rows at all
+            g_weight = torch.zeros_like(weight)
         g_weight = g_weight.to(weight.dtype) if g_weight is not None else None
         g_bias = g_bias.to(bias.dtype) if g_bias is not None else None
         return total, g_hidden, g_weight, g_bias

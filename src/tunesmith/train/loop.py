@@ -32,6 +32,7 @@ from tunesmith.runtime import (
     device,
     dist_info,
     fast_bf16,
+    huge_pages_for_tensors,
     print0,
     seed_everything,
 )
@@ -103,6 +104,7 @@ def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: t
 
 def train(cfg: Config) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`; returns final metrics and the run dir (also the CLI's `train`)."""
+    huge_pages_for_tensors()  # before any large tensor: a step re-allocates hundreds of MB (see its docstring)
     d = dist_info()
     dev = device(d)
     distributed.init(d, dev)
