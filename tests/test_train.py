@@ -191,7 +191,6 @@ def test_fast_bf16_follows_the_cpu_probes():
     assert not fast_bf16(torch.device("meta"))
 
 
-
 HUGE = """
 import os, torch
 from tunesmith.runtime import huge_pages_for_tensors

@@ -53,8 +53,8 @@ def _head_only_at(head: torch.nn.Module | None, keep: torch.Tensor, take: bool =
     Prompt tokens carry no loss, yet the LM head (hidden x vocab) and the log-softmax over the vocabulary
     are the largest cost per position for small models; a pre-hook on the head gathers (B, T, H) -> (N, H)
     inside the model's own forward, so DDP, FSDP, PEFT and elementwise logit post-processing (scaling,
-    soft-capping) all still apply. With `take` the head does not run (its logits have zero rows) and the caller gets the (N, H)
-    states in the yielded list, to compute head and loss itself (only for `_fusable` heads).
+    soft-capping) all still apply. With `take` the head does not run (its logits have zero rows) and the
+    caller gets the (N, H) states in the yielded list, to compute head and loss itself (`_fusable` heads only).
     """
     taken: list[torch.Tensor] = []
     if head is None:
