@@ -113,6 +113,14 @@ def test_fused_loss_of_a_batch_without_labels_is_zero(tok):
     assert "forward" not in vars(head)  # the head's own forward is back after the fused call
 
 
+def test_take_leaves_a_head_input_of_another_shape_to_the_head():
+    head, keep = torch.nn.Linear(4, 6), torch.ones(2, 3, dtype=torch.bool)
+    x = torch.randn(5, 4)  # not (B, T, H) = (2, 3, 4): nothing is taken, the head runs as usual
+    with loss_mod._head_only_at(head, keep, take=True) as taken:
+        out = head(x)
+    assert taken == [] and torch.equal(out, F.linear(x, head.weight, head.bias))
+
+
 def test_fsdp2_sharded_head_takes_the_generic_path(tok, monkeypatch):
     # Under FSDP2 the head's weight is a sharded DTensor outside the head's own forward: never fused.
     import socket

@@ -71,8 +71,12 @@ def _head_only_at(head: torch.nn.Module | None, keep: torch.Tensor, take: bool =
         return (hidden[keep],) + args[1:]
 
     handle = head.register_forward_pre_hook(gather)
-    if take:  # not even a zero-row matmul: it would still cast the (V, H) weight and return a zero gradient
-        head.forward = lambda hidden: hidden.new_zeros(0, head.out_features)
+    if take:  # once the states are taken, not even a zero-row matmul: it would still cast the (V, H) weight
+        # and return a zero gradient; a head input gather did not recognise runs through the Linear as usual
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden.new_zeros(0, head.out_features) if taken else torch.nn.Linear.forward(head, hidden)
+
+        head.forward = forward
     try:
         yield taken
     finally:
