@@ -5,7 +5,7 @@
 
 No downloads: the model is built from its config. Memory is `torch.cuda.max_memory_allocated` over the
 timed steps (tensor bytes, the quantity the planner predicts); step time is the median of the timed steps
-after warm-up; MFU = model FLOPs/token (plan.flops_per_token) x tokens/s / device peak (plan.measure_peak_flops).
+after warm-up; MFU = model FLOPs/token (plan.flops_per_token) x tokens/s / device peak (runtime.measure_peak_flops).
 """
 
 from __future__ import annotations
@@ -15,28 +15,29 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunesmith.config import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig
+from tunesmith.data.render import IGNORE
+from tunesmith.eval.loss import loss_sum
 from tunesmith.model.lora import apply_lora
 from tunesmith.plan import (
     LADDER,
     arch_from_config,
     flops_per_token,
-    measure_peak_flops,
     precision_for,
     training_memory,
 )
+from tunesmith.runtime import measure_peak_flops
 
 TINY = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=512, tie_word_embeddings=True)
 
 
 def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: int) -> dict:
-    """Train `steps` steps on random tokens as our loop does (autocast, AdamW, logits kept); measure."""
+    """Train `steps` steps on random tokens as our loop does (autocast, our loss, AdamW); measure."""
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     prec = precision_for(cfg, dev.type == "cuda", bf16)
     hf_cfg = AutoConfig.for_model(**shape)
@@ -52,6 +53,9 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
     opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
     rows, seq, vocab = cfg.train.batch_size, cfg.data.max_length, hf_cfg.vocab_size
     ids = torch.randint(0, vocab, (rows, seq), device=dev)
+    labels = ids.masked_fill(torch.arange(seq, device=dev) < seq // 2, IGNORE)  # first half a prompt: no loss there
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    label_fraction = (labels[:, 1:] != IGNORE).sum().item() / ids.numel()
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if prec.act == 2 and prec.weight == 4 else torch.autocast(dev.type, enabled=False)
     times = []
     for step in range(steps):
@@ -60,8 +64,8 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         with amp:
-            logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V), kept through backward
-        loss = F.cross_entropy(logits.float().view(-1, vocab), ids.view(-1))
+            total, count = loss_sum(model, batch)  # LM head at label positions only, fused where it can be
+        loss = total / count
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -69,10 +73,10 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
             torch.cuda.synchronize(dev)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-        del logits, loss
+        del total, loss
     arch = arch_from_config(hf_cfg)
-    predicted = training_memory(arch, cfg, rows, seq, prec)
-    flops = flops_per_token(arch, seq, cfg.lora or False, cfg.train.gradient_checkpointing)
+    predicted = training_memory(arch, cfg, rows, seq, prec, label_fraction)
+    flops = flops_per_token(arch, seq, cfg.lora or False, cfg.train.gradient_checkpointing, label_fraction)
     step_s = statistics.median(times)
     tokens_per_s = rows * seq / step_s
     return {"predicted_peak": predicted["peak"], "measured_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,

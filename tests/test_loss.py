@@ -148,3 +148,24 @@ def test_fsdp2_sharded_head_takes_the_generic_path(tok, monkeypatch):
         dist.destroy_process_group()
     torch.testing.assert_close(s, expected, atol=1e-5, rtol=1e-6)
     assert int(n) > 0
+
+
+def test_fused_loss_keeps_one_chunk_of_logits_alive(monkeypatch):
+    # 64 label rows, 8 per chunk: 8 chunks of (8, 4096) fp32 logits = 128 KiB each. The peak the CPU allocator
+    # sees inside the loss is one chunk (plus the (64, 16) hidden gradient and per-row scalars), not two.
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(loss_mod, "_CHUNK_VALUES", 8 * 4096)
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 16, requires_grad=True)
+    weight = torch.randn(4096, 16)
+    target = torch.randint(0, 4096, (64,))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_mod.linear_cross_entropy(hidden, weight, None, target)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    peak, live = 0, 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    chunk = 8 * 4096 * 4
+    assert chunk < peak < 1.25 * chunk

@@ -79,14 +79,13 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
          device: str = typer.Option(None, help="device to plan for, e.g. h100-80gb"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """FLOPs, memory and time before training (a run dir: predicted vs measured)."""
-    from tunesmith.plan import plan_from_run, print_plan
+    from tunesmith.train.plan_io import plan_for_data, plan_from_run, print_plan
 
     if config.is_dir():
         result = plan_from_run(config)
     else:
         from tunesmith.data.pipeline import build
         from tunesmith.model.load import load_tokenizer
-        from tunesmith.train.plan_io import plan_for_data
 
         cfg = _cfg(config, overrides)
         if device:

@@ -3,24 +3,23 @@
 Conventions (also in every plan.json under "formulas"):
 - 1 FLOP = one multiply or one add; a (m x k) @ (k x n) matmul costs 2mkn. Elementwise ops (norms, softmax,
   activations) are not counted, as in FlopCounterMode and the usual MFU definition.
-- Forward per token: 2 * sum(in*out of every Linear, the LM head included even when tied) + 4*L*T*H*hd for
-  QK^T and PV over the full T x T (what eager/SDPA kernels compute; no causal halving).
+- Forward per token: 2 * sum(in*out of every decoder Linear) + 4*L*T*H*hd for QK^T and PV over the full T x T
+  (what eager/SDPA kernels compute; no causal halving), plus the LM head (tied or not) at the positions that
+  predict a label only: our loss skips it elsewhere, so 2*H*V per token is scaled by the data's label fraction.
   Full fine-tune: backward = 2 x forward (input grads + weight grads), so fwd+bwd = 6*N_matmul + 12*L*T*H*hd.
   LoRA: frozen Linears need input grads only (1 x), none where the input needs no grad (layer 0 reads the
   frozen embedding); adapters cost 2r(in+out) forward and twice that backward.
   Gradient checkpointing recomputes every decoder layer's forward once: hardware FLOPs = model FLOPs + that.
 - Memory: tensor bytes (what torch.cuda.max_memory_allocated counts), not allocator fragmentation or the
-  CUDA context; a device is usable up to USABLE of its capacity.
+  CUDA context; a device is usable up to USABLE of its capacity. Logits exist at label positions only, and
+  for a plain head (FUSED_HEAD_FAMILIES) one chunk of LOSS_CHUNK_VALUES at a time (eval/loss.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from tunesmith.config import Config, LoraConfig, UserError
 from tunesmith.model.load import load_config_only
@@ -47,6 +46,10 @@ LADDER = {
     "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672, vocab_size=128256),
 }
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "granite"}
+# Mirrors of eval/loss.py (tests/test_plan.py checks they agree): model types whose head and cross-entropy
+# the loop fuses, and how many logits one chunk of that fused loss holds.
+FUSED_HEAD_FAMILIES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
+LOSS_CHUNK_VALUES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,17 @@ def param_counts(arch: Arch, lora: LoraConfig | None = None) -> dict:
     return {"total": base + adapters + saved, "trainable": adapters + saved, "lora": adapters, "saved_modules": saved}
 
 
-def flops_per_token(model_config, seq_len: int, lora: bool | LoraConfig = False, gradient_checkpointing: bool = False) -> dict:
-    """Forward, backward, recompute FLOPs per token; 'model' (for MFU) and 'hardware' (with recompute)."""
+def flops_per_token(model_config, seq_len: int, lora: bool | LoraConfig = False, gradient_checkpointing: bool = False,
+                    label_fraction: float = 1.0) -> dict:
+    """Forward, backward, recompute FLOPs per token; 'model' (for MFU) and 'hardware' (with recompute).
+
+    `label_fraction`: share of tokens whose position predicts a label; the LM head runs there only.
+    """
     arch = model_config if isinstance(model_config, Arch) else arch_from_config(model_config)
     lcfg = LoraConfig() if lora is True else (lora or None)
     attn = 4 * arch.layers * seq_len * arch.heads * arch.head_dim  # QK^T and PV per token, forward
     mm = {x: 2 * x.fan_in * x.fan_out for x in arch.linears}
+    mm[arch.linears[-1]] = round(mm[arch.linears[-1]] * label_fraction)
     fwd = sum(mm.values()) + attn
     if lcfg is None:
         bwd = 2 * fwd
@@ -164,7 +172,7 @@ def flops_per_token(model_config, seq_len: int, lora: bool | LoraConfig = False,
     recompute = layer_fwd if gradient_checkpointing else 0
     return {"forward": fwd, "backward": bwd, "recompute": recompute, "model": fwd + bwd,
             "hardware": fwd + bwd + recompute, "attention_forward": attn,
-            "formula": "fwd = 2*sum(Linear in*out, head included) + 4*L*T*H*hd; full: bwd = 2*fwd (6N + 12*L*T*H*hd)"}
+            "formula": "fwd = 2*sum(decoder Linear in*out) + 2*H*V*label_fraction + 4*L*T*H*hd; full: bwd = 2*fwd"}
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ def precision_for(cfg: Config, cuda: bool, bf16: bool) -> Precision:
 
 def activation_bytes(arch: Arch, rows: int, seq_len: int, prec: Precision, attn: str = "sdpa",
                      lora: LoraConfig | None = None, checkpointing: bool = False) -> dict:
-    """Saved-for-backward bytes for a (rows, seq_len) micro-batch: decoder layers, head, logits and loss."""
+    """Saved-for-backward bytes of the decoder for a (rows, seq_len) micro-batch: layers, head input, recompute."""
     n, d, ff, H = rows * seq_len, arch.d, arch.ff, arch.heads
     dq, dkv = H * arch.head_dim, arch.kv_heads * arch.head_dim
     # per token per layer, counted with saved-tensor hooks on fp32 models (see tests/test_plan.py):
@@ -205,13 +213,28 @@ def activation_bytes(arch: Arch, rows: int, seq_len: int, prec: Precision, attn:
     layers = n * arch.layers * (d * prec.act if checkpointing else layer)
     recompute = n * layer if checkpointing else 0
     head = n * (3 * d * prec.act + 16)  # final norm, token ids, labels
-    logit_b = 4 if prec.act == 4 else 2 + 4  # logits (and their fp32 copy under autocast)
-    logits = n * arch.vocab * (logit_b + 4)  # + log_softmax output kept by the loss
-    loss_backward = n * arch.vocab * 4 * 2  # grad of log_softmax and of the logits, alive together
-    return {"layers": layers, "head": head, "logits": logits, "loss_backward": loss_backward, "recompute": recompute}
+    return {"layers": layers, "head": head, "recompute": recompute}
 
 
-def training_memory(arch: Arch, cfg: Config, rows: int, seq_len: int, prec: Precision) -> dict:
+def loss_bytes(arch: Arch, cfg: Config, label_rows: int, prec: Precision) -> dict:
+    """Bytes the loss holds at its peak for `label_rows` positions that predict a label (eval/loss.py)."""
+    lora, V, d = cfg.lora, arch.vocab, arch.d
+    head_lora = lora is not None and any(x.layer < 0 for x in lora_targets(arch, lora))
+    head_saved = lora is not None and "lm_head" in (lora.modules_to_save or [])
+    fused = arch.family in FUSED_HEAD_FAMILIES and not (head_lora or head_saved or cfg.train.fsdp)
+    if not fused:  # the head at label rows: (N, V) logits, their fp32 copy, the log-softmax kept for backward;
+        # backward frees the logits, then holds the log-softmax, its gradient and the logits' gradient
+        logit_b = 4 if prec.act == 4 else 2 + 4
+        return {"logits": label_rows * V * (logit_b + 4), "loss_backward": label_rows * V * 4}
+    # fused: the taken (N, d) head input and its gradient, one chunk of fp32 logits (plus the bf16 matmul
+    # output / gradient copy under autocast), and a fp32 (V, d) weight gradient when the head trains
+    chunk = min(label_rows, max(1, LOSS_CHUNK_VALUES // V))
+    head_grad = V * d * (4 + prec.act) if lora is None else 0
+    return {"logits": chunk * V * (4 + (2 if prec.act == 2 else 0)) + label_rows * d * prec.weight,
+            "loss_backward": label_rows * d * prec.weight + head_grad}
+
+
+def training_memory(arch: Arch, cfg: Config, rows: int, seq_len: int, prec: Precision, label_fraction: float = 1.0) -> dict:
     """Bytes by role for one training step, and the peak (the larger of end-of-forward and optimizer step)."""
     lora = cfg.lora
     counts = param_counts(arch, lora)
@@ -230,11 +253,12 @@ def training_memory(arch: Arch, cfg: Config, rows: int, seq_len: int, prec: Prec
     linear_w = sum(x.fan_in * x.fan_out for x in arch.linears)
     casts = linear_w * 2 if prec.autocast_copies else 0  # bf16 copies of fp32 weights, saved for backward
     act = activation_bytes(arch, rows, seq_len, prec, cfg.model.attn_implementation, lora, cfg.train.gradient_checkpointing)
+    act.update(loss_bytes(arch, cfg, round(rows * seq_len * label_fraction), prec))
     accum_grads = grads if cfg.train.grad_accum > 1 else 0  # grads of earlier micro-batches stay alive
     # three candidate peaks: loss backward starts (all activations + logits), the last recomputed layer
-    # (all grads + one layer), the optimizer step (all grads + temporaries)
+    # (all grads + the checkpointed layer inputs + one layer), the optimizer step (all grads + temporaries)
     forward_peak = sum(v for k, v in act.items() if k != "recompute") + casts + accum_grads
-    backward_peak = grads + act["recompute"] + casts
+    backward_peak = grads + casts + (act["layers"] + act["recompute"] if cfg.train.gradient_checkpointing else 0)
     largest = max([x.fan_in * x.fan_out for x in arch.linears] + [arch.vocab * arch.d]) if lora is None else 0
     step_peak = grads + (0 if prec.fused_adam else 2 * largest * train_b)  # sqrt(v) and the update of one tensor
     static = weights + adapters + adam
@@ -254,14 +278,18 @@ def inference_memory(arch: Arch, batch: int, context: int, weight_bytes: int = 2
     return {"weights": weights, "kv_cache": kv, "prefill": prefill, "total": weights + kv + prefill}
 
 
-def max_micro_batch(arch: Arch, cfg: Config, seq_len: int, prec: Precision, capacity: float) -> int:
+def max_micro_batch(arch: Arch, cfg: Config, seq_len: int, prec: Precision, capacity: float,
+                    label_fraction: float = 1.0) -> int:
     """Largest rows per micro-batch whose peak fits in `capacity` bytes (0: not even one)."""
+    def peak(rows: int) -> int:
+        return training_memory(arch, cfg, rows, seq_len, prec, label_fraction)["peak"]
+
     lo, hi = 0, 1
-    while hi <= 4096 and training_memory(arch, cfg, hi, seq_len, prec)["peak"] <= capacity:
+    while hi <= 4096 and peak(hi) <= capacity:
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # peak grows monotonically with rows
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if training_memory(arch, cfg, mid, seq_len, prec)["peak"] <= capacity else (lo, mid)
+        lo, hi = (mid, hi) if peak(mid) <= capacity else (lo, mid)
     return lo
 
 
@@ -270,67 +298,23 @@ def host_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def fit_table(arch: Arch, cfg: Config, seq_len: int) -> list[dict]:
+def fit_table(arch: Arch, cfg: Config, seq_len: int, label_fraction: float = 1.0) -> list[dict]:
     """Fits or not, and the largest micro-batch, on this machine's RAM (CPU, fp32) and each GPU in DEVICES."""
     rows = []
     for name, gib, cuda in [("this machine (cpu)", host_ram_bytes() / GiB, False), *((n, g, True) for n, (g, _) in DEVICES.items())]:
         prec = precision_for(cfg, cuda=cuda, bf16=name != "t4-16gb")
         usable = gib * GiB * (USABLE if cuda else 0.8)  # leave the OS and other processes their share on a host
-        need = training_memory(arch, cfg, cfg.train.batch_size, seq_len, prec)["peak"]
+        need = training_memory(arch, cfg, cfg.train.batch_size, seq_len, prec, label_fraction)["peak"]
         rows.append({"device": name, "capacity_bytes": int(gib * GiB), "needed_bytes": need, "fits": need <= usable,
-                     "max_micro_batch": max_micro_batch(arch, cfg, seq_len, prec, usable)})
+                     "max_micro_batch": max_micro_batch(arch, cfg, seq_len, prec, usable, label_fraction)})
     return rows
-
-
-def measure_peak_flops(device, bf16: bool = False) -> float:
-    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short GEMM (cached on disk).
-
-    On CPU the GEMM runs in fp32, or in bf16 when `bf16` (a run under bf16 autocast: its matmuls are bf16).
-    """
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("4090", 165e12)):
-            if key in name:
-                return peak
-    bf16 = bf16 or device.type == "cuda"
-    key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:{torch.get_num_threads()}"
-    key += ":bf16" if bf16 and device.type != "cuda" else ""
-    path = cache_root(None) / "peak_flops.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cached:
-        cached[key] = _gemm_flops(device, torch.bfloat16 if bf16 else torch.float32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1))
-    return cached[key]
-
-
-def _gemm_flops(device, dtype) -> float:
-    """Best of a few square GEMMs in `dtype`: 4096^2 on CUDA, 1024^2 on CPU."""
-    import torch
-
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n**3 / best
 
 
 def _target(cfg: Config) -> dict:
     """The device planned for: a named GPU from DEVICES, or the device this process would train on."""
     import torch
 
-    from tunesmith.runtime import bf16_supported, device
+    from tunesmith.runtime import bf16_supported, device, measure_peak_flops
 
     name = cfg.plan.device
     if name is not None:
@@ -342,14 +326,14 @@ def _target(cfg: Config) -> dict:
     if dev.type == "cuda":
         cap = torch.cuda.get_device_properties(dev).total_memory
         return {"name": torch.cuda.get_device_name(dev), "cuda": True, "bf16": bf16_supported(dev), "capacity": cap,
-                "usable": cap * USABLE, "peak_flops": measure_peak_flops(dev)}
+                "usable": cap * USABLE, "peak_flops": measure_peak_flops(dev, cache=cache_root(None) / "peak_flops.json")}
     ram = host_ram_bytes()
-    peak = measure_peak_flops(dev, bf16=cfg.train.precision == "bf16")  # bf16 autocast: bf16 GEMMs on CPU too
+    peak = measure_peak_flops(dev, cfg.train.precision == "bf16", cache_root(None) / "peak_flops.json")  # bf16 autocast: bf16 GEMMs
     return {"name": "cpu", "cuda": False, "bf16": False, "capacity": ram, "usable": ram * 0.8, "peak_flops": peak}
 
 
 def what_can_i_run(cfg: Config, target: dict, seq_len: int = 1024) -> list[dict]:
-    """For each size in LADDER: bytes needed for inference, LoRA, QLoRA and full fine-tuning (1 row, checkpointing)."""
+    """For each size in LADDER: bytes for inference, LoRA, QLoRA, full fine-tuning (1 row, checkpointing, all labels)."""
     from tunesmith.config import TrainConfig
 
     train = TrainConfig(batch_size=1, gradient_checkpointing=True, precision=cfg.train.precision)
@@ -371,8 +355,12 @@ def what_can_i_run(cfg: Config, target: dict, seq_len: int = 1024) -> list[dict]
     return out
 
 
-def make_plan(cfg: Config, tokens_per_step: int | None = None, total_tokens: int | None = None) -> dict:
-    """Parameters, FLOPs, memory, fit and time for `cfg`, from the model config alone (JSON-serialisable)."""
+def make_plan(cfg: Config, tokens_per_step: int | None = None, total_tokens: int | None = None,
+              label_fraction: float = 1.0) -> dict:
+    """Parameters, FLOPs, memory, fit and time for `cfg`, from the model config alone (JSON-serialisable).
+
+    `label_fraction`: share of tokens whose position predicts a label (1.0, every token, when the data is unknown).
+    """
     arch = arch_from_config(load_config_only(cfg.model))
     seq, rows, ckpt = cfg.data.max_length, cfg.train.batch_size, cfg.train.gradient_checkpointing
     target = _target(cfg)
@@ -381,100 +369,28 @@ def make_plan(cfg: Config, tokens_per_step: int | None = None, total_tokens: int
     steps = cfg.train.max_steps
     if steps is None and total_tokens is not None:
         steps = max(1, -(-int(total_tokens * cfg.train.epochs) // tokens_per_step))
-    flops = flops_per_token(arch, seq, cfg.lora or False, ckpt)
+    flops = flops_per_token(arch, seq, cfg.lora or False, ckpt, label_fraction)
     flops_formula = flops.pop("formula")
     tokens_per_s = target["peak_flops"] * cfg.plan.expected_mfu / flops["model"]
     step_s = tokens_per_step / tokens_per_s
-    memory = training_memory(arch, cfg, rows, seq, prec)
+    memory = training_memory(arch, cfg, rows, seq, prec, label_fraction)
     return {
         "model": {"name": cfg.model.name, "model_type": arch.family, "hidden": arch.d, "layers": arch.layers,
                   "heads": arch.heads, "kv_heads": arch.kv_heads, "vocab": arch.vocab, **param_counts(arch, cfg.lora)},
         "run": {"micro_batch": rows, "seq_len": seq, "grad_accum": cfg.train.grad_accum, "tokens_per_step": tokens_per_step,
                 "steps": steps, "lora": cfg.lora is not None, "quantize": cfg.lora.quantize if cfg.lora else None,
-                "gradient_checkpointing": ckpt, "weight_bytes": prec.weight, "activation_bytes": prec.act},
+                "gradient_checkpointing": ckpt, "weight_bytes": prec.weight, "activation_bytes": prec.act,
+                "label_fraction": label_fraction},
         "flops": {**flops, "per_step": flops["hardware"] * tokens_per_step,
                   "total": flops["hardware"] * tokens_per_step * steps if steps else None},
         "memory": {**memory, "device": target["name"], "usable_bytes": int(target["usable"]),
                    "fits": memory["peak"] <= target["usable"],
-                   "max_micro_batch": max_micro_batch(arch, cfg, seq, prec, target["usable"])},
+                   "max_micro_batch": max_micro_batch(arch, cfg, seq, prec, target["usable"], label_fraction)},
         "inference": inference_memory(arch, cfg.generate.batch_size, seq + cfg.generate.max_new_tokens, prec.weight),
-        "fit": fit_table(arch, cfg, seq),
+        "fit": fit_table(arch, cfg, seq, label_fraction),
         "time": {"device": target["name"], "peak_flops": target["peak_flops"], "expected_mfu": cfg.plan.expected_mfu,
                  "tokens_per_s": tokens_per_s, "step_s": step_s, "total_s": step_s * steps if steps else None},
         "what_can_i_run": what_can_i_run(cfg, target),
-        "formulas": {"flops": flops_formula, "memory": "peak = weights + adapters + AdamW moments + max(activations + logits + loss backward [+ grads when grad_accum > 1], grads + optimizer temporaries)"},
+        "formulas": {"flops": flops_formula, "memory": "peak = weights + adapters + AdamW moments + max(activations + loss (label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], grads + optimizer temporaries)"},
         "measured": None,
     }
-
-
-def compare_measured(plan: dict, measured: dict) -> dict:
-    """The plan with the measured side filled in and a predicted-vs-measured table (ratio = measured / predicted).
-
-    `measured` keys (any subset): tokens_per_s, mfu, peak_memory_bytes, wall_time_s.
-    """
-    predicted = {"tokens_per_s": plan["time"]["tokens_per_s"], "mfu": plan["time"]["expected_mfu"],
-                 "peak_memory_bytes": plan["memory"]["peak"], "wall_time_s": plan["time"]["total_s"]}
-    rows = []
-    for key, pred in predicted.items():
-        got = measured.get(key)
-        ratio = got / pred if got is not None and pred else None
-        rows.append({"metric": key, "predicted": pred, "measured": got, "ratio": ratio})
-    return {**plan, "measured": dict(measured), "comparison": rows}
-
-
-def plan_from_run(run_dir: str | Path) -> dict:
-    """The plan.json a run wrote (predicted and, once finished, measured)."""
-    path = Path(run_dir) / "plan.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no plan.json (not a tunesmith run dir, or training has not started)")
-    return json.loads(path.read_text())
-
-
-def _gb(b: float | None) -> str:
-    return "-" if b is None else f"{b / GiB:.2f} GiB"
-
-
-def print_plan(plan: dict, console) -> None:
-    """Rich tables: model and FLOPs, memory breakdown, fit per device, time, what-can-I-run, measured."""
-    from rich.table import Table
-
-    m, r, f, t = plan["model"], plan["run"], plan["flops"], plan["time"]
-    head = Table(title=f"plan: {m['name']} ({m['model_type']}, d={m['hidden']}, L={m['layers']}, V={m['vocab']})")
-    head.add_column("quantity")
-    head.add_column("value", justify="right")
-    for k, v in [("parameters", f"{m['total']:,}"), ("trainable", f"{m['trainable']:,}"),
-                 ("micro-batch x seq x accum", f"{r['micro_batch']} x {r['seq_len']} x {r['grad_accum']}"),
-                 ("FLOPs/token fwd / bwd / recompute", f"{f['forward']:.3g} / {f['backward']:.3g} / {f['recompute']:.3g}"),
-                 ("FLOPs/step (hardware)", f"{f['per_step']:.3g}"), ("FLOPs total", "-" if f["total"] is None else f"{f['total']:.3g}"),
-                 ("time/step", f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s ({t['device']})"),
-                 ("tokens/s", f"{t['tokens_per_s']:,.0f}"), ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min")]:
-        head.add_row(k, v)
-    console.print(head)
-    mem = Table(title=f"training memory on {plan['memory']['device']}")
-    mem.add_column("part")
-    mem.add_column("bytes", justify="right")
-    for k, v in plan["memory"].items():
-        if isinstance(v, int) and not isinstance(v, bool) and k not in ("max_micro_batch",):
-            mem.add_row(k, _gb(v))
-    mem.add_row("fits / max micro-batch", f"{plan['memory']['fits']} / {plan['memory']['max_micro_batch']}")
-    console.print(mem)
-    fit = Table(title="fit per device (this config)")
-    for col in ("device", "needed", "capacity", "fits", "max micro-batch"):
-        fit.add_column(col)
-    for row in plan["fit"]:
-        fit.add_row(row["device"], _gb(row["needed_bytes"]), _gb(row["capacity_bytes"]), "yes" if row["fits"] else "no", str(row["max_micro_batch"]))
-    console.print(fit)
-    run = Table(title=f"what can I run on {t['device']} (1 row x 1024 tokens, checkpointing)")
-    for col in ("model", "params", "inference", "lora", "qlora", "full"):
-        run.add_column(col)
-    for row in plan["what_can_i_run"]:
-        cells = [("[green]" if row["fits"][k] else "[red]") + _gb(row[k]) for k in ("inference", "lora", "qlora", "full")]
-        run.add_row(row["model"], f"{row['params'] / 1e9:.2f}B", *cells)
-    console.print(run)
-    if plan.get("comparison"):
-        cmp = Table(title="predicted vs measured")
-        for col in ("metric", "predicted", "measured", "measured/predicted"):
-            cmp.add_column(col)
-        for row in plan["comparison"]:
-            cmp.add_row(row["metric"], *("-" if v is None else f"{v:.4g}" for v in (row["predicted"], row["measured"], row["ratio"])))
-        console.print(cmp)

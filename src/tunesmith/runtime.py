@@ -1,11 +1,14 @@
-"""Where code runs: device, dtype, seeding, distributed rank/world, rank-0 printing."""
+"""Where code runs: device, dtype, peak matmul speed, seeding, distributed rank/world, rank-0 printing."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,6 +80,46 @@ def huge_pages_for_tensors() -> None:
     set wins, and where THP is off ('never') nothing changes. Memory is returned to the OS as before.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) -> float:
+    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short GEMM (kept in `cache`, a JSON file).
+
+    On CPU the GEMM runs in fp32, or in bf16 when `bf16` (a run under bf16 autocast: its matmuls are bf16).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("4090", 165e12)):
+            if key in name:
+                return peak
+    bf16 = bf16 or device.type == "cuda"
+    key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:{torch.get_num_threads()}"
+    key += ":bf16" if bf16 and device.type != "cuda" else ""
+    cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    if key not in cached:
+        cached[key] = _gemm_flops(device, torch.bfloat16 if bf16 else torch.float32)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(cached, indent=1))
+    return cached[key]
+
+
+def _gemm_flops(device, dtype) -> float:
+    """Best of a few square GEMMs in `dtype`: 4096^2 on CUDA, 1024^2 on CPU."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n**3 / best
 
 
 def seed_everything(seed: int) -> None:

@@ -156,19 +156,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = logits.sub_(top).exp_()
             z = e.sum(-1)
             total += (top[:, 0] + z.log() - picked).sum()
-            if not any(need):
-                continue
-            # d loss / d logits = softmax - one_hot(target), made in place in the logits' memory
-            probs = e.mul_(z.reciprocal()[:, None])
-            probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0
-            if g_bias is not None:
-                g_bias += probs.sum(0)
-            g = probs.to(dtype)
-            if g_hidden is not None:
-                g_hidden[s : s + rows] = g @ w
-            if need[1]:
-                g_w = g.T @ h_c
-                g_weight = g_w.float() if g_weight is None else g_weight.add_(g_w)
+            if any(need):
+                # d loss / d logits = softmax - one_hot(target), made in place in the logits' memory
+                probs = e.mul_(z.reciprocal()[:, None])
+                probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0
+                if g_bias is not None:
+                    g_bias += probs.sum(0)
+                g = probs.to(dtype)
+                if g_hidden is not None:
+                    g_hidden[s : s + rows] = g @ w
+                if need[1]:
+                    g_w = g.T @ h_c
+                    g_weight = g_w.float() if g_weight is None else g_weight.add_(g_w)
+            # free this chunk's (n_c, V) values before the next chunk's matmul makes its own: one chunk alive
+            logits = e = probs = g = None
         if need[1] and g_weight is None:  # no rows at all
             g_weight = torch.zeros_like(weight)
         g_weight = g_weight.to(weight.dtype) if g_weight is not None else None

@@ -39,7 +39,7 @@ from tunesmith.runtime import (
 from tunesmith.train import checkpoint, distributed
 from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
 from tunesmith.train.optim import make_optimizer, make_scheduler
-from tunesmith.train.plan_io import finish_plan, mfu, start_plan, total_steps
+from tunesmith.train.plan_io import finish_plan, mfu, reset_peak_rss, start_plan, total_steps
 from tunesmith.train.record import hardware, write_manifest
 
 
@@ -120,6 +120,7 @@ def train(cfg: Config) -> dict:
     # A streamed corpus is never held in memory: only the held-out file (data.test_path) is rendered.
     data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run if d.is_main else None)
     quantize = cfg.lora.quantize if cfg.lora else None
+    before_model = reset_peak_rss()  # CPU: what the process holds before the model, off the measured peak
     model = load_model(cfg.model, dev, quantize=quantize)
     if cfg.lora:
         model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
@@ -234,7 +235,7 @@ def train(cfg: Config) -> dict:
                 "fields": cfg.data.fields, "base_model": cfg.model.name}
         save_final(core, tok, run / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
         plot_losses(read_metrics(run / "metrics.jsonl"), run / "loss.png")
-        result["plan"] = finish_plan(plan, run, tokens_seen, t_train, result["wall_seconds"], dev)
+        result["plan"] = finish_plan(plan, run, tokens_seen, t_train, result["wall_seconds"], dev, before_model)
         (run / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
         print0(f"done: {result['steps']} steps, final model in {run / 'final'}")
     distributed.barrier(d)
