@@ -26,7 +26,7 @@ def batch_of(tok, packed: bool) -> dict:
     return collate_padded(samples, [[0], [1], [2]], tok.pad_token_id)
 
 
-def reference(model, batch: dict) -> tuple[torch.Tensor, int]:
+def reference(model, batch: dict, smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """The textbook loss: full (B, T, V) logits, shift by one, mask prompts, padding and packed boundaries."""
     if "position_ids" in batch:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -36,7 +36,7 @@ def reference(model, batch: dict) -> tuple[torch.Tensor, int]:
     if "position_ids" in batch:
         target[batch["position_ids"][:, 1:] == 0] = IGNORE
     total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                            reduction="sum")
+                            reduction="sum", label_smoothing=smoothing)
     return total, int((target != IGNORE).sum())
 
 
@@ -83,6 +83,25 @@ def test_head_only_at_labels_matches_full_logits(tok, name, packed, fused, monke
         # fp32 rounding of different summation orders: ~1e-7 of the tensor's largest gradient
         scale = float(g_ref[name].abs().max())
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6 * max(scale, 1.0), rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("name", ["neox-bias", "llama-lora"])
+def test_label_smoothing_matches_torch(tok, name, fused, monkeypatch):
+    monkeypatch.setattr(loss_mod, "_CHUNK_VALUES", 400 * 5)  # fused: several chunks
+    if not fused:
+        monkeypatch.setattr(loss_mod, "_PLAIN_LOGITS", frozenset())
+    model = MODELS[name]()
+    batch = batch_of(tok, packed=True)
+    s, _ = loss_sum(model, batch, smoothing=0.1)
+    ref, _ = reference(model, batch, smoothing=0.1)
+    torch.testing.assert_close(s, ref, atol=1e-5, rtol=1e-6)
+    g, g_ref, g_plain = grads(model, s), grads(model, ref), grads(model, reference(model, batch)[0])
+    for k in g:
+        scale = float(g_ref[k].abs().max())
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-6 * max(scale, 1.0), rtol=1e-5, msg=k)
+    # and smoothing really moved the update (the targets are 0.9 / 0.1 spread, not one-hot)
+    assert max(float((g[k] - g_plain[k]).abs().max() / g_plain[k].abs().max().clamp(min=1e-12)) for k in g) > 0.05
 
 
 def test_fused_loss_in_chunks_under_bf16_autocast(tok, monkeypatch):

@@ -24,7 +24,8 @@ def train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
-def test_loss_curve_matches_hf_trainer(tmp_path, model_dir):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_curve_matches_hf_trainer(tmp_path, model_dir, smoothing):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     data = tiny.write_qa(tmp_path / "qa.jsonl", n=10)
@@ -32,7 +33,7 @@ def test_loss_curve_matches_hf_trainer(tmp_path, model_dir):
     # shuffling; constant lr, no warmup, no decay, the same clipping and AdamW settings.
     over = [f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'ours'}", "data.test_size=2",
             "data.packing=false", "train.batch_size=8", "train.max_steps=20", "train.lr=1e-3", "train.log_every=1",
-            "train.scheduler=constant", "train.max_grad_norm=1.0"]
+            "train.scheduler=constant", "train.max_grad_norm=1.0", f"train.label_smoothing={smoothing}"]
     cfg = load_config(None, over)
     train(cfg)
     ours = train_losses(tmp_path / "ours")
@@ -55,7 +56,8 @@ def test_loss_curve_matches_hf_trainer(tmp_path, model_dir):
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=20,
                              learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                              max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             seed=42, optim="adamw_torch", remove_unused_columns=False, disable_tqdm=True)
+                             seed=42, optim="adamw_torch", remove_unused_columns=False, disable_tqdm=True,
+                             label_smoothing_factor=smoothing)  # HF's LabelSmoother for causal LMs
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=Rows(),
                       data_collator=collator)
     trainer.train()

@@ -136,9 +136,9 @@ def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file, monkeypatch
     calls = {"n": 0}
     real = loop_mod.loss_sum
 
-    def poisoned(model, batch):  # a numerically broken step 3: the loss becomes NaN
+    def poisoned(model, batch, smoothing):  # a numerically broken step 3: the loss becomes NaN
         calls["n"] += 1
-        total, n = real(model, batch)
+        total, n = real(model, batch, smoothing)
         return (total * float("nan") if calls["n"] == 3 else total), n
 
     monkeypatch.setattr(loop_mod, "loss_sum", poisoned)

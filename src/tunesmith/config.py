@@ -75,6 +75,7 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm (null: no clipping)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only: (1-e) x cross-entropy + e x mean over the vocabulary of -log p (eval perplexity stays plain)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA with bf16 support, else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     eval_every: int = Field(0, ge=0, description="evaluate on the test split every N steps (0: only at the end)")

@@ -22,8 +22,12 @@ def next_token_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return target
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token losses over label tokens, and their count (for normalising across micro-batches)."""
+def loss_sum(model, batch: dict[str, torch.Tensor], smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token losses over label tokens, and their count (for normalising across micro-batches).
+
+    `smoothing` e > 0: each token's loss is (1-e) x cross-entropy + e x the mean of -log p over the vocabulary
+    (torch's and HF Trainer's label smoothing), for training; evaluation uses the plain loss.
+    """
     target = next_token_targets(batch)
     # keep[:, t]: hidden state t predicts a label, so only there is the LM head worth running (B, T).
     keep = F.pad(target != IGNORE, (0, 1), value=False)
@@ -37,12 +41,12 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     if taken:  # the head's (N, H) input, taken from the model: head and loss run fused, chunk by chunk
         target = target[keep[:, :-1]]
-        return linear_cross_entropy(taken[0], head.weight, head.bias, target), target.new_tensor(target.numel())
+        return linear_cross_entropy(taken[0], head.weight, head.bias, target, smoothing), target.new_tensor(target.numel())
     if out.logits.dim() == 2:  # (N, V): the head ran on the kept positions only, in row-major order
         logits, target = out.logits.float(), target[keep[:, :-1]]
     else:  # (B, T, V): a model whose head input is not (B, T, H); same loss, computed everywhere
         logits, target = out.logits[:, :-1].float().flatten(0, 1), target.flatten()
-    total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum", label_smoothing=smoothing)
     return total, (target != IGNORE).sum()
 
 
@@ -103,8 +107,8 @@ _CHUNK_VALUES = 1 << 26
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         target: torch.Tensor) -> torch.Tensor:
-    """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i), never holding all (N, V) logits.
+                         target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i, label_smoothing), never holding all (N, V) logits.
 
     hidden (N, H), weight (V, H), target (N,) with no IGNORE. Matmuls run in the autocast dtype when
     autocast is on (as the head would), softmax in fp32. The gradients are made chunk by chunk in the
@@ -114,17 +118,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not grads:
-        return _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, (False, False, False))[0]
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, dtype)
+        return _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, smoothing, (False, False, False))[0]
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, dtype, smoothing)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper of `run`: forward computes loss and gradients, backward scales the gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, dtype):
+    def forward(ctx, hidden, weight, bias, target, dtype, smoothing):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        total, g_hidden, g_weight, g_bias = _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, need)
+        total, g_hidden, g_weight, g_bias = _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, smoothing, need)
         ctx.save_for_backward(*(g for g in (g_hidden, g_weight, g_bias) if g is not None))
         ctx.need = need
         return total
@@ -133,10 +137,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         saved = iter(ctx.saved_tensors)
         out = [next(saved) * grad_total if n else None for n in ctx.need]
-        return out[0], out[1], out[2], None, None
+        return out[0], out[1], out[2], None, None, None
 
     @staticmethod
-    def run(hidden, weight, bias, target, dtype, need):
+    def run(hidden, weight, bias, target, dtype, smoothing, need):
         """(loss sum, d/d hidden, d/d weight, d/d bias); a gradient is None where `need` says so."""
         n, vocab = hidden.shape[0], weight.shape[0]
         h, w = hidden.to(dtype), weight.to(dtype)
@@ -150,16 +154,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h_c @ w.T).float()  # (n_c, V)
             if bias is not None:
                 logits += bias.float()
-            picked = logits.gather(1, t_c[:, None])[:, 0]
+            # the smoothed target: 1-e on the label, e/V on every entry; its cross-entropy is
+            # lse - (1-e) * logit[label] - e * mean(logits)
+            picked = logits.gather(1, t_c[:, None])[:, 0] * (1.0 - smoothing)
+            if smoothing:
+                picked += smoothing * logits.mean(-1)
             # log-sum-exp by hand, in place: each pass over the (n_c, V) values costs as much as a matmul here
             top = logits.amax(-1, keepdim=True)
             e = logits.sub_(top).exp_()
             z = e.sum(-1)
             total += (top[:, 0] + z.log() - picked).sum()
             if any(need):
-                # d loss / d logits = softmax - one_hot(target), made in place in the logits' memory
+                # d loss / d logits = softmax - smoothed target, made in place in the logits' memory
                 probs = e.mul_(z.reciprocal()[:, None])
-                probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0
+                if smoothing:
+                    probs.sub_(smoothing / vocab)
+                probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0 - smoothing
                 if g_bias is not None:
                     g_bias += probs.sum(0)
                 g = probs.to(dtype)

@@ -84,7 +84,7 @@ def _gather(stream, micro_per_step: int, d: Dist, dev: torch.device) -> tuple[li
 
 
 def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: torch.dtype | None,
-                      dev: torch.device) -> torch.Tensor:
+                      dev: torch.device, smoothing: float) -> torch.Tensor:
     """Backward of (sum of token losses / global label count) for each micro-batch; returns the summed loss.
 
     DDP averages gradients over ranks, so each rank scales by `world` to keep the update the mean over all
@@ -96,7 +96,7 @@ def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: t
         # DDP: all-reduce gradients only on the last micro-batch of the step
         last = i == len(mine) - 1 or not hasattr(model, "no_sync")
         with model.no_sync() if not last else nullcontext(), autocast(amp, dev):
-            s, _ = loss_sum(model, batch)
+            s, _ = loss_sum(model, batch, smoothing)
             (s * world / n_labels).backward()
         step_loss += s.detach()
     return step_loss
@@ -179,7 +179,7 @@ def train(cfg: Config) -> dict:
             t_step = time.time()
             # (1) this rank's micro-batches of the global step, (2) forward/backward of each
             mine, wheres, n_labels, real = _gather(stream, micro_per_step, d, dev)
-            step_loss = _forward_backward(model, mine, n_labels, d.world, amp, dev)
+            step_loss = _forward_backward(model, mine, n_labels, d.world, amp, dev, tc.label_smoothing)
             step_loss = distributed.all_reduce_sum(step_loss, d) / n_labels
             if not torch.isfinite(step_loss):
                 raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1} (batch with {', '.join(wheres[:4])}"
