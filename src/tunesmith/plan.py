@@ -46,6 +46,8 @@ LADDER = {
     "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672, vocab_size=128256),
 }
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "granite"}
+# Linears of one decoder layer that read the same tensor (one saved input between them)
+_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 # Mirrors of eval/loss.py (tests/test_plan.py checks they agree): model types whose head and cross-entropy
 # the loop fuses, and how many logits one chunk of that fused loss holds.
 FUSED_HEAD_FAMILIES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
@@ -206,8 +208,20 @@ def activation_bytes(arch: Arch, rows: int, seq_len: int, prec: Precision, attn:
         per += H * seq_len + 2 * (dq - dkv)
     fp32_norm = 0 if prec.act == 4 else 4 * d * 2  # RMSNorm/LayerNorm upcast copies stay fp32 under bf16
     extra = 0
-    if lora is not None and lora.dropout > 0:  # each adapter's dropout keeps its output and a bool mask
-        extra = sum(x.fan_in * (prec.act + 1) + lora.r * 4 for x in lora_targets(arch, lora)) // arch.layers
+    if lora is not None:
+        # Each adapter keeps lora_A's (N, r) output for lora_B, and lora_A's input when that is a tensor of
+        # its own (dropout's output and mask; PEFT's fp32 copy of a bf16 base's input: adapters stay fp32);
+        # the frozen base layers then keep none of their inputs, which `per` counted once per input.
+        fp32_adapters = prec.weight == 2 and not prec.autocast_copies
+        own_input = lora.dropout > 0 or fp32_adapters
+        a_in = 4 if fp32_adapters else prec.act
+        mask = 4 if lora.dropout > 0 else 0  # dropout's mask, in its input's dtype (fp32 here; CUDA: bool)
+        targets = lora_targets(arch, lora)
+        extra = sum(lora.r * a_in + (x.fan_in * (a_in + mask) if own_input else 0) for x in targets)
+        if own_input:
+            inputs = {(x.layer, _SHARED_INPUT.get(x.name.rsplit(".", 1)[-1], x.name)): x.fan_in for x in targets}
+            extra -= sum(inputs.values()) * prec.act
+        extra //= arch.layers
     layer = per * prec.act + fp32_norm + extra
     # checkpointing keeps only each layer's input; backward rebuilds one layer's activations at a time
     layers = n * arch.layers * (d * prec.act if checkpointing else layer)
@@ -256,9 +270,9 @@ def training_memory(arch: Arch, cfg: Config, rows: int, seq_len: int, prec: Prec
     act.update(loss_bytes(arch, cfg, round(rows * seq_len * label_fraction), prec))
     accum_grads = grads if cfg.train.grad_accum > 1 else 0  # grads of earlier micro-batches stay alive
     # three candidate peaks: loss backward starts (all activations + logits), the last recomputed layer
-    # (all grads + the checkpointed layer inputs + one layer), the optimizer step (all grads + temporaries)
+    # (all grads + the checkpointed layer inputs, the head's + one layer), the optimizer step (grads + temporaries)
     forward_peak = sum(v for k, v in act.items() if k != "recompute") + casts + accum_grads
-    backward_peak = grads + casts + (act["layers"] + act["recompute"] if cfg.train.gradient_checkpointing else 0)
+    backward_peak = grads + casts + (act["layers"] + act["head"] + act["recompute"] if cfg.train.gradient_checkpointing else 0)
     largest = max([x.fan_in * x.fan_out for x in arch.linears] + [arch.vocab * arch.d]) if lora is None else 0
     step_peak = grads + (0 if prec.fused_adam else 2 * largest * train_b)  # sqrt(v) and the update of one tensor
     static = weights + adapters + adam
