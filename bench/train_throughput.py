@@ -88,6 +88,7 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     from tunesmith.model.resolve import cache_root
     from tunesmith.plan import flops_per_token
     from tunesmith.runtime import measure_peak_flops
+    from tunesmith.train.plan_io import label_fraction
 
     cfg = config(model, data, out, precision, packing=False, batch=8)
     tok = load_tokenizer(cfg.model)
@@ -109,8 +110,7 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     ev = evaluate_loss(m, prepared.test, 8, 512, tok.pad_token_id, False, dev, amp)
     tps = real / seconds
     # the FLOPs the objective needs, as tunesmith's plan counts them (head at label positions): MFUs compare
-    labelled = sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
-    fpt = flops_per_token(m.config, 512, label_fraction=labelled / real)["model"]
+    fpt = flops_per_token(m.config, 512, label_fraction=label_fraction(rows))["model"]
     peak = measure_peak_flops(dev, precision == "bf16", cache_root(None) / "peak_flops.json")  # the plan's calibration
     return {"tokens_per_s": tps, "mfu": tps * fpt / peak, "eval_loss": ev["loss"],
             "steps": trainer.state.global_step, "real_tokens": real}

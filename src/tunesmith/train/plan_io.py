@@ -29,11 +29,17 @@ def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
     return start_plan(cfg, None, samples, total_steps(cfg.train, per_epoch, micro), micro, False)
 
 
+def label_fraction(samples: list[dict]) -> float:
+    """Share of tokens whose position predicts a label (where the LM head runs); 1.0 without samples."""
+    tokens = sum(len(s["input_ids"]) for s in samples)
+    # a sample's first token is never predicted, so a label there has no position predicting it
+    labelled = sum(len(lab) - lab.count(IGNORE) - (lab[0] != IGNORE) for s in samples if (lab := s["labels"]))
+    return labelled / tokens if tokens else 1.0
+
+
 def start_plan(cfg: Config, run: Path | None, samples: list[dict], total_steps: int, micro_per_step: int, is_main: bool) -> dict:
     """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts."""
     tokens = sum(len(s["input_ids"]) for s in samples)
-    # positions that predict a label (a sample's first token never is one): where the LM head runs
-    labelled = sum(len(lab) - lab.count(IGNORE) - (lab[0] != IGNORE) for s in samples if (lab := s["labels"]))
     if samples:
         # Packed rows are nearly full; padded rows hold one sample each (real tokens only count for speed).
         rows = len(samples) if not cfg.data.packing else max(1, -(-tokens // cfg.data.max_length))
@@ -42,7 +48,7 @@ def start_plan(cfg: Config, run: Path | None, samples: list[dict], total_steps: 
         tokens_per_step = cfg.train.batch_size * cfg.data.max_length * micro_per_step
     planned = cfg.model_copy(deep=True)
     planned.train.max_steps = total_steps
-    plan = make_plan(planned, tokens_per_step=tokens_per_step, label_fraction=labelled / tokens if tokens else 1.0)
+    plan = make_plan(planned, tokens_per_step=tokens_per_step, label_fraction=label_fraction(samples))
     if is_main and run is not None:
         (run / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
     return plan
