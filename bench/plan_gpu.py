@@ -5,7 +5,7 @@
 
 No downloads: the model is built from its config. Memory is `torch.cuda.max_memory_allocated` over the
 timed steps (tensor bytes, the quantity the planner predicts); step time is the median of the timed steps
-after warm-up; MFU = model FLOPs/token (plan.flops_per_token) x tokens/s / device peak (runtime.measure_peak_flops).
+after warm-up; MFU = model FLOPs/token (plan.flops_per_token) x tokens/s / device peak (plan.calibrated_peak_flops).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from tunesmith.model.lora import apply_lora
 from tunesmith.plan import (
     LADDER,
     arch_from_config,
+    calibrated_peak_flops,
     flops_per_token,
     precision_for,
     training_memory,
 )
-from tunesmith.runtime import measure_peak_flops
 
 TINY = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=512, tie_word_embeddings=True)
@@ -81,7 +81,7 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
     tokens_per_s = rows * seq / step_s
     return {"predicted_peak": predicted["peak"], "measured_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "static": predicted["static"], "step_s": step_s, "tokens_per_s": tokens_per_s,
-            "model_flops_per_token": flops["model"], "mfu": flops["model"] * tokens_per_s / measure_peak_flops(dev)}
+            "model_flops_per_token": flops["model"], "mfu": flops["model"] * tokens_per_s / calibrated_peak_flops(dev)}
 
 
 def main() -> None:
@@ -101,7 +101,7 @@ def main() -> None:
     table = Table(title=f"plan vs measured: {'tiny qwen2 (smoke, cpu)' if args.smoke else 'Qwen2-0.5B shape'} on {dev}, {batch} x {seq}")
     for col in ("mode", "pred peak GiB", "meas peak GiB", "meas/pred", "step s", "tokens/s", "MFU", "pred step s @ exp. MFU"):
         table.add_column(col, justify="right")
-    peak = measure_peak_flops(dev)
+    peak = calibrated_peak_flops(dev)
     for name, (lora, ckpt) in modes.items():
         cfg = Config(model=ModelConfig(attn_implementation="sdpa"), data=DataConfig(max_length=seq),
                      train=TrainConfig(batch_size=batch, gradient_checkpointing=ckpt), lora=lora)

@@ -85,9 +85,7 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     from tunesmith.data.pipeline import build
     from tunesmith.eval.loss import evaluate_loss
     from tunesmith.model.load import load_tokenizer
-    from tunesmith.model.resolve import cache_root
-    from tunesmith.plan import flops_per_token
-    from tunesmith.runtime import measure_peak_flops
+    from tunesmith.plan import calibrated_peak_flops, flops_per_token
     from tunesmith.train.plan_io import label_fraction
 
     cfg = config(model, data, out, precision, packing=False, batch=8)
@@ -111,7 +109,7 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     tps = real / seconds
     # the FLOPs the objective needs, as tunesmith's plan counts them (head at label positions): MFUs compare
     fpt = flops_per_token(m.config, 512, label_fraction=label_fraction(rows))["model"]
-    peak = measure_peak_flops(dev, precision == "bf16", cache_root(None) / "peak_flops.json")  # the plan's calibration
+    peak = calibrated_peak_flops(dev, bf16=precision == "bf16")  # the plan's calibration
     return {"tokens_per_s": tps, "mfu": tps * fpt / peak, "eval_loss": ev["loss"],
             "steps": trainer.state.global_step, "real_tokens": real}
 

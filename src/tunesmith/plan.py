@@ -324,11 +324,18 @@ def fit_table(arch: Arch, cfg: Config, seq_len: int, label_fraction: float = 1.0
     return rows
 
 
+def calibrated_peak_flops(dev, bf16: bool = False) -> float:
+    """Peak matmul FLOP/s of `dev` as plans and MFU use it: datasheet, or a GEMM measured once per machine."""
+    from tunesmith.runtime import measure_peak_flops
+
+    return measure_peak_flops(dev, bf16, cache_root(None) / "peak_flops.json")
+
+
 def _target(cfg: Config) -> dict:
     """The device planned for: a named GPU from DEVICES, or the device this process would train on."""
     import torch
 
-    from tunesmith.runtime import bf16_supported, device, measure_peak_flops
+    from tunesmith.runtime import bf16_supported, device
 
     name = cfg.plan.device
     if name is not None:
@@ -340,9 +347,9 @@ def _target(cfg: Config) -> dict:
     if dev.type == "cuda":
         cap = torch.cuda.get_device_properties(dev).total_memory
         return {"name": torch.cuda.get_device_name(dev), "cuda": True, "bf16": bf16_supported(dev), "capacity": cap,
-                "usable": cap * USABLE, "peak_flops": measure_peak_flops(dev, cache=cache_root(None) / "peak_flops.json")}
+                "usable": cap * USABLE, "peak_flops": calibrated_peak_flops(dev)}
     ram = host_ram_bytes()
-    peak = measure_peak_flops(dev, cfg.train.precision == "bf16", cache_root(None) / "peak_flops.json")  # bf16 autocast: bf16 GEMMs
+    peak = calibrated_peak_flops(dev, bf16=cfg.train.precision == "bf16")  # bf16 autocast: bf16 GEMMs on CPU too
     return {"name": "cpu", "cuda": False, "bf16": False, "capacity": ram, "usable": ram * 0.8, "peak_flops": peak}
 
 
