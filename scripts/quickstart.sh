@@ -15,10 +15,9 @@ step() {  # step NAME CMD...: run, and remember how long it took
 TIMES=()
 step inspect tunesmith data inspect "$CFG" "$@"
 step plan    tunesmith plan "$CFG" "$@"
-# The config trains in bf16 autocast, ~1.5x faster where bf16 matmuls are native (CUDA, AVX512-BF16/AMX
-# CPUs); elsewhere bf16 is emulated and slower than fp32, so fp32 is used (arguments after it still win).
-PREC=$(python -c "from tunesmith.runtime import device, fast_bf16; print('bf16' if fast_bf16(device()) else 'fp32')")
-step train   tunesmith train "$CFG" "train.precision=$PREC" "$@"
+# train.precision=auto in the config: bf16 autocast where bf16 matmuls are native, fp32 elsewhere (every command
+# resolves it the same way, so `plan` above predicts the precision `train` uses).
+step train   tunesmith train "$CFG" "$@"
 step compare tunesmith compare "$CFG" "$@"
 OUT=$(tunesmith config get "$CFG" out_dir "$@")
 echo

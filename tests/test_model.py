@@ -159,3 +159,41 @@ def test_smollm2_resolves_loads_and_answers(tmp_path):
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_weights_only_dir_has_no_tokenizer_and_says_so(tmp_path):
+    # transformers 5 builds an empty GPT-NeoX tokenizer (2 specials; every text -> []) from config.json alone,
+    # and raises a ValueError for a Llama: both are the same user mistake, one line each
+    for arch in ("gpt_neox", "llama"):
+        d = tmp_path / arch
+        (tiny.gpt_neox() if arch == "gpt_neox" else tiny.llama()).save_pretrained(d)
+        with pytest.raises(UserError, match=f"^{d}: no tokenizer files"):
+            load_tokenizer(ModelConfig(name=str(d)))
+
+
+def test_empty_or_vocabulary_less_tokenizer_is_a_user_error(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    empty = tmp_path / "empty"
+    tiny.gpt_neox().save_pretrained(empty)
+    tk = Tokenizer(models.BPE(vocab={}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tk.save(str(empty / "tokenizer.json"))
+    with pytest.raises(UserError, match=r"encodes 'Hello world 123' to no tokens \(an empty vocabulary of 2 tokens"):
+        load_tokenizer(ModelConfig(name=str(empty)))
+    config_only = tmp_path / "config-only"
+    tiny.gpt_neox().save_pretrained(config_only)
+    (config_only / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (config_only / "vocab.txt").write_text("")  # names a vocabulary, holds none
+    with pytest.raises(UserError, match="the tokenizer files do not make a tokenizer"):
+        load_tokenizer(ModelConfig(name=str(config_only)))
+
+
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native():
+    from tunesmith.runtime import autocast_dtype, fast_bf16
+
+    assert autocast_dtype("auto", CPU, native_bf16=True) == torch.bfloat16  # AVX512-BF16 / AMX
+    assert autocast_dtype("auto", CPU, native_bf16=False) is None  # AVX2 only: bf16 emulated, fp32 is faster
+    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if fast_bf16(CPU) else None)  # the probe when not told
+    assert autocast_dtype("bf16", CPU, native_bf16=False) == torch.bfloat16  # an explicit choice is kept (and warned)
+    assert autocast_dtype("fp32", CPU, native_bf16=True) is None

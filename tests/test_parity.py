@@ -32,7 +32,7 @@ def test_loss_curve_matches_hf_trainer(tmp_path, model_dir, smoothing):
     # The whole train split (8 rows) is one batch, so both sides see identical batches whatever their
     # shuffling; constant lr, no warmup, no decay, the same clipping and AdamW settings.
     over = [f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'ours'}", "data.test_size=2",
-            "data.packing=false", "train.batch_size=8", "train.max_steps=20", "train.lr=1e-3", "train.log_every=1",
+            "train.precision=fp32", "data.packing=false", "train.batch_size=8", "train.max_steps=20", "train.lr=1e-3", "train.log_every=1",
             "train.scheduler=constant", "train.max_grad_norm=1.0", f"train.label_smoothing={smoothing}"]
     cfg = load_config(None, over)
     train(cfg)

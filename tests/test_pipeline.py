@@ -25,7 +25,7 @@ BAD_ROWS = [
     (b'{"question": "What was the revenue?", "answer": null}', "answer", "missing field 'answer'"),
     (b'{"question": "What was", "answer" "x"}', None, "invalid JSON (Expecting ':' delimiter at column 35)"),
     (b'"just a string"', None, "row is not a JSON object (got str)"),
-    (b'{"question": "caf\xe9?", "answer": "x"}', None, "invalid UTF-8 (byte 0xe9 at column 18)"),
+    (b'{"question": "caf\xe9?", "answer": "x"}', None, "invalid UTF-8 (byte 0xe9 at column 18, file offset {offset})"),
 ]
 
 
@@ -62,6 +62,7 @@ def test_each_bad_row_kind_fails_with_place_field_and_cause(tok, tmp_path, line,
     f.write_bytes(GOOD + b"\n" + line + b"\n" + GOOD + b"\n")
     with pytest.raises(UserError) as e:
         build(cfg_for(f, tmp_path / "run"), tok, None)
+    cause = cause.format(offset=len(GOOD) + 1 + 17)  # the bad byte is the line's 18th
     assert str(e.value) == f"{f}:2: {cause} (use data.on_bad_row=skip to skip and report such rows)"
 
 
@@ -73,16 +74,21 @@ def test_skip_writes_every_bad_row_and_keeps_the_good_ones(tok, tmp_path):
     assert [s["where"] for s in p.train] == [f"{f}:1", f"{f}:{len(BAD_ROWS) + 2}"]
     assert p.rejected == len(BAD_ROWS)
     lines = [json.loads(x) for x in (run / "data_rejects.jsonl").read_text().splitlines()]
+    starts = [len(GOOD) + 1 + sum(len(x) + 1 for x, _, _ in BAD_ROWS[:i]) for i in range(len(BAD_ROWS))]
     assert [(r["where"], r["field"], r["cause"]) for r in lines] == [
-        (f"{f}:{i}", field, cause) for i, (_, field, cause) in enumerate(BAD_ROWS, start=2)]
+        (f"{f}:{i}", field, cause.format(offset=start + 17))
+        for i, ((_, field, cause), start) in enumerate(zip(BAD_ROWS, starts), start=2)]
     assert lines[0]["row"] == {"question": "What was the revenue?"}  # the row itself is kept for the user
 
 
 def test_nothing_left_to_train_on_is_an_error(tok, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_bytes(BAD_ROWS[0][0] + b"\n")
-    with pytest.raises(UserError, match="no training examples left \\(rows skipped: 1"):
-        build(cfg_for(f, tmp_path / "run", "data.on_bad_row=skip"), tok, None)
+    with pytest.raises(UserError) as e:
+        build(cfg_for(f, tmp_path / "run", "data.on_bad_row=skip"), tok, tmp_path / "run")
+    report = tmp_path / "run" / "data_rejects.jsonl"
+    assert str(e.value) == f"{f}: its only row was skipped as bad (see {report})"
+    assert report.is_file()  # the report the message points at exists (it used to be written after the raise)
 
 
 def test_field_mapping_end_to_end(tok, tmp_path):
@@ -202,3 +208,86 @@ def test_inspect_report_png_and_print(tok, tmp_path):
     learned = "".join(text.plain[s.start : s.end] for s in text.spans if s.style == "black on green")
     answer = next(r for i, r in enumerate(rows, 1) if f"{f}:{i}" == sample["where"])["answer"]
     assert learned == answer + tok.eos_token  # exactly the answer and EOS carry loss
+
+
+# ---- issue 16: no step may leave an empty split; each says which file and which step emptied it
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("e.json", b"[]"), ("e.csv", b"question,answer\n")])
+def test_empty_data_file_is_an_error_naming_it(tok, tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=rf"^{f}: no data rows \("):
+        build(cfg_for(f, tmp_path / "run"), tok, None)
+    with pytest.raises(UserError, match=rf"^{f}: no data rows \("):
+        inspect_data(cfg_for(f, tmp_path / "run"), tok, tmp_path / "run")
+
+
+def test_empty_text_file_and_empty_test_path_are_errors(tok, tmp_path):
+    t = tmp_path / "empty.txt"
+    t.write_bytes(b"")
+    with pytest.raises(UserError, match=rf"^{t}: field 'text' is empty"):
+        build(cfg_for(t, tmp_path / "run", "data.format=text", "data.template=text", "data.test_size=0"), tok, None)
+    f = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
+    e = tmp_path / "test.jsonl"
+    e.write_bytes(b"\n")
+    with pytest.raises(UserError, match=rf"^{e}: no data rows \(the file holds only blank lines"):
+        build(cfg_for(f, tmp_path / "run", f"data.test_path={e}"), tok, None)
+    e.write_bytes(b'{"question": "q"}\n')  # its only row is bad: skipped, and the held-out split is empty
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        build(cfg_for(f, run, f"data.test_path={e}", "data.on_bad_row=skip"), tok, run)
+    assert str(err.value) == f"{e}: its only row was skipped as bad (see {run / 'data_rejects.jsonl'})"
+
+
+def test_all_rows_skipped_names_the_count_and_the_report(tok, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"".join(line + b"\n" for line, _, _ in BAD_ROWS))
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        build(cfg_for(f, run, "data.on_bad_row=skip"), tok, run)
+    assert str(e.value) == f"{f}: all {len(BAD_ROWS)} rows were skipped as bad (see {run / 'data_rejects.jsonl'})"
+    assert len((run / "data_rejects.jsonl").read_text().splitlines()) == len(BAD_ROWS)
+
+
+@pytest.mark.parametrize("n,same", [(1, False), (3, True)])
+def test_split_that_leaves_no_test_examples_is_an_error(tok, tmp_path, n, same):
+    rows = [{"question": "What was the revenue?", "answer": f"It was {i} million."} for i in range(n)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError) as e:
+        build(cfg_for(f, tmp_path / "run", "data.test_size=0.1"), tok, None)
+    same_text = ", all with the same prompt" if same else ""
+    assert str(e.value) == (f"{f}: data.test_size=0.1 of {n} example{'s' if n > 1 else ''}{same_text} leaves 0 test examples "
+                            "(use a larger file, a count such as data.test_size=1, or data.test_size=0 to train "
+                            "without a held-out split)")
+    assert len(build(cfg_for(f, tmp_path / "run", "data.test_size=0"), tok, None).train) == n  # the way out works
+
+
+def test_rendering_that_drops_every_example_is_an_error(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", qa_rows(6))
+    run = tmp_path / "run"
+    # truncation=right at 4 tokens cuts every answer away: each row is skipped, and nothing is left
+    with pytest.raises(UserError) as e:
+        build(cfg_for(f, run, "data.on_bad_row=skip", "data.truncation=right", "data.max_length=4", "data.test_size=1"),
+              tok, run)
+    assert str(e.value) == (f"{f}: all 5 training examples were skipped while rendering (nothing left of them within "
+                            f"data.max_length) (see {run / 'data_rejects.jsonl'})")
+
+
+def test_cli_empty_data_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys, model_dir):
+    import sys
+
+    from tunesmith import cli
+
+    capsys.readouterr()
+    data = tmp_path / "empty.jsonl"
+    data.write_bytes(b"")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {format: qa}\n")
+    for command in (["data", "inspect"], ["train"]):
+        monkeypatch.setattr(sys, "argv", ["tunesmith", *command, str(cfg), f"model.name={model_dir}", f"data.path={data}",
+                                          f"out_dir={tmp_path / 'run'}", "train.max_steps=1"])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        assert err.strip() == f"error: {data}: no data rows (the file has 0 bytes; check data.path)"

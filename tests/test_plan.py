@@ -327,3 +327,41 @@ def test_cpu_peak_memory_is_the_growth_above_the_process_before_the_model():
     # in a fresh process: pytest's own peak must not count (a child even inherits getrusage's maxrss on Linux)
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, check=True).stdout
     assert int(out) == pytest.approx(200 * 2**20, rel=0.1)
+
+
+@pytest.mark.parametrize("native,precision,calibrated,autocast", [
+    (False, "auto", False, "fp32"),  # AVX2-only CPU: auto trains fp32, so the plan times the fp32 Linear
+    (False, "bf16", True, "bf16"),  # asked for bf16 there anyway: the plan times what that run will do
+    (True, "auto", True, "bf16"),  # AVX512-BF16/AMX: bf16 autocast
+    (True, "fp32", False, "fp32"),
+])
+def test_cpu_plan_calibrates_the_precision_the_run_uses(tmp_path, monkeypatch, native, precision, calibrated, autocast):
+    import tunesmith.runtime
+
+    speeds = {False: 103e9, True: 13.6e9 if not native else 300e9}  # fp32 / bf16-autocast Linear FLOP/s
+    asked = []
+    monkeypatch.setattr(tunesmith.runtime, "device", lambda dist=None: torch.device("cpu"))
+    monkeypatch.setattr(tunesmith.runtime, "fast_bf16", lambda dev: native)
+    monkeypatch.setattr(tunesmith.plan, "calibrated_peak_flops", lambda dev, bf16=False: asked.append(bf16) or speeds[bf16])
+    path = tiny.save_model_dir(tmp_path / "m")
+    plan = make_plan(Config(model=ModelConfig(name=str(path)), train=TrainConfig(max_steps=3, precision=precision)))
+    assert asked == [calibrated]
+    assert plan["time"]["peak_flops"] == speeds[calibrated] and plan["time"]["autocast"] == autocast
+    assert plan["run"]["activation_bytes"] == (2 if autocast == "bf16" else 4)
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=200))
+    assert f"(cpu, {autocast} matmuls)" in out.getvalue()
+
+
+def test_cpu_calibration_times_the_autocast_linear_and_caches_it_apart(tmp_path, monkeypatch):
+    import tunesmith.runtime
+
+    timed = []
+    monkeypatch.setattr(tunesmith.runtime, "_matmul_flops", lambda dev, amp: timed.append(amp) or (1e11 if amp is None else 2e10))
+    cache = tmp_path / "peak_flops.json"
+    assert measure_peak_flops("cpu", cache=cache) == 1e11
+    assert measure_peak_flops("cpu", bf16=True, cache=cache) == 2e10
+    assert measure_peak_flops("cpu", bf16=True, cache=cache) == 2e10  # from the cache: timed once
+    assert timed == [None, torch.bfloat16]
+    keys = list(json.loads(cache.read_text()))
+    assert len(keys) == 2 and keys[1] == keys[0] + ":autocast-bf16"  # not ':bf16', the raw GEMMs older versions cached

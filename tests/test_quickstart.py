@@ -55,3 +55,12 @@ def test_course_config_runs_through_a_local_pythia_stand_in(tmp_path):
     result = train(cfg)
     assert result["steps"] == 4 and (tmp_path / "run" / "final" / "config.json").is_file()
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["model_type"] == "gpt_neox"
+
+
+def test_shipped_configs_leave_precision_to_the_hardware():
+    # train.precision=auto: bf16 autocast where bf16 matmuls are native, fp32 on CPUs that emulate bf16 (AVX2
+    # only, 7.5x slower there). Every command resolves it the same way, so no script may switch it for train alone.
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert load_config(path, []).train.precision == "auto", path.name
+    script = (ROOT / "scripts" / "quickstart.sh").read_text()
+    assert 'step train   tunesmith train "$CFG" "$@"' in script and "train.precision=$" not in script

@@ -70,6 +70,7 @@ def test_render_truncation_matches_truncate(tok, side):
     p = tok(prompt_text(ex, t))["input_ids"]
     r = tok(ex.fields["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # right cuts the response's end, left and prompt_left the prompt's head: two tokens of the other part stay
+    # (for prompt_left fewer than the template's fixed text, so it falls back to this token cut: test_truncation.py)
     max_length = len(p) + 2 if side == "right" else len(r) + 2
     [s] = render([ex], t, tok, max_length, side, Rejects("fail"))
     tp, tr = truncate(p, r, max_length, side)

@@ -8,8 +8,9 @@ from tunesmith.config import UserError
 from tunesmith.data.formats import ALPACA_NO_INPUT, Example, get_template, prompt_text, to_example
 from tunesmith.data.pack import collate_packed, collate_padded, epoch_batches, pack
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.render import IGNORE, render, render_prompt, truncate
+from tunesmith.data.render import IGNORE, render, render_prompt
 from tunesmith.data.sources import Row
+from tunesmith.data.truncate import truncate
 
 
 def qa(q="What was the revenue?", a="The revenue was 42 percent.", where="t.jsonl:1"):

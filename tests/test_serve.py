@@ -9,12 +9,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests import tiny
-from tunesmith.config import Config, GenerateConfig, ServeConfig
+from tunesmith.config import Config, GenerateConfig, ServeConfig, UserError
 from tunesmith.data.formats import Example, get_template
 from tunesmith.data.render import render_prompt
 from tunesmith.generate import generate
 from tunesmith.serve.app import create_app, load_models
-from tunesmith.serve.scheduler import LoadedModel, Scheduler
+from tunesmith.serve.scheduler import Job, LoadedModel, Scheduler
 
 QA = get_template("qa", "qa")
 CHAT = get_template("chat", "chat")
@@ -134,11 +134,18 @@ def test_errors_are_openai_shaped():
         assert _error(c.post("/v1/completions", json=long), 400)["code"] == "context_length_exceeded"
         assert _error(c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 5000}), 413)["code"] == "request_too_large"
         _error(c.get("/v1/nothing"), 404)
-        # a prompt near the context end gets only the room that is left
+        # near the context end: an explicit max_tokens that does not fit is refused (as OpenAI does), while
+        # the default limit shrinks to the room that is left and finish_reason says the answer was cut
         tok = tiny.tokenizer()
         k = max(k for k in range(1, 40) if len(tok("hello world " * k)["input_ids"]) < 28)
+        n = len(tok("hello world " * k)["input_ids"])
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello world " * k, "max_tokens": 20})
+        err = _error(r, 400, "max_tokens")
+        assert err["code"] == "context_length_exceeded" and f"at most {32 - n}" in err["message"]
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello world " * k, "max_tokens": 32 - n})
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 32
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello world " * k})  # default: 8, or the room left
+        assert r.json()["usage"]["completion_tokens"] == min(8, 32 - n) and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_bearer_auth(monkeypatch):
@@ -235,17 +242,81 @@ def test_load_models_shares_the_base_between_adapters(tmp_path):
     assert len(set(texts)) == 3
 
 
+def write_eval_run(run, examples, template) -> None:
+    """A finished compare run's files as compare and the data cache write them (predictions rows, test examples)."""
+    from dataclasses import asdict
+
+    from tunesmith.eval.compare import questions_for
+
+    qs = questions_for(examples, [], template, tiny.tokenizer())
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    rows = [{"where": ex.where, "prompt": p, "question": q} for ex, p, q in zip(examples, qs.prompt_texts, qs.questions, strict=True)]
+    (run / "eval" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "data" / "test_examples.jsonl").write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
+
+
 def test_example_questions_from_predictions_or_test_split(tmp_path):
-    from tunesmith.serve.app import example_questions, model_specs
+    from tunesmith.serve.app import model_specs
+    from tunesmith.serve.playground import example_questions
 
     qa = tiny.write_qa(tmp_path / "qa.jsonl", n=40)
     cfg = Config(data={"path": str(qa), "test_size": 0.25}, out_dir=str(tmp_path / "run"))
     found = example_questions(cfg, limit=3)
     assert len(found) == 3 and all(q.startswith("What was the revenue of company") for q in found)
     assert model_specs(cfg) == {"base": "smollm2-135m-instruct"}
-    (tmp_path / "run" / "eval").mkdir(parents=True)
-    (tmp_path / "run" / "final").mkdir()
-    (tmp_path / "run" / "eval" / "predictions.jsonl").write_text('{"prompt": "Q1?"}\n{"prompt": "Q2?"}\n')
-    assert example_questions(cfg) == ["Q1?", "Q2?"]
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    examples = [Example(f"qa.jsonl:{i}", fields={"question": f"Q{i}?", "answer": "A."}) for i in (1, 2)]
+    write_eval_run(tmp_path / "run", examples, CHAT)
+    assert example_questions(cfg) == ["Q1?", "Q2?"]  # not the rendered '<|im_start|>user\nQ1?<eos>...'
     assert model_specs(cfg) == {"base": "smollm2-135m-instruct", "tuned": str(tmp_path / "run" / "final")}
     assert example_questions(Config(data={"path": str(tmp_path / "missing.jsonl")}, out_dir=str(tmp_path / "x"))) == []
+
+
+def test_example_questions_are_the_user_turn_of_chat_data(tmp_path):
+    from tunesmith.serve.playground import example_questions
+
+    messages = [{"role": "system", "content": "You are a terse analyst."}, {"role": "user", "content": "What was Q3 revenue?"},
+                {"role": "assistant", "content": "$34 million."}]
+    write_eval_run(tmp_path / "run", [Example("chat.jsonl:1", messages=messages)], CHAT)
+    cfg = Config(data={"path": str(tmp_path / "chat.jsonl"), "format": "chat"}, out_dir=str(tmp_path / "run"))
+    assert example_questions(cfg) == ["What was Q3 revenue?"]
+    (tmp_path / "run" / "data" / "test_examples.jsonl").unlink()  # no cache: the stored question, never the prompt
+    assert example_questions(cfg) == ["You are a terse analyst.\nWhat was Q3 revenue?"]
+    (tmp_path / "run" / "eval" / "predictions.jsonl").write_text('{"where": "x", "question": "Q?"}\n{"where": ')
+    with pytest.raises(UserError, match=r"predictions.jsonl:2: invalid JSON"):
+        example_questions(cfg, limit=5)
+
+
+def test_extreme_sampling_values_are_refused_or_safe():
+    models = _models()
+    lm = models["tiny"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with TestClient(create_app(_cfg(), models)) as c:
+        for stream in (False, True):
+            body = {**chat, "stream": stream}
+            _error(c.post("/v1/chat/completions", json={**body, "seed": 2**64}), 422, "seed")  # torch.manual_seed overflowed: 500
+            _error(c.post("/v1/chat/completions", json={**body, "repetition_penalty": 1e300}), 422, "repetition_penalty")
+            nan = json.dumps(body)[:-1] + ', "temperature": NaN}'
+            _error(c.post("/v1/chat/completions", content=nan.encode()), 422, "temperature")
+            lone = json.dumps({**body, "messages": [{"role": "user", "content": "\ud800"}]})  # -> "\\ud800" on the wire
+            assert _error(c.post("/v1/chat/completions", content=lone.encode()), 400)["code"] == "invalid_json"
+        # temperature 1e-300 divided the logits to inf (NaN probabilities, a 500): it is greedy decoding
+        r = c.post("/v1/chat/completions", json={**chat, "temperature": 1e-300})
+        ids = render_prompt(Example("request", fields={"question": "hi"}), QA, lm.tokenizer)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == _greedy(lm, ids, 4)
+        assert c.get("/v1/models/tiny").json()["id"] == "tiny"
+        _error(c.get("/v1/models/gpt-9"), 404, "model")
+
+
+def test_closing_the_scheduler_answers_the_jobs_still_waiting():
+    async def main():
+        sched = Scheduler(_models(), max_batch_size=1, max_wait_ms=0)  # no worker: as after its last batch
+        loop = asyncio.get_running_loop()
+        job = Job("tiny", [1, 2, 3], GenerateConfig(max_new_tokens=2), loop, loop.create_future())
+        sched.held.append(job)  # taken from the inbox, waiting for a batch of its kind, as the server shuts down
+        sched.close()
+        with pytest.raises(RuntimeError, match="shut down"):
+            await asyncio.wait_for(job.future, timeout=10)  # before: no answer, ever
+
+    asyncio.run(main())

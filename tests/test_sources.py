@@ -58,7 +58,7 @@ def test_bad_rows_skipped_and_reported_each_with_cause(tmp_path):
     assert [(i["where"], i["cause"]) for i in rej.items] == [
         (f"{f}:2", "invalid JSON (Expecting value at column 14)"),
         (f"{f}:3", "row is not a JSON object (got list)"),
-        (f"{f}:4", "invalid UTF-8 (byte 0xe9 at column 18)"),
+        (f"{f}:4", "invalid UTF-8 (byte 0xe9 at column 18, file offset 95)"),
     ]
 
 
@@ -123,7 +123,7 @@ def test_csv_rows_counted_from_one_after_header(tmp_path):
     out, rej = rows(f)
     assert out == [(f"{f}:row 1", {"question": "q1", "answer": "line one\nline two"}),
                    (f"{f}:row 3", {"question": "q3", "answer": "a3"})]
-    assert rej.items[0]["where"] == f"{f}:row 2" and rej.items[0]["cause"] == "row has 3 values, the header has 2"
+    assert rej.items[0]["where"] == f"{f}:row 2" and rej.items[0]["cause"] == "row has 3 values, the header has 2 (line 4)"
 
 
 def test_csv_invalid_utf8_names_row_and_field(tmp_path):
@@ -132,7 +132,7 @@ def test_csv_invalid_utf8_names_row_and_field(tmp_path):
     out, rej = rows(f)
     assert [w for w, _ in out] == [f"{f}:row 1", f"{f}:row 3"]
     assert (rej.items[0]["where"], rej.items[0]["field"], rej.items[0]["cause"]) == \
-        (f"{f}:row 2", "answer", "field 'answer' is not valid UTF-8")
+        (f"{f}:row 2", "answer", "field 'answer' is not valid UTF-8 (byte 0xe9 at line 3)")
 
 
 def test_parquet_rows(tmp_path):
@@ -175,7 +175,7 @@ def test_text_files_one_row_per_file(tmp_path):
     (d / "bad.txt").write_bytes(b"line one\nline \xff two\n")
     out, rej = rows(d, format="text", template="text")
     assert out == [(str(d / "a.txt"), {"text": "first document"}), (str(d / "b.md"), {"text": "# Title\nbody"})]
-    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{d / 'bad.txt'}:2", "invalid UTF-8 at line 2")
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{d / 'bad.txt'}:2", "invalid UTF-8 (byte 0xff at column 6, file offset 14)")
 
 
 def test_field_mapping_and_text_field(tmp_path):
@@ -209,3 +209,147 @@ def test_gzipped_jsonl(tmp_path):
     with gzip.open(f, "wb") as fh:
         fh.write(b'{"question": "q1"}\n{"question": "q2"}\n')
     assert rows(f)[0] == [(f"{f}:1", {"question": "q1"}), (f"{f}:2", {"question": "q2"})]
+
+
+# ---- issue 16: an empty source is an error naming the file; every reader names the real line of a bad byte
+
+def _parquet(path, n):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": [f"q{i}" for i in range(n)], "answer": ["a"] * n}), path)
+    return path
+
+
+@pytest.mark.parametrize("name,content,cause", [
+    ("a.jsonl", b"", "the file has 0 bytes"),
+    ("a.jsonl", b"\n  \n\r\n", "the file holds only blank lines"),
+    ("a.json", b"[]", "the JSON list is empty"),
+    ("a.json", b"", "the file has 0 bytes"),
+    ("a.csv", b"question,answer\n", "the csv has a header but no data rows"),
+    ("a.csv", b"question,answer\n\n\n", "the csv has a header but no data rows"),
+    ("a.parquet", None, "the parquet file has 0 rows"),
+    ("a.jsonl.gz", b"", "the file holds only blank lines"),  # 20 bytes of gzip framing around nothing
+])
+def test_empty_source_is_an_error_naming_the_file(tmp_path, name, content, cause):
+    import gzip
+
+    f = tmp_path / name
+    if name.endswith(".parquet"):
+        _parquet(f, 0)
+    else:
+        f.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    for policy in ("fail", "skip"):
+        with pytest.raises(UserError) as e:
+            rows(f, policy=policy)
+        assert str(e.value) == f"{f}: no data rows ({cause}; check data.path)"
+
+
+def test_directory_of_empty_files_is_an_error_but_one_empty_file_among_others_is_not(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"")
+    (d / "b.csv").write_bytes(b"question,answer\n")
+    with pytest.raises(UserError, match=rf"^{d}: none of its 2 data files holds a row"):
+        rows(d)
+    write_lines(d / "c.jsonl", [b'{"question": "q"}'])
+    assert [w for w, _ in rows(d)[0]] == [f"{d / 'c.jsonl'}:1"]
+
+
+def _line_41(bad: bytes, eol: bytes = b"\n") -> bytes:
+    good = [json.dumps({"question": f"What is question {i} about?", "answer": f"Answer {i}."}).encode() for i in range(40)]
+    return eol.join([*good, b'{"question": "caf' + bad + b'", "answer": "a"}', *good[:3]]) + eol
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.json"])
+def test_invalid_utf8_on_line_41_is_reported_on_line_41(tmp_path, name, eol):
+    # Was `a.jsonl:1 ... (byte 0xff at column 2893)` for a file with CR line ends: the reader split on LF only.
+    import gzip
+
+    data = _line_41(b"\xff", eol)
+    f = tmp_path / name
+    f.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    offset = data.index(b"\xff")
+    at = "" if name.endswith(".gz") else f", file offset {offset}"
+    with pytest.raises(UserError) as e:
+        rows(f, policy="fail")
+    assert str(e.value).startswith(f"{f}:41: invalid UTF-8 (byte 0xff at column 18{at})")
+    out, rej = rows(f)
+    assert len(out) == 43 and [i["where"] for i in rej.items] == [f"{f}:41"]
+
+
+def test_invalid_utf8_in_a_json_array_csv_and_text_file_names_the_line(tmp_path):
+    items = [json.dumps({"question": f"q{i}", "answer": "a"}).encode() for i in range(40)]
+    f = tmp_path / "a.json"
+    data = b"[\r" + b",\r".join([*items, b'{"question": "caf\xe9"}']) + b"]\r"
+    f.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(UserError, match=rf"^{f}:42: invalid UTF-8 \(byte 0xe9 at column 18, file offset {offset};"):
+        rows(f)
+    c = tmp_path / "a.csv"
+    c.write_bytes(b"question,answer\r" + b"".join(b"q%d,a\r" % i for i in range(39)) + b'"multi\rline",caf\xe9\r')
+    _, rej = rows(c)
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{c}:row 40", "field 'answer' is not valid UTF-8 (byte 0xe9 at line 42)")
+    t = tmp_path / "a.txt"
+    t.write_bytes(b"line\r" * 40 + b"caf\xe9\r")
+    _, rej = rows(t, format="text", template="text")
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{t}:41", "invalid UTF-8 (byte 0xe9 at column 4, file offset 203)")
+
+
+def test_csv_unclosed_quote_and_duplicate_header_are_errors_not_merged_rows(tmp_path):
+    f = tmp_path / "a.csv"
+    f.write_bytes(b'text\nfirst\n"second\nthird\nfourth\n')  # one column: the quote used to swallow the file silently
+    out, rej = rows(f, format="text", template="text")
+    assert [w for w, _ in out] == [f"{f}:row 1"]
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{f}:row 2", "malformed csv at lines 3-5 (unexpected end of data)")
+    g = tmp_path / "b.csv"
+    g.write_bytes(b"question,answer,answer\nq,a1,a2\n")  # dict(zip()) kept a2 and dropped a1
+    with pytest.raises(UserError, match=rf"^{g}:1: the header names column 'answer' twice"):
+        rows(g)
+
+
+def test_long_csv_field_is_read_not_a_csv_error(tmp_path):
+    f = tmp_path / "a.csv"
+    long = "x" * 300_000  # over the csv module's default 128 KiB field limit
+    f.write_text(f"question,answer\nq,{long}\n")
+    assert rows(f)[0][0][1]["answer"] == long
+
+
+def test_deep_json_and_corrupt_gzip_are_user_errors(tmp_path):
+    f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q"}', b"[" * 100_000])
+    out, rej = rows(f)
+    assert len(out) == 1 and (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{f}:2", "invalid JSON (nested too deeply)")
+    g = tmp_path / "a.jsonl.gz"
+    import gzip
+
+    g.write_bytes(gzip.compress(b'{"question": "q"}\n' * 1000)[:-30])  # truncated
+    with pytest.raises(UserError, match=rf"^{g}:\d+: cannot read the file \(Compressed file ended"):
+        rows(g)
+    h = tmp_path / "b.jsonl.gz"
+    h.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match=rf"^{h}:1: cannot read the file \(Not a gzipped file"):
+        rows(h)
+
+
+def test_hub_rows_that_do_not_parse_or_do_not_exist_are_user_errors(monkeypatch):
+    import datasets
+
+    from tunesmith.data import hub
+
+    def rows_then_bad_byte():
+        yield {"question": "q1", "answer": "a"}
+        yield {"question": "q2", "answer": "a"}
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows_then_bad_byte())
+    out, _ = [], None
+    with pytest.raises(UserError) as e:
+        out.extend(read_rows("org/ds", DataConfig(), Rejects("skip")))
+    assert len(out) == 2 and str(e.value) == ("org/ds[train]:row 3: cannot read the hub dataset past row 2 ('utf-8' codec "
+                                              "can't decode byte 0xff in position 0: invalid start byte)")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([]))
+    with pytest.raises(UserError, match=r"^org/ds\[train\]: the hub dataset has no rows \(check data.split\)$"):
+        rows("org/ds")

@@ -292,3 +292,84 @@ def test_one_gigabyte_corpus_streams_with_flat_memory(tmp_path):
     assert on_big["peak_mb"] - on_small["peak_mb"] < 64  # memory does not grow with the corpus
     assert on_big["peak_mb"] - on_big["after_steps_mb"] < 64  # nor with what was streamed
     assert on_big["losses"][-1] < on_big["losses"][0]
+
+
+# ---- issue 16: empty sources are errors; a bad byte is reported on its own line (lone CRs end lines too)
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("e.jsonl", b"\n\r\n"), ("e.txt", b"")])
+def test_empty_stream_source_is_an_error_naming_it(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    for policy in ("fail", "skip"):
+        with pytest.raises(UserError, match=rf"^{f}: no data rows \(every file is empty or holds only blank lines"):
+            TextStream(cfg_for(str(f), on_bad_row=policy), word_tok(), 1, 0).next()
+
+
+def test_stream_reports_a_bad_byte_on_line_41_with_cr_line_ends(tmp_path):
+    # Was `d.jsonl:1: invalid JSON or UTF-8 (UnicodeDecodeError)`: the whole CR-ended file was one line.
+    lines = [json.dumps({"text": "a b"}).encode()] * 40 + [b'{"text": "c\xff"}', json.dumps({"text": "d"}).encode()]
+    data = b"\r".join(lines) + b"\r"
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(data)
+    with pytest.raises(UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 12, file offset {data.index(b'c') + 1}\)"):
+        TextStream(cfg_for(str(f), max_length=200), word_tok(), 1, 0).next()
+    s = TextStream(cfg_for(str(f), max_length=125, on_bad_row="skip"), word_tok(), 1, 0)
+    assert s.next()[0]["input_ids"][0].tolist() == [2, 3, 0] * 40 + [5, 0, 2, 3, 0]  # line 42 ("d") follows line 40
+    assert [r["where"] for r in s.rejects.items] == [f"{f}:41"]
+    # a resume point inside the CR-split chunk continues at the exact line
+    s2 = TextStream(cfg_for(str(f), max_length=3, on_bad_row="skip"), word_tok(), 1, 0)
+    for _ in range(39):
+        s2.next()
+    state = s2.state()
+    s3 = TextStream(cfg_for(str(f), max_length=3, on_bad_row="skip"), word_tok(), 1, 0)
+    s3.load_state(state)
+    assert [s2.next()[0]["input_ids"][0].tolist() for _ in range(3)] == [s3.next()[0]["input_ids"][0].tolist() for _ in range(3)]
+
+
+def test_stream_text_piece_names_the_line_of_the_bad_byte(tmp_path):
+    f = tmp_path / "doc.txt"
+    f.write_bytes(b"a b\r\n" * 40 + b"c \xff\r\nd\r\n")
+    with pytest.raises(UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 3, file offset 202; lines 1-42 are skipped\)"):
+        TextStream(cfg_for(str(f), max_length=4), word_tok(), 1, 0).next()
+
+
+def test_heldout_test_path_that_is_empty_or_all_bad_is_an_error(tmp_path, tok):
+    from tunesmith.data.pipeline import build_heldout
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ["a b c"])
+    held = tmp_path / "held.jsonl"
+    held.write_bytes(b"")
+    base = [f"data.path={corpus}", "data.format=text", "data.streaming=true", f"data.test_path={held}"]
+    with pytest.raises(UserError, match=rf"^{held}: no data rows \(the file has 0 bytes"):
+        build_heldout(load_config(None, base), tok)
+    held.write_bytes(b'{"body": "x"}\n{"text": 3}\n')
+    with pytest.raises(UserError, match=rf"^{held}: all 2 rows were skipped as bad \(see {tmp_path / 'run'}"):
+        build_heldout(load_config(None, [*base, "data.on_bad_row=skip"]), tok, tmp_path / "run")
+
+
+def test_skipped_rows_are_written_once_to_the_run_report_not_once_per_epoch(tmp_path):
+    # The stream's skipped rows used to stay in memory only (and grew by one copy per epoch): a silent drop.
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a b"}\n{"body": "x"}\n{"text": "c"}\n')
+    run = tmp_path / "run"
+    s = TextStream(cfg_for(str(f), max_length=4, on_bad_row="skip"), word_tok(), 4, 0, out_dir=run)
+    for _ in range(3):  # many epochs of a 2-document file
+        s.next()
+    lines = [json.loads(x) for x in (run / "data_rejects.jsonl").read_text().splitlines()]
+    assert [(r["where"], r["field"]) for r in lines] == [(f"{f}:2", "text")]
+    assert s.epoch > 1 and s.rejects.count == 1
+    g = tmp_path / "bad.jsonl"
+    g.write_text('{"body": "x"}\n')
+    with pytest.raises(UserError) as e:
+        TextStream(cfg_for(str(g), on_bad_row="skip"), word_tok(), 1, 0, out_dir=run).next()
+    assert str(e.value) == (f"{g}: no documents with text in any file (check data.text_field='text'; 1 row skipped "
+                            f"as bad) (see {run / 'data_rejects.jsonl'})")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_compressed_stream_names_line_41_without_a_file_offset(tmp_path, suffix):
+    data = b"".join(json.dumps({"text": "a b"}).encode() + b"\r\n" for _ in range(40)) + b'{"text": "c\xff"}\r\n'
+    f = tmp_path / f"d{suffix}"
+    f.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else zstandard.ZstdCompressor().compress(data))
+    with pytest.raises(UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 12\) \(use data.on_bad_row"):
+        TextStream(cfg_for(str(f), max_length=200), word_tok(), 1, 0).next()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.fake_openai import FakeChatServer
 from tests.test_documents import DOC
+from tunesmith import cli
 from tunesmith.config import SynthConfig, UserError, load_config
 from tunesmith.data.documents import word_spans
 from tunesmith.synth import (
@@ -23,6 +27,7 @@ from tunesmith.synth import (
     output_paths,
     parse_pairs,
     synth,
+    synth_cli,
     verdict,
 )
 
@@ -138,6 +143,10 @@ def test_synth_writes_provenance_sides_and_report(tmp_path):
     # overlapping windows repeat sentences: those questions are dropped as duplicates (or leakage), with examples
     assert report["dropped"]["duplicate"] + report["dropped"]["leakage"] > 0
     assert json.loads(files["report"].read_text()) == report
+    rejected = _rows(files["rejected"])  # every generated pair is kept or written here with its reason
+    assert len(rejected) == report["pairs_generated"] - len(train) - len(test)
+    assert Counter(r["reason"] for r in rejected) == {k: v for k, v in report["dropped"].items() if v}
+    assert {r["source"] for r in rejected} == {"guide.md"} and all(r["chunk"] and r["question"] for r in rejected)
     # the output is a qa file the data pipeline reads
     from tunesmith.data.pipeline import read_examples
     from tunesmith.data.rejects import Rejects
@@ -152,8 +161,12 @@ def test_malformed_output_is_retried_then_counted(tmp_path):
     assert (report["requests"], report["retried"], report["dropped"]["malformed"]) == (2, 1, 0)
     assert report["kept"]["train"] + report["kept"]["test"] == 1
     gen = Scripted(replies=["no", "still no"])
-    report = synth(_cfg(tmp_path, "synth.max_retries=1"), [tmp_path / "a.txt"], tmp_path / "qa2.jsonl", generator=gen)
+    with pytest.raises(UserError, match=r"^synth: 0 of 0 generated pairs kept, so no qa2.jsonl was written \(dropped: malformed 1 chunk"):
+        synth(_cfg(tmp_path, "synth.max_retries=1"), [tmp_path / "a.txt"], tmp_path / "qa2.jsonl", generator=gen)
+    files = output_paths(tmp_path / "qa2.jsonl")
+    report = json.loads(files["report"].read_text())
     assert report["dropped"]["malformed"] == 1 and report["examples"]["malformed"][0]["output"] == "still no"
+    assert [(r["reason"], r["output"]) for r in _rows(files["rejected"])] == [("malformed", "still no")]
 
 
 def test_interrupted_run_resumes_without_duplicates(tmp_path):
@@ -207,6 +220,63 @@ def test_remote_generator_against_a_local_http_server(tmp_path, monkeypatch):
     assert len(rows) == 3 and {r["generator"] for r in rows} == {"gen-1"}
 
 
+def _ungrounded(body: dict) -> tuple[int, str]:
+    """Two fluent pairs per chunk whose answers share no content word with any passage."""
+    chunk = body["messages"][-1]["content"].split('"""')[1].split()[0]
+    return 200, json.dumps([{"question": f"Which planet does {chunk} orbit?", "answer": "Zebras juggle violet saxophones."},
+                            {"question": f"Who painted the {chunk} mural?", "answer": "Penguins paint glaciers nightly."}])
+
+
+def test_nothing_kept_is_an_error_that_names_the_filters_and_keeps_the_rejected_pairs(tmp_path, monkeypatch, capsys):
+    (tmp_path / "guide.md").write_text(DOC)
+    out = tmp_path / "qa.jsonl"
+    server = FakeChatServer(_ungrounded)
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapped paths in what is printed
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "synth", str(tmp_path / "guide.md"), "--out", str(out),
+                                      "--set", f"synth.base_url={server.url}", "--set", "synth.model=m",
+                                      "--set", "synth.chunk_tokens=20", "--set", "synth.overlap_tokens=4",
+                                      "--set", "synth.test_size=0.3"])
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+    finally:
+        server.close()
+    printed = capsys.readouterr()
+    files = output_paths(out)
+    report = json.loads(files["report"].read_text())
+    n = report["pairs_generated"]
+    assert e.value.code == 2 and n == 2 * report["chunks"] > 2 and report["dropped"]["grounding"] == n
+    assert printed.err.startswith(f"error: synth: 0 of {n} generated pairs kept, so no qa.jsonl was written (dropped: grounding {n}; ")
+    assert len(printed.err.strip().splitlines()) == 1 and str(files["rejected"]) in printed.err
+    assert not files["train"].exists() and not files["test"].exists()
+    # every generated pair is on disk with its chunk, source and reason
+    asked = [json.loads(_ungrounded(r["body"])[1]) for r in server.requests]
+    rejected = _rows(files["rejected"])
+    assert sorted((r["question"], r["answer"]) for r in rejected) == sorted((p["question"], p["answer"]) for a in asked for p in a)
+    assert all(r["reason"] == "grounding" and r["source"] == "guide.md" and r["chunk"].startswith("guide.md#") for r in rejected)
+    # no path that does not exist is printed
+    paths = re.findall(re.escape(str(tmp_path)) + r"[^\s,;:)]*", printed.out + printed.err)
+    assert paths and all(Path(p).exists() for p in paths), paths
+    # a second run (other filters, same --out) has no chunk left to ask: the error says how to ask again
+    with pytest.raises(UserError, match=f"chunks were done by an earlier run: delete {re.escape(str(files['done']))} to ask again"):
+        synth(_cfg(tmp_path), [tmp_path / "guide.md"], out, generator=Scripted())
+
+
+def test_a_side_that_keeps_nothing_is_printed_without_a_path(tmp_path):
+    from rich.console import Console
+
+    (tmp_path / "guide.md").write_text(DOC)
+    out = tmp_path / "qa.jsonl"
+    console = Console(record=True, width=1000)
+    report = synth_cli(_cfg(tmp_path, "synth.test_size=0"), [tmp_path / "guide.md"], out, console, generator=Scripted())
+    files = output_paths(out)
+    assert report["kept"]["train"] > 0 == report["kept"]["test"] and not files["test"].exists()
+    line = console.export_text().strip().splitlines()[-1]
+    assert line == (f"kept {report['kept']['train']} train pairs -> {out}, 0 test pairs (none kept: no file), "
+                    f"dropped pairs -> {files['rejected']} (report: {files['report']})")
+    assert set(report["files"]) == {"train", "rejected", "done", "report"}
+
+
 def test_remote_configuration_errors(tmp_path, monkeypatch):
     (tmp_path / "a.md").write_text("# A\nsome words here.\n")
     with pytest.raises(UserError, match="synth.model"):
@@ -251,16 +321,20 @@ def test_remote_generator_against_tunesmiths_own_server(tmp_path, model_dir):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30  # a server that never starts fails the test instead of hanging it
     while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         thread.join(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         cfg = _cfg(tmp_path, f"synth.base_url=http://127.0.0.1:{port}/v1", "synth.model=tiny", "synth.max_retries=1",
                    "generate.max_new_tokens=8")
-        report = synth(cfg, [tmp_path / "a.md"], tmp_path / "qa.jsonl")
+        with pytest.raises(UserError, match="0 of 0 generated pairs kept"):
+            synth(cfg, [tmp_path / "a.md"], tmp_path / "qa.jsonl")
     finally:
         server.should_exit = True
         thread.join(10)
+    report = json.loads(output_paths(tmp_path / "qa.jsonl")["report"].read_text())
     # an untrained tiny model writes no JSON: every chunk is asked twice over HTTP, then counted malformed
     assert report["chunks"] == 2 and report["requests"] == 4 and report["retried"] == 2
     assert report["dropped"]["malformed"] == 2 and len(report["examples"]["malformed"][0]["output"]) > 0

@@ -65,7 +65,7 @@ def test_lora_trains_only_adapters(tmp_path, model_dir, qa_file):
 
 def test_grad_accum_equals_big_batch(tmp_path, model_dir, qa_file):
     # Adam's first step is ~lr*sign(g): a modest lr keeps fp32 summation-order noise far below 1e-6.
-    common = ["train.max_steps=1", "data.packing=false", "train.max_grad_norm=null", "train.lr=1e-4"]
+    common = ["train.max_steps=1", "train.precision=fp32", "data.packing=false", "train.max_grad_norm=null", "train.lr=1e-4"]
     train(cfg_for(tmp_path / "a", model_dir, qa_file, *common, "train.batch_size=2", "train.grad_accum=4"))
     train(cfg_for(tmp_path / "b", model_dir, qa_file, *common, "train.batch_size=8", "train.grad_accum=1"))
     a, b = weights(tmp_path / "a" / "run" / "final"), weights(tmp_path / "b" / "run" / "final")
@@ -142,9 +142,52 @@ def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file, monkeypatch
         return (total * float("nan") if calls["n"] == 3 else total), n
 
     monkeypatch.setattr(loop_mod, "loss_sum", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 \(batch with .*qa.jsonl:\d+"):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 \(batch with .*qa.jsonl:\d+") as e:
         train(cfg)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run")] == ["step-1", "step-2"]
+    assert_stopped_before_the_update(run, str(e.value))
+
+
+def assert_stopped_before_the_update(run: Path, msg: str) -> None:
+    """Diverged at step 3: steps 1-2 checkpointed and intact, nothing after them saved, the way out named."""
+    assert "\n" not in msg and f"last good checkpoint {run / 'checkpoints' / 'step-2'} kept, no final/ written" in msg
+    assert "train.lr too high" in msg and "train.precision=fp16" in msg
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step-1", "step-2"]
+    assert not (run / "final").exists()
+    assert checkpoint.verify(run / "checkpoints" / "step-2") is None
+    assert all(torch.isfinite(t).all() for t in weights(run / "checkpoints" / "step-2").values())
+    [segment] = json.loads((run / "manifest.json").read_text())["segments"]
+    assert (segment["status"], segment["ended_at_step"]) == ("diverged", 2)
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, inf backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("clip", ["null", "1.0"])
+def test_inf_gradient_with_finite_loss_stops_before_the_update(tmp_path, model_dir, qa_file, monkeypatch, clip):
+    cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", f"train.max_grad_norm={clip}")
+    calls = {"n": 0}
+    real = loop_mod.loss_sum
+
+    def poisoned(model, batch, smoothing):
+        calls["n"] += 1
+        total, n = real(model, batch, smoothing)
+        return (_InfGrad.apply(total) if calls["n"] == 3 else total), n
+
+    monkeypatch.setattr(loop_mod, "loss_sum", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step 3 \(loss [\d.]+, batch with .*qa.jsonl:\d+") as e:
+        train(cfg)
+    assert_stopped_before_the_update(run, str(e.value))
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, model_dir, qa_file, monkeypatch):
@@ -174,13 +217,16 @@ def test_fresh_run_into_old_out_dir_starts_a_fresh_log(tmp_path, model_dir, qa_f
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
 
 
-def test_emulated_bf16_gets_a_note(tmp_path, model_dir, qa_file, monkeypatch, capsys):
-    monkeypatch.setattr(loop_mod, "fast_bf16", lambda dev: False)  # a CPU without AVX512-BF16/AMX
+def test_emulated_bf16_gets_a_warning_with_the_measured_factor(tmp_path, model_dir, qa_file, monkeypatch, capsys):
+    from tunesmith.train import preflight
+
+    monkeypatch.setattr(preflight, "fast_bf16", lambda dev: False)  # a CPU without AVX512-BF16/AMX
+    monkeypatch.setattr(preflight, "calibrated_peak_flops", lambda dev, bf16=False: 13.6e9 if bf16 else 103e9)
     train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=bf16"))
-    assert "bf16 is emulated on this cpu" in capsys.readouterr().out
-    monkeypatch.setattr(loop_mod, "fast_bf16", lambda dev: True)
+    assert "bf16 autocast measured 7.6x slower than fp32 here" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "fast_bf16", lambda dev: True)
     train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=bf16", f"out_dir={tmp_path / 'b'}"))
-    assert "bf16 is emulated" not in capsys.readouterr().out
+    assert "no native bf16" not in capsys.readouterr().err
 
 
 def test_fast_bf16_follows_the_cpu_probes():

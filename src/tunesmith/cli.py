@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tunesmith.config import UserError, describe, load_config
 
@@ -62,6 +63,18 @@ def data_inspect(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> Non
     tok = load_tokenizer(cfg.model)
     report = inspect_data(cfg, tok, Path(cfg.out_dir))
     print_inspect(report, tok, console)
+    _preflight(cfg, tok)  # the warnings train would print; its first error fails inspect the same way
+
+
+def _preflight(cfg, tok):
+    """The data as train builds it (cached in <out_dir>/data), checked as train checks it: warnings, then the first error."""
+    from tunesmith.data.pipeline import build, build_heldout
+    from tunesmith.train.preflight import check
+
+    data = (build_heldout if cfg.data.streaming else build)(cfg, tok, cfg.out_dir)
+    check(cfg, tok, data, warn=lambda line: Console(stderr=True).print(line, style="yellow", markup=False, highlight=False,
+                                                                      soft_wrap=True))
+    return data
 
 
 @data_app.command("prepare")
@@ -84,14 +97,13 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
     if config.is_dir():
         result = plan_from_run(config)
     else:
-        from tunesmith.data.pipeline import build
         from tunesmith.model.load import load_tokenizer
 
         cfg = _cfg(config, overrides)
         if device:
             cfg.plan.device = device
         # The data's real token counts (packing considered) make the step count and FLOPs exact.
-        samples = build(cfg, load_tokenizer(cfg.model), cfg.out_dir).train
+        samples = _preflight(cfg, load_tokenizer(cfg.model)).train
         result = plan_for_data(cfg, samples)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "plan.json").write_text(json.dumps(result, indent=2, default=str))
@@ -183,13 +195,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
-    except UserError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    except UserError as e:  # escaped: a message quotes user data, whose "[...]" is not rich markup
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
     except RuntimeError as e:
         if type(e).__name__ == "TrainingDiverged":
-            Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(1)
         raise

@@ -42,7 +42,7 @@ class DataConfig(_Section):
     fields: dict[str, str] = Field(default_factory=dict, description="column mapping, e.g. {question: prompt, answer: completion}")
     split: str = Field("train", description="split name for hub datasets")
     max_length: int = Field(512, gt=1, description="max tokens per example (prompt + response + EOS)")
-    truncation: Literal["right", "left", "prompt_left"] = Field("prompt_left", description="which side to cut; prompt_left cuts the prompt from the left so the answer survives")
+    truncation: Literal["right", "left", "prompt_left"] = Field("prompt_left", description="prompt_left cuts the user content (oldest turn / longest field first), keeping the system prompt, the template's fixed text and the whole answer; left/right cut tokens from the start/end")
     test_size: float = Field(0.1, ge=0, description="fraction (< 1) or count (>= 1) of examples held out")
     test_path: str | None = Field(None, description="explicit test file instead of a split")
     seed: int = Field(42, description="seed of the hash-based train/test split")
@@ -76,7 +76,7 @@ class TrainConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm (null: no clipping)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only: (1-e) x cross-entropy + e x mean over the vocabulary of -log p (eval perplexity stays plain)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA with bf16 support, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     eval_every: int = Field(0, ge=0, description="evaluate on the test split every N steps (0: only at the end)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps and at the end (0: no checkpoints; final/ is always written)")
@@ -84,6 +84,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0, description="log to metrics.jsonl every N steps")
     seed: int = Field(42, description="seed for init, dropout and data order")
     resume: str = Field("never", description="'auto' (latest checkpoint in out_dir), 'never', or a checkpoint path")
+    resume_changed: Literal["refuse", "allow"] = Field("refuse", description="resuming after the data, template, tokenizer, model or an optimisation setting changed: refuse, or allow (recorded in manifest.json)")
+    overwrite: bool = Field(False, description="a fresh run may replace a finished run of another config in out_dir (its files move to out_dir/previous-<time>/, never deleted)")
     fsdp: bool = Field(False, description="FSDP2 instead of DDP under torchrun")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs the package)")
     compile: bool = Field(False, description="torch.compile the model")
@@ -213,10 +215,19 @@ _ALIASES = {
 
 def suggest_key(key: str) -> str | None:
     """The closest known key: the same section first, compared on the last segment, aliases included."""
+    key = ".".join(p.split("[", 1)[0] for p in key.split("."))  # data.sources[0].x: every item has one schema
     section, _, last = key.rpartition(".")
     prefix = section + "." if section else ""
     known = _known_keys(Config)
     siblings = {k[len(prefix):]: k for k in known if k.startswith(prefix) and "." not in k[len(prefix):]}
+    if not siblings and section:  # a section inside a list (data.sources): the fields of its item model
+        node: Any = Config
+        for name in section.split("."):
+            field = node.model_fields.get(name) if node is not None else None
+            ann = field.annotation if field is not None else None
+            node = next((t for a in (ann, *getattr(ann, "__args__", ())) for t in (a, *getattr(a, "__args__", ()))
+                         if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        siblings = {n: prefix + n for n in node.model_fields} if node is not None else {}
     # an alias counts as a sibling name pointing at its target, so a typo of an alias finds the target too
     names = dict(siblings) | {a: siblings[t] for a, t in _ALIASES.items() if t in siblings}
     guess = difflib.get_close_matches(last, list(names), n=1, cutoff=0.6)
@@ -229,36 +240,59 @@ def suggest_key(key: str) -> str | None:
 
 
 def _format_error(err: dict, source: str, raw: dict) -> str:
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-    key = ".".join(loc)
+    # Walk the error's location through the raw input: pydantic adds union members ('str', 'list[str]') and
+    # list positions to it, which are no part of the key the user wrote.
+    parts, value, found = [], raw, True
+    for i, p in enumerate(err["loc"]):
+        if isinstance(p, int) and isinstance(value, (list, tuple)):
+            parts.append(f"[{p}]")
+            found = -len(value) <= p < len(value)
+            value = value[p] if found else None
+        elif isinstance(value, dict) and p in value:
+            parts.append(f".{p}")
+            value = value[p]
+        elif err["type"] in ("missing", "extra_forbidden") and i == len(err["loc"]) - 1:
+            parts.append(f".{p}")  # the field the user left out (or added): not in the input's values
+            found = False
+        # else: a union member's name, not a key
+    key = "".join(parts).lstrip(".")
+
+    def shown(s: str) -> str:  # user text inside a one-line message: line breaks written as escapes
+        return s if s.isprintable() else repr(s)[1:-1]
+
     if err["type"] == "extra_forbidden":
         guess = suggest_key(key)
         hint = f" — did you mean '{guess}'?" if guess else " (see `tunesmith config show`)"
-        return f"{source}: unknown key '{key}'{hint}"
-    value = raw
-    for p in err["loc"]:
-        value = value.get(p) if isinstance(value, dict) else None
-    msg = err["msg"].replace("Value error, ", "")
-    return f"{source}: {key}: {msg} (got {value!r})" if key else f"{source}: {msg}"
+        return f"{source}: unknown key '{shown(key)}'{hint}"
+    msg = shown(err["msg"].replace("Value error, ", ""))
+    got = repr(value)
+    got = f" (got {got[:200]}{'…' if len(got) > 200 else ''})" if found else ""
+    return f"{shown(source)}: {shown(key)}: {msg}{got}" if key else f"{shown(source)}: {msg}{got}"
 
 
 def parse_overrides(overrides: list[str]) -> dict:
     """['train.lr=1e-4', 'data.fields={a: b}'] -> nested dict; values parse as YAML scalars/lists."""
     tree: dict = {}
     for item in overrides:
+        shown = item if item.isprintable() else repr(item)[1:-1]  # one-line messages, whatever was typed
+        shown = shown if len(shown) <= 200 else shown[:200] + "…"
         if "=" not in item:
-            raise UserError(f"override '{item}' must look like key=value (e.g. train.lr=1e-4)")
+            raise UserError(f"override '{shown}' must look like key=value (e.g. train.lr=1e-4)")
         key, _, text = item.partition("=")
         try:
             value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError as e:
-            raise UserError(f"override '{item}': value is not valid YAML ({e.__class__.__name__})") from None
+        # PyYAML's constructors raise ValueError for impossible dates/numbers (`2024-01-01 25:00:00`, `!!int 0x`),
+        # and its composer recurses per nesting level
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            raise UserError(f"override '{shown}': value is not valid YAML ({e.__class__.__name__})") from None
         node = tree
-        parts = key.strip().split(".")
+        parts = [p.strip() for p in key.split(".")]
+        if not all(parts):
+            raise UserError(f"override '{shown}': empty key part (keys look like train.lr)")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise UserError(f"override '{item}': '{p}' is not a section")
+                raise UserError(f"override '{shown}': '{p}' is not a section")
         node[parts[-1]] = value
     return tree
 
@@ -278,17 +312,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
+        data = p.read_bytes()
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(data.decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise UserError(f"{p}:{line}: invalid UTF-8 (byte {data[e.start]:#04x}; re-save the file as UTF-8)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # a ReaderError has no `problem`
+            raise UserError(f"{p}{where}: invalid YAML ({problem})") from None
+        except (ValueError, RecursionError) as e:  # impossible dates/numbers; nesting deeper than the stack
+            raise UserError(f"{p}: invalid YAML ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if not isinstance(raw, dict):
             raise UserError(f"{p}: top level must be a mapping of sections (model, data, train, ...)")
     raw = _merge(raw, parse_overrides(overrides or []))
     if raw.get("lora") is True:  # `lora=true` as an override means "LoRA with defaults"
         raw["lora"] = {}
+    elif raw.get("lora") is False:  # and `lora: false` means no LoRA, as `lora: null` does
+        raw["lora"] = None
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -188,9 +188,9 @@ class Precision:
 
 
 def precision_for(cfg: Config, cuda: bool, bf16: bool) -> Precision:
-    """What model.dtype/train.precision mean on a CUDA (bf16-capable) device or on CPU."""
+    """What model.dtype/train.precision mean on a CUDA device or a CPU; `bf16`: its bf16 matmuls are native."""
     weight = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2 if (cuda and bf16) else 4}[cfg.model.dtype]
-    auto = {"fp32": None, "bf16": 2, "fp16": 2, "auto": 2 if (cuda and bf16) else None}[cfg.train.precision]
+    auto = {"fp32": None, "bf16": 2, "fp16": 2, "auto": 2 if bf16 else None}[cfg.train.precision]  # runtime.autocast_dtype
     act = auto or weight
     return Precision(weight, act, weight == 4 and auto is not None, True)  # make_optimizer: fused on CUDA and CPU
 
@@ -313,10 +313,14 @@ def host_ram_bytes() -> int:
 
 
 def fit_table(arch: Arch, cfg: Config, seq_len: int, label_fraction: float = 1.0) -> list[dict]:
-    """Fits or not, and the largest micro-batch, on this machine's RAM (CPU, fp32) and each GPU in DEVICES."""
-    rows = []
+    """Fits or not, and the largest micro-batch, on this machine's RAM (CPU) and each GPU in DEVICES."""
+    import torch
+
+    from tunesmith.runtime import fast_bf16
+
+    rows, cpu_bf16 = [], fast_bf16(torch.device("cpu"))
     for name, gib, cuda in [("this machine (cpu)", host_ram_bytes() / GiB, False), *((n, g, True) for n, (g, _) in DEVICES.items())]:
-        prec = precision_for(cfg, cuda=cuda, bf16=name != "t4-16gb")
+        prec = precision_for(cfg, cuda=cuda, bf16=name != "t4-16gb" if cuda else cpu_bf16)
         usable = gib * GiB * (USABLE if cuda else 0.8)  # leave the OS and other processes their share on a host
         need = training_memory(arch, cfg, cfg.train.batch_size, seq_len, prec, label_fraction)["peak"]
         rows.append({"device": name, "capacity_bytes": int(gib * GiB), "needed_bytes": need, "fits": need <= usable,
@@ -325,7 +329,10 @@ def fit_table(arch: Arch, cfg: Config, seq_len: int, label_fraction: float = 1.0
 
 
 def calibrated_peak_flops(dev, bf16: bool = False) -> float:
-    """Peak matmul FLOP/s of `dev` as plans and MFU use it: datasheet, or a GEMM measured once per machine."""
+    """Peak matmul FLOP/s of `dev` as plans and MFU use it: datasheet, or a timing measured once per machine.
+
+    On CPU: an fp32 Linear, under bf16 autocast when `bf16` (runtime.measure_peak_flops).
+    """
     from tunesmith.runtime import measure_peak_flops
 
     return measure_peak_flops(dev, bf16, cache_root(None) / "peak_flops.json")
@@ -335,22 +342,38 @@ def _target(cfg: Config) -> dict:
     """The device planned for: a named GPU from DEVICES, or the device this process would train on."""
     import torch
 
-    from tunesmith.runtime import bf16_supported, device
+    from tunesmith.runtime import device, fast_bf16
 
     name = cfg.plan.device
     if name is not None:
         if name not in DEVICES:
             raise UserError(f"plan.device: unknown device '{name}' (known: {', '.join(DEVICES)})")
         gib, peak = DEVICES[name]
-        return {"name": name, "cuda": True, "bf16": name != "t4-16gb", "capacity": gib * GiB, "usable": gib * GiB * USABLE, "peak_flops": peak}
+        bf16 = name != "t4-16gb"
+        return {"name": name, "cuda": True, "bf16": bf16, "capacity": gib * GiB, "usable": gib * GiB * USABLE,
+                "peak_flops": peak, "autocast": _autocast_name(cfg.train.precision, bf16)}
     dev = device()
+    native = fast_bf16(dev)  # CUDA: bf16 support; CPU: AVX512-BF16/AMX
+    autocast = _autocast_name(cfg.train.precision, native)
     if dev.type == "cuda":
         cap = torch.cuda.get_device_properties(dev).total_memory
-        return {"name": torch.cuda.get_device_name(dev), "cuda": True, "bf16": bf16_supported(dev), "capacity": cap,
-                "usable": cap * USABLE, "peak_flops": calibrated_peak_flops(dev)}
+        return {"name": torch.cuda.get_device_name(dev), "cuda": True, "bf16": native, "capacity": cap,
+                "usable": cap * USABLE, "peak_flops": calibrated_peak_flops(dev), "autocast": autocast}
     ram = host_ram_bytes()
-    peak = calibrated_peak_flops(dev, bf16=cfg.train.precision == "bf16")  # bf16 autocast: bf16 GEMMs on CPU too
-    return {"name": "cpu", "cuda": False, "bf16": False, "capacity": ram, "usable": ram * 0.8, "peak_flops": peak}
+    # the operation the run's matmuls really are: an fp32 Linear, under bf16 autocast when the run uses it
+    peak = calibrated_peak_flops(dev, bf16=autocast == "bf16")
+    return {"name": "cpu", "cuda": False, "bf16": native, "capacity": ram, "usable": ram * 0.8, "peak_flops": peak,
+            "autocast": autocast}
+
+
+def _autocast_name(precision: str, native_bf16: bool) -> str:
+    """The autocast a run of train.precision uses where bf16 is (or is not) native: bf16, fp16 or fp32 (none)."""
+    import torch
+
+    from tunesmith.runtime import autocast_dtype
+
+    dtype = autocast_dtype(precision, torch.device("cpu"), native_bf16)  # `native_bf16` decides, not the device
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def what_can_i_run(cfg: Config, target: dict, seq_len: int = 1024) -> list[dict]:
@@ -409,8 +432,8 @@ def make_plan(cfg: Config, tokens_per_step: int | None = None, total_tokens: int
                    "max_micro_batch": max_micro_batch(arch, cfg, seq, prec, target["usable"], label_fraction)},
         "inference": inference_memory(arch, cfg.generate.batch_size, seq + cfg.generate.max_new_tokens, prec.weight),
         "fit": fit_table(arch, cfg, seq, label_fraction),
-        "time": {"device": target["name"], "peak_flops": target["peak_flops"], "expected_mfu": cfg.plan.expected_mfu,
-                 "tokens_per_s": tokens_per_s, "step_s": step_s, "total_s": step_s * steps if steps else None},
+        "time": {"device": target["name"], "autocast": target["autocast"], "peak_flops": target["peak_flops"],
+                 "expected_mfu": cfg.plan.expected_mfu, "tokens_per_s": tokens_per_s, "step_s": step_s, "total_s": step_s * steps if steps else None},
         "what_can_i_run": what_can_i_run(cfg, target),
         "formulas": {"flops": flops_formula, "memory": "peak = weights + adapters + AdamW moments + max(activations + loss (label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], grads + optimizer temporaries)"},
         "measured": None,

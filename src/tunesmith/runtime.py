@@ -58,10 +58,16 @@ def weight_dtype(name: str, dev: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
-    """train.precision -> autocast dtype (None = no autocast)."""
+def autocast_dtype(precision: str, dev: torch.device, native_bf16: bool | None = None) -> torch.dtype | None:
+    """train.precision -> autocast dtype (None = no autocast); auto = bf16 where its matmuls are native, else none.
+
+    Native: CUDA with bf16, or a CPU with AVX512-BF16/AMX (`fast_bf16`, or `native_bf16` when given, e.g. by a
+    test of the other kind of CPU). Elsewhere bf16 is emulated: an autocast Linear measured 7.5x slower than
+    fp32 on an AVX2-only CPU, so auto trains in fp32 there (and on a CUDA GPU without bf16, as before).
+    """
     if precision == "auto":
-        return torch.bfloat16 if bf16_supported(dev) else None
+        native = fast_bf16(dev) if native_bf16 is None else native_bf16
+        return torch.bfloat16 if native else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -83,9 +89,10 @@ def huge_pages_for_tensors() -> None:
 
 
 def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) -> float:
-    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short GEMM (kept in `cache`, a JSON file).
+    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short timing (kept in `cache`, a JSON file).
 
-    On CPU the GEMM runs in fp32, or in bf16 when `bf16` (a run under bf16 autocast: its matmuls are bf16).
+    On CPU it times what a training step runs: an fp32 nn.Linear, under bf16 autocast when `bf16` (the weight
+    cast included), not a raw bf16 GEMM, which is 15x slower than that where bf16 is emulated (AVX2-only CPUs).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -95,30 +102,41 @@ def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) ->
                 return peak
     bf16 = bf16 or device.type == "cuda"
     key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:{torch.get_num_threads()}"
-    key += ":bf16" if bf16 and device.type != "cuda" else ""
+    key += ":autocast-bf16" if bf16 and device.type != "cuda" else ""  # not ':bf16', the raw GEMM older versions cached
     cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     if key not in cached:
-        cached[key] = _gemm_flops(device, torch.bfloat16 if bf16 else torch.float32)
+        cached[key] = _matmul_flops(device, torch.bfloat16 if bf16 else None)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(cached, indent=1))
     return cached[key]
 
 
-def _gemm_flops(device, dtype) -> float:
-    """Best of a few square GEMMs in `dtype`: 4096^2 on CUDA, 1024^2 on CPU."""
+def _matmul_flops(device, amp: torch.dtype | None, budget_s: float = 1.0) -> float:
+    """Best of a few square matmuls: bf16 GEMMs on CUDA (4096^2); on CPU an fp32 1024^2 Linear under `amp` autocast.
+
+    Rounds stop once `budget_s` is spent (after two), so an emulated bf16 path costs about a second, not ten.
+    """
     n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / 4)
+    if device.type == "cuda":
+        w, x = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+        op = w.matmul
+    else:
+        op, x = torch.nn.Linear(n, n, bias=False), torch.randn(n, n)
+    best, spent, rounds = float("inf"), 0.0, 0
+    with torch.no_grad():
+        op(x)  # first call: kernel selection, allocations
+        while rounds < 5 and (rounds < 2 or spent < budget_s):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(4):
+                with autocast(amp, device):
+                    op(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            best, spent, rounds = min(best, dt / 4), spent + dt, rounds + 1
     return 2 * n**3 / best
 
 
@@ -133,3 +151,9 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only."""
     if dist_info().is_main:
         print(*args, **kwargs)
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or TRANSFORMERS_OFFLINE is set (read at call time)."""
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)

@@ -6,6 +6,7 @@ serving render prompts exactly as training did.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.rejects import Rejects
@@ -15,6 +16,10 @@ from tunesmith.data.sources import Row
 REQUIRED = {"qa": ("question", "answer"), "alpaca": ("instruction", "output"), "text": ("text",), "chat": ("messages",)}
 OPTIONAL = {"alpaca": ("input",)}
 RESPONSE_FIELD = {"qa": "answer", "alpaca": "output", "text": "text", "chat": "messages"}
+# A JSON escape such as "\ud800" decodes to half a UTF-16 pair: Python keeps it, but it is no text, and the
+# tokenizer and every UTF-8 writer (cache, rejects report) fail on it far from the row.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_CAUSE = "field '{}' holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF escape that is not text)"
 
 # The two standard Alpaca prompts (Taori et al. 2023), chosen per row by whether `input` is non-empty.
 ALPACA_INPUT = (
@@ -112,7 +117,19 @@ def to_example(row: Row, fmt: str, rejects: Rejects) -> Example | None:
     for name, value in fields.items():
         if name not in out and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             out[name] = value if isinstance(value, str) else str(value)
+    bad = _not_text(out)
+    if bad is not None:
+        rejects.bad(row.where, bad, _SURROGATE_CAUSE.format(bad.encode("utf-8", "backslashreplace").decode()), fields)
+        return None
     return Example(where=row.where, fields=out)
+
+
+def _not_text(fields: dict[str, str]) -> str | None:
+    """The first field whose name or value holds a lone surrogate, else None (ASCII is checked for free)."""
+    for name, value in fields.items():
+        if not (value.isascii() and name.isascii()) and (_SURROGATE.search(value) or _SURROGATE.search(name)):
+            return name
+    return None
 
 
 def _chat_example(row: Row, rejects: Rejects) -> Example | None:
@@ -127,6 +144,10 @@ def _chat_example(row: Row, rejects: Rejects) -> Example | None:
             return None
         if m["role"] not in ("system", "user", "assistant"):
             rejects.bad(row.where, "messages", f"messages[{i}].role '{m['role']}' is not system/user/assistant", row.fields)
+            return None
+        if _not_text({"content": m["content"]}) is not None:
+            rejects.bad(row.where, "messages", f"messages[{i}].content holds an unpaired UTF-16 surrogate "
+                        "(a \\uD800-\\uDFFF escape that is not text)", row.fields)
             return None
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in clean):

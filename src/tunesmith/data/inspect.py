@@ -1,24 +1,33 @@
 """`tunesmith data inspect`: what the model will see, before any compute is spent.
 
 Counts per split, token-length histogram (terminal + `<out_dir>/data_lengths.png`), share truncated at
-max_length and a suggested max_length (p99 rounded up to 32), duplicates, near duplicates, train/test
-leakage, rows skipped, and two rendered examples with the loss-carrying tokens highlighted.
+max_length and a suggested max_length (p99 rounded up to 32), the examples cut at max_length and the part
+they lost (user content, the template's fixed text, the response; a warning above WARN_CUT with the
+max_length that would keep them whole), duplicates, near duplicates, train/test leakage, rows skipped, and
+two rendered examples with the loss-carrying tokens highlighted.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from tunesmith.config import Config
 from tunesmith.data.checks import exact_duplicates, histogram, leakage, length_stats, near_duplicates
 from tunesmith.data.formats import get_template
 from tunesmith.data.pipeline import load_examples, render_all
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.render import IGNORE
+from tunesmith.data.render import IGNORE, render
+from tunesmith.data.truncate import CONTENT, PROMPT, RESPONSE, Cut
 
 PNG_NAME = "data_lengths.png"
 _NO_LIMIT = 1 << 30  # render without truncation to measure the true lengths
+# More than this share of examples cut at max_length is a warning: a few long outliers are normal, more
+# means the model trains on contexts or answers it will not see whole.
+WARN_CUT = 0.02
 
 
 def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> dict:
@@ -30,8 +39,9 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
     # Full lengths first (a throwaway Rejects: only the real render below decides which rows are bad).
     full = {name: render_all(ex, template, tokenizer, _NO_LIMIT, d.truncation, Rejects("skip"))
             for name, ex in (("train", train_ex), ("test", test_ex))}
-    train = render_all(train_ex, template, tokenizer, d.max_length, d.truncation, rejects)
-    test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
+    cuts: list[Cut] = []
+    train, test = (render(ex, template, tokenizer, d.max_length, d.truncation, rejects, cuts) if ex else []
+                   for ex in (train_ex, test_ex))
     rejects_path = rejects.write()
     lengths = {k: [len(s["input_ids"]) for s in v] for k, v in full.items()}
     stats = {k: length_stats(lengths[k], d.max_length, [s["where"] for s in full[k]]) for k in full}
@@ -48,6 +58,7 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
         "histogram": histogram(all_lengths),
         "share_truncated": overall.share_truncated,
         "suggested_max_length": overall.suggested_max_length,
+        "cut": cut_summary(cuts, len(train_ex) + len(test_ex), all_lengths, d.max_length),
         "duplicates": [asdict(x) for x in exact_duplicates(train_ex + test_ex)],
         "near_duplicates": [asdict(x) for x in near_duplicates(train_ex + test_ex)],
         "leakage": [asdict(x) for x in leakage(train_ex, test_ex)],
@@ -59,6 +70,23 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
     if out_dir is not None and all_lengths:
         report["png"] = str(plot_lengths(lengths, d.max_length, overall.p99, Path(out_dir) / PNG_NAME))
     return report
+
+
+def cut_summary(cuts: list[Cut], n_examples: int, lengths: list[int], max_length: int) -> dict:
+    """Examples cut at max_length per part they lost, the first few, and a warning above WARN_CUT that says how
+    far max_length would have to grow (the untruncated lengths' p95 and max)."""
+    parts = {part: sum(c.part == part for c in cuts) for part in (CONTENT, PROMPT, RESPONSE)}
+    share = len(cuts) / n_examples if n_examples else 0.0
+    p95 = int(math.ceil(np.percentile(lengths, 95))) if lengths else 0
+    longest = max(lengths, default=0)
+    warning = None
+    if share > WARN_CUT:
+        lost = ", ".join(f"{part}: {n}" for part, n in parts.items() if n)
+        grow = f"to {p95} (+{p95 - max_length}) to keep 95% whole, " if max_length < p95 < longest else ""
+        warning = (f"{len(cuts)} of {n_examples} examples ({share:.1%}) are cut at data.max_length={max_length} (cut in {lost}); "
+                   f"data.max_length would have to grow {grow}to {longest} (+{longest - max_length}) to keep all whole")
+    return {"examples": len(cuts), "share": round(share, 4), "parts": parts, "p95": p95, "max": longest,
+            "first": [asdict(c) for c in cuts[:5]], "warning": warning}
 
 
 def plot_lengths(lengths: dict[str, list[int]], max_length: int, p99: int, path: Path) -> Path:
@@ -106,6 +134,7 @@ def highlight(sample: dict, tokenizer):
 def print_inspect(report: dict, tokenizer, console, examples: list[dict] | None = None) -> None:
     """Print the report with Rich: counts and lengths, histogram, findings, and the highlighted examples."""
     examples = report["examples"] if examples is None else examples
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -120,7 +149,11 @@ def print_inspect(report: dict, tokenizer, console, examples: list[dict] | None 
                   str(s["p50"]), str(s["p90"]), str(s["p99"]), str(s["max"]), f"{s['share_truncated']:.1%}")
     console.print(t)
     console.print(terminal_histogram(report["histogram"]))
-    console.print(f"truncated at max_length={report['max_length']}: {report['share_truncated']:.1%}")
+    cut = report["cut"]
+    parts = ", ".join(f"{part} {n}" for part, n in cut["parts"].items())
+    console.print(f"cut at max_length={report['max_length']}: {cut['examples']} examples ({cut['share']:.1%}; lost tokens in {parts})")
+    if cut["warning"]:
+        console.print(f"[bold yellow]warning:[/] {escape(cut['warning'])}")
     console.print(f"suggested max_length: [bold]{report['suggested_max_length']}[/bold] (p99 rounded up to 32)")
     f = Table(title="checks")
     f.add_column("check")
@@ -134,6 +167,8 @@ def print_inspect(report: dict, tokenizer, console, examples: list[dict] | None 
     outliers = report["lengths"]["train"]["outliers"]
     f.add_row("length outliers in train (> p99 or max_length)", str(report["lengths"]["train"]["n_outliers"]),
               "\n".join(f"{w}: {n} tokens" for w, n in outliers[:3]))
+    f.add_row("cut at max_length (part that lost tokens)", str(cut["examples"]),
+              "\n".join(f"{c['where']}: {c['part']}, {c['length']} tokens" for c in cut["first"][:3]))
     skipped = f"see {report['rejects_file']}" if report["rejects_file"] else ""
     f.add_row("rows skipped", str(report["rejected"]), skipped)
     console.print(f)

@@ -28,7 +28,7 @@ CACHE_DIR = "data"
 # Data config fields that change the samples (packing/streaming change only how they are batched/read).
 _KEY_FIELDS = ("path", "format", "template", "fields", "split", "max_length", "truncation", "test_size",
                "test_path", "seed", "limit", "on_bad_row", "dedupe", "text_field")
-_FORMAT_VERSION = 1  # bump when the cache layout or the rendering rules change
+_FORMAT_VERSION = 2  # bump when the cache layout or the rendering rules change
 
 
 @dataclass
@@ -59,8 +59,8 @@ def build(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared
     train_ex, test_ex = load_examples(d, rejects)
     train = render_all(train_ex, template, tokenizer, d.max_length, d.truncation, rejects)
     test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
-    if not train:
-        raise UserError(f"{d.path}: no training examples left (rows skipped: {rejects.count}; see data_rejects.jsonl)")
+    _require_rendered(train, train_ex, d.path, "training", rejects)
+    _require_rendered(test, test_ex, d.test_path or d.path, "test", rejects)
     rejects.write()
     if rejects.count:
         print0(f"data: {rejects.summary()}")
@@ -77,6 +77,19 @@ def render_all(examples: list[Example], template: Template, tokenizer, max_lengt
     return render(examples, template, tokenizer, max_length, truncation, rejects) if examples else []
 
 
+def _require_rendered(samples: list[dict], examples: list[Example], path: str, side: str, rejects: Rejects) -> None:
+    """Raise (after writing the report) when rendering dropped every example of a non-empty split."""
+    if examples and not samples:
+        raise emptied(rejects, f"{path}: all {len(examples)} {side} examples were skipped while rendering "
+                               "(nothing left of them within data.max_length)")
+
+
+def emptied(rejects: Rejects, message: str) -> UserError:
+    """The error for a step that left no rows, with the rejects report written first so it can be read."""
+    rejects.write()
+    return UserError(message + rejects.note())
+
+
 def build_heldout(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared:
     """For streaming runs: only the held-out data.test_path is rendered (the corpus itself is streamed)."""
     d = cfg.data
@@ -84,6 +97,7 @@ def build_heldout(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> 
     rejects = Rejects(d.on_bad_row, out_dir)
     test_ex = read_examples(d.test_path, d, rejects) if d.test_path else []
     test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
+    _require_rendered(test, test_ex, d.test_path or "", "test", rejects)
     rejects.write()
     return Prepared([], test, [], test_ex, template, rejects.count, data_hash=data_hash(d), template_hash=template_hash(template))
 
@@ -95,18 +109,25 @@ def prepare(cfg: Config, tokenizer) -> Path:
 
 
 def read_examples(path: str, d: DataConfig, rejects: Rejects) -> list[Example]:
-    """Rows of one source -> validated Examples (bad rows go to `rejects`)."""
-    out = []
+    """Rows of one source -> validated Examples (bad rows go to `rejects`); a source with none left is an error."""
+    out, before = [], rejects.count
     with gc_paused():
-        for row in read_rows(path, d, rejects):
+        for row in read_rows(path, d, rejects):  # raises on a source without rows
             ex = to_example(row, d.format, rejects)
             if ex is not None:
                 out.append(ex)
+    if not out:  # rows were read (read_rows saw to that), and every one was bad
+        n = rejects.count - before
+        raise emptied(rejects, f"{path}: " + ("its only row was" if n == 1 else f"all {n} rows were") + " skipped as bad")
     return out
 
 
 def load_examples(d: DataConfig, rejects: Rejects) -> tuple[list[Example], list[Example]]:
-    """(train, test) Examples: deduped if asked, split (or data.test_path), then data.limit on train."""
+    """(train, test) Examples: deduped if asked, split (or data.test_path), then data.limit on train.
+
+    No step may empty a side that is asked for: read_examples and split raise, dedupe keeps the first of each
+    group and data.limit is >= 1, so train (and test when test_size > 0 or test_path is set) is never empty.
+    """
     examples = read_examples(d.path, d, rejects)
     if d.dedupe:
         examples = dedupe(examples, rejects)
@@ -115,7 +136,7 @@ def load_examples(d: DataConfig, rejects: Rejects) -> tuple[list[Example], list[
         if d.dedupe:
             test = dedupe(test, rejects)
     else:
-        train, test = split(examples, d.test_size, d.seed, prompt_key)
+        train, test = split(examples, d.test_size, d.seed, prompt_key, name=d.path)
     if d.limit is not None:
         train = train[: d.limit]
     return train, test

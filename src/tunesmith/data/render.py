@@ -4,6 +4,8 @@ Prompt tokens get label -100; response tokens and the final EOS carry their ids.
 learned even when pad == eos, because padding is masked by position in the collators, never by token id.
 The prompt and the response are tokenized separately, so the prompt ids seen in training are exactly
 the ids `render_prompt` produces at inference time.
+
+Truncation at data.max_length (`data.truncation`) keeps that contract: see data/truncate.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from string import Formatter
 from tunesmith.config import UserError
 from tunesmith.data.formats import Example, Template, as_messages, prompt_format, prompt_text
 from tunesmith.data.rejects import Rejects
+from tunesmith.data.truncate import CONTENT, PROMPT, RESPONSE, Cut, cut_content, slots, truncate
 
 IGNORE = -100
 _ENCODE_CHUNK = 1000  # texts per call into the Rust tokenizer
@@ -28,39 +31,24 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def truncate(prompt: list[int], response: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
-    """Cut (prompt, response+eos) to max_length tokens.
-
-    right: drop from the end; left: drop from the start; prompt_left: drop prompt tokens from the left
-    (the answer survives), then, if the response alone is too long, drop its end.
-    >>> truncate([1, 2, 3], [4, 5], 4, "prompt_left")
-    ([2, 3], [4, 5])
-    """
-    over = len(prompt) + len(response) - max_length
-    if over <= 0:
-        return prompt, response
-    if side == "right":
-        keep = max_length - len(prompt)
-        return (prompt[:max_length], []) if keep <= 0 else (prompt, response[:keep])
-    if side == "left":
-        return (prompt[over:], response) if over <= len(prompt) else ([], response[over - len(prompt):])
-    # prompt_left
-    if over <= len(prompt):
-        return prompt[over:], response
-    return [], response[:max_length]
 
 
-def render(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects) -> list[dict]:
-    """Examples -> samples {input_ids, labels, where}; a row whose response does not survive truncation is bad."""
+def render(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects,
+           cuts: list[Cut] | None = None) -> list[dict]:
+    """Examples -> samples {input_ids, labels, where}; a row whose response does not survive truncation is bad.
+
+    Each example cut at max_length is appended to `cuts` when given."""
     if not examples:
         return []
+    cuts = [] if cuts is None else cuts
     if template.kind != "chat":
         with gc_paused():
-            return _string_samples(examples, template, tokenizer, max_length, truncation, rejects)
-    pairs = [_chat_ids(ex, tokenizer) for ex in examples]
+            return _string_samples(examples, template, tokenizer, max_length, truncation, rejects, cuts)
     samples = []
-    for ex, (ids, labels) in zip(examples, pairs):
-        ids, labels = _truncate_pair(ids, labels, max_length, truncation)
+    for ex in examples:
+        ids, labels = _chat_ids(ex, tokenizer)
+        if len(ids) > max_length:
+            ids, labels = _cut_chat(ex, ids, labels, tokenizer, max_length, truncation, cuts)
         if all(label == IGNORE for label in labels):
             rejects.bad(ex.where, template.response_field, _no_response(max_length))
             continue
@@ -96,7 +84,52 @@ def _truncate_pair(ids: list[int], labels: list[int], max_length: int, side: str
     return p + r, lp + lr
 
 
-def _string_samples(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects) -> list[dict]:
+def _cut_chat(ex: Example, ids: list[int], labels: list[int], tokenizer, max_length: int, side: str,
+              cuts: list[Cut]) -> tuple[list[int], list[int]]:
+    """An over-long chat sample cut to max_length: user content first under prompt_left (see data/truncate.py)."""
+    if side == "prompt_left":
+        def encode(e: Example) -> list[int]:
+            return _chat_template_ids(tokenizer, as_messages(e), add_generation_prompt=False)
+
+        # _chat_ids may append an EOS or drop a tail after the last answer: a constant while answers stay whole
+        extra = len(ids) - len(encode(ex))
+        spans = slots(ex, None)
+        found = cut_content(ex, spans, encode, max_length - extra, _guess(ex, spans, len(ids) - max_length, tokenizer))
+        if found is not None:
+            cut_ids, cut_labels = _chat_ids(found[0], tokenizer)
+            if len(cut_ids) <= max_length and _learned(cut_labels) == _learned(labels):
+                cuts.append(Cut(ex.where, CONTENT, len(ids)))
+                return cut_ids, cut_labels
+    cut_ids, cut_labels = _truncate_pair(ids, labels, max_length, side)
+    cuts.append(Cut(ex.where, RESPONSE if _learned(cut_labels) != _learned(labels) else PROMPT, len(ids)))
+    return cut_ids, cut_labels
+
+
+def _learned(labels: list[int]) -> list[int]:
+    return [label for label in labels if label != IGNORE]
+
+
+
+def _guess(ex: Example, spans: list[tuple[int | str, int]], over: int, tokenizer) -> int:
+    """Characters to cut so that about `over` tokens go: the length of the slots' first `over` tokens, decoded.
+
+    Usually exact (a value starts on a pre-token boundary), so the search only confirms it."""
+    texts = [ex.messages[key]["content"] if isinstance(key, int) else ex.fields[key] for key, _ in spans]
+    backend = _plain_backend(tokenizer)
+    decode = backend.decode if backend is not None else tokenizer.decode  # the Rust one skips the wrapper's overhead
+    c = 0
+    for (_, limit), ids in zip(spans, encode_batch(tokenizer, texts, add_special_tokens=False)):
+        if over < len(ids):
+            return c + min(len(decode(ids[:over])), limit)
+        c, over = c + limit, over - len(ids)
+    return c
+
+
+
+
+
+def _string_samples(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str,
+                    rejects: Rejects, cuts: list[Cut]) -> list[dict]:
     eos = _eos_id(tokenizer)
     field = template.response_field
     # Batched calls into the Rust tokenizer, no per-token Python loops.
@@ -114,12 +147,29 @@ def _string_samples(examples: list[Example], template: Template, tokenizer, max_
     for ex, p, r in zip(examples, p_ids, r_ids):
         r.append(eos)  # r is this call's own list: the response ids + EOS, all learned
         if len(p) + len(r) > max_length:
-            p, r = truncate(p, r, max_length, truncation)
+            p, r = _cut_string(ex, template, tokenizer, p, r, max_length, truncation, cuts)
             if not r:  # only prompt tokens (label -100) are left
                 rejects.bad(ex.where, field, _no_response(max_length))
                 continue
         samples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "where": ex.where})
     return samples
+
+
+def _cut_string(ex: Example, template: Template, tokenizer, p: list[int], r: list[int], max_length: int, side: str,
+                cuts: list[Cut]) -> tuple[list[int], list[int]]:
+    """An over-long (prompt, response+EOS) cut to max_length: user content first under prompt_left."""
+    if side == "prompt_left" and len(r) < max_length:
+        def encode(e: Example) -> list[int]:  # exactly render_prompt's ids
+            return encode_batch(tokenizer, [prompt_text(e, template)], add_special_tokens=True)[0]
+
+        spans = slots(ex, template)
+        found = cut_content(ex, spans, encode, max_length - len(r), _guess(ex, spans, len(p) + len(r) - max_length, tokenizer))
+        if found is not None:
+            cuts.append(Cut(ex.where, CONTENT, len(p) + len(r)))
+            return found[1], r
+    cut_p, cut_r = truncate(p, r, max_length, side)
+    cuts.append(Cut(ex.where, RESPONSE if len(cut_r) < len(r) else PROMPT, len(p) + len(r)))
+    return cut_p, cut_r
 
 
 def encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:

@@ -28,7 +28,6 @@ import bisect
 import glob as globlib
 import gzip
 import io
-import json
 import os
 import re
 from collections import deque
@@ -40,7 +39,7 @@ import torch
 
 from tunesmith.config import DataConfig, SourceConfig, UserError
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.sources import read_hub
+from tunesmith.data.sources import decode_line, parse_object, place, read_hub, split_lines
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # source code is text too (continued pretraining on a codebase)
@@ -102,6 +101,8 @@ class FileSource:
         self.path, self.files, self.text_field, self.rejects = path, files, text_field, rejects
         self.file, self.offset, self.line, self.epoch = 0, 0, 0, 0
         self._handle: io.BufferedIOBase | None = None
+        self._pending: deque[bytes] = deque()  # the rest of a chunk cut at lone CRs (split_lines)
+        self.seen = 0  # non-blank rows and text pieces read, over all epochs: none at all = empty source
 
     def cursor(self) -> dict:
         return {"file": self.file, "offset": self.offset, "line": self.line, "epoch": self.epoch}
@@ -111,6 +112,7 @@ class FileSource:
         self.file, self.offset, self.line, self.epoch = cursor["file"], cursor["offset"], cursor["line"], cursor["epoch"]
 
     def close(self) -> None:
+        self._pending.clear()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -130,7 +132,21 @@ class FileSource:
             if self.file == len(self.files):
                 self.file, self.epoch = 0, self.epoch + 1
             if visited > len(self.files):
-                raise UserError(f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}')")
+                raise UserError(self._nothing_read())
+
+    @property
+    def _report(self) -> Rejects:
+        """Where bad rows go: the run's Rejects on the first pass only, as later epochs meet the same rows again."""
+        return self.rejects if self.epoch == 0 else Rejects(self.rejects.policy)
+
+    def _nothing_read(self) -> str:
+        if not self.seen:
+            return f"{self.path}: no data rows (every file is empty or holds only blank lines; check data.path)"
+        if not self.rejects.count:
+            return f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}')"
+        self.rejects.append()
+        return (f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}'; "
+                f"{self.rejects.count} row{'s' if self.rejects.count > 1 else ''} skipped as bad){self.rejects.note()}")
 
     def _open(self) -> io.BufferedIOBase:
         if self._handle is None:
@@ -157,25 +173,40 @@ class FileSource:
             self._handle = handle
         return self._handle
 
+    def _next_line(self, f: io.BufferedIOBase) -> bytes | None:
+        """The next line (lone CRs end lines too), with offset and line moved past it; None at the end of the file."""
+        if not self._pending:
+            chunk = f.readline()
+            if not chunk:
+                return None
+            self._pending.extend(split_lines(chunk))
+        raw = self._pending.popleft()
+        self.offset += len(raw)
+        self.line += 1
+        return raw
+
     def _read_jsonl(self, f: io.BufferedIOBase) -> Piece | None:
-        while raw := f.readline():
-            self.offset += len(raw)
-            self.line += 1
-            where = f"{self.files[self.file]}:{self.line}"
-            if not raw.strip():
+        path, rejects = self.files[self.file], self._report
+        plain = not path.name.lower().endswith((".gz", ".zst"))  # a byte offset helps only in the file as stored
+        while True:
+            start = self.offset
+            raw = self._next_line(f)
+            if raw is None:
+                return None
+            text = decode_line(raw, path, self.line, start if plain else None, rejects)
+            if not text or text.isspace():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                self.rejects.bad(where, None, f"invalid JSON or UTF-8 ({e.__class__.__name__})", {"raw": raw[:500].decode("utf-8", "replace")})
+            self.seen += 1
+            where = f"{path}:{self.line}"
+            obj = parse_object(text, where, rejects)
+            if obj is None:
                 continue
-            text = obj.get(self.text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                self.rejects.bad(where, self.text_field, f"field '{self.text_field}' is missing, empty or not a string (set data.text_field)",
-                                 {"raw": raw[:500].decode("utf-8", "replace")})
+            doc = obj.get(self.text_field)
+            if not isinstance(doc, str) or not doc.strip():
+                rejects.bad(where, self.text_field, f"field '{self.text_field}' is missing, empty or not a string "
+                                 "(set data.text_field)", {"raw": text[:500]})
                 continue
-            return Piece(text, True, True, where)
-        return None
+            return Piece(doc, True, True, where)
 
     def _read_text(self, f: io.BufferedIOBase) -> Piece | None:
         start, first_line = self.offset, self.line + 1
@@ -183,18 +214,25 @@ class FileSource:
         while size < PIECE_BYTES and (raw := f.readline()):
             lines.append(raw)
             size += len(raw)
-        self.offset += size
-        self.line += len(lines)
         if not lines:
             return None
-        where = f"{self.files[self.file]}:{first_line}"
+        blob = b"".join(lines)
+        self.offset += size
+        self.line += place(blob, size)[0] - 1  # line ends in the piece (\n, \r\n or a lone \r)
+        self.seen += 1
+        path = self.files[self.file]
         ends = not f.peek(1)  # the piece ends its document when nothing follows it in the file
         try:
-            text = b"".join(lines).decode("utf-8-sig" if start == 0 else "utf-8")
-        except UnicodeDecodeError:
-            self.rejects.bad(where, None, f"invalid UTF-8 in lines {first_line}-{self.line}")
+            text = blob.decode("utf-8-sig" if start == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            bom = 3 if start == 0 and blob.startswith(b"\xef\xbb\xbf") else 0  # utf-8-sig counts after the BOM
+            line, col = place(blob, e.start + bom)
+            at = f", file offset {start + e.start + bom}" if not path.name.lower().endswith((".gz", ".zst")) else ""
+            self._report.bad(f"{path}:{first_line + line - 1}", None,
+                             f"invalid UTF-8 (byte {blob[e.start + bom]:#04x} at column {col}{at}; "
+                             f"lines {first_line}-{self.line} are skipped)")
             text = ""  # skipped; the empty piece keeps the document's start/end marks (BOS/EOS)
-        return Piece(text, start == 0, ends, where)
+        return Piece(text, start == 0, ends, f"{path}:{first_line}")
 
 
 class HubSource:
@@ -224,7 +262,8 @@ class HubSource:
                 text = row.fields.get(self.cfg.text_field)
                 if isinstance(text, str) and text.strip():
                     return Piece(text, True, True, row.where)
-                self.rejects.bad(row.where, self.cfg.text_field, f"field '{self.cfg.text_field}' is missing or empty (set data.text_field)")
+                rejects = self.rejects if self.epoch == 0 else Rejects(self.rejects.policy)  # reported once, not per epoch
+                rejects.bad(row.where, self.cfg.text_field, f"field '{self.cfg.text_field}' is missing or empty (set data.text_field)")
             self._rows, self.offset, self.epoch = None, 0, self.epoch + 1
         raise UserError(f"{self.path}: no rows with text (check data.text_field='{self.cfg.text_field}')")
 
@@ -242,12 +281,14 @@ class Unit:
 class TextStream:
     """Endless micro-batches of packed text rows from streamed sources, with a small resumable JSON state."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 out_dir: str | Path | None = None):
         specs = cfg.sources or [SourceConfig(path=cfg.path)]
         self.paths = [s.path for s in specs]
         total = sum(s.weight for s in specs)
         self._cum = [sum(s.weight for s in specs[: i + 1]) / total for i in range(len(specs))]
-        self.rejects = Rejects(cfg.on_bad_row)
+        # under skip, each skipped row is appended to <out_dir>/data_rejects.jsonl as it is met (no out_dir: kept here)
+        self.rejects = Rejects(cfg.on_bad_row, out_dir)
         self.sources = [self._source(s.path, cfg) for s in specs]
         self.tok, self.batch_size, self.seq_len, self.packing, self.seed = tokenizer, batch_size, cfg.max_length, cfg.packing, seed
         self.rank, self.world = rank, world  # every rank yields the same global stream (see module docstring)
@@ -291,6 +332,7 @@ class TextStream:
                 if ids:
                     self.units.append(Unit(ids, piece.starts, piece.where, cursor))
                     self.buffered += len(ids)
+            self.rejects.append()
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         backend = getattr(self.tok, "backend_tokenizer", None)

@@ -24,16 +24,41 @@ TEMPLATE_FILE = "tunesmith_template.json"
 # Special tokens that can stand in as padding, best first. Padding is masked by position in our data layer,
 # so any id works; a distinct one keeps pad != eos so nothing downstream can confuse the two.
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<unk>", "<|endoftext|>")
+# Files that carry a vocabulary (tokenizer_config.json alone does not); *.model (sentencepiece) and *.tiktoken also do.
+_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+_PROBE = "Hello world 123"  # any real vocabulary has tokens (or bytes) for this
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's fast tokenizer with a pad token (not EOS when the vocab has a spare special token)."""
+    """The model's fast tokenizer with a pad token (not EOS when the vocab has a spare special token).
+
+    UserError for a directory without tokenizer files and for a tokenizer that encodes text to nothing:
+    transformers 5 builds an empty tokenizer from config.json alone, and every example would train on a lone EOS.
+    """
     path = resolve(cfg.name, cfg.cache_dir)
-    tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=cfg.trust_remote_code)
+    if Path(path).is_dir() and not has_tokenizer_files(path):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json: copy the base "
+                        "model's tokenizer files into this directory)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as e:  # e.g. a tokenizer_config.json without the vocabulary it describes
+        if "backend tokenizer" not in str(e):
+            raise
+        raise UserError(f"{path}: the tokenizer files do not make a tokenizer (no tokenizer.json, and no vocabulary to convert; "
+                        "copy tokenizer.json from the base model)") from None
     if not tok.is_fast:
         raise UserError(f"model.name '{cfg.name}': only a slow tokenizer is available (tunesmith needs a fast one: add tokenizer.json)")
+    if not tok(_PROBE, add_special_tokens=False)["input_ids"]:
+        raise UserError(f"{path}: the tokenizer encodes {_PROBE!r} to no tokens (an empty vocabulary of {len(tok)} tokens: "
+                        "its tokenizer.json is empty or broken; use the base model's tokenizer files)")
     set_pad_token(tok)
     return tok
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether `directory` holds a vocabulary transformers can build a tokenizer from (json, sentencepiece, BPE, WordPiece, tiktoken)."""
+    d = Path(directory)
+    return any((d / name).is_file() for name in _VOCAB_FILES) or any(d.glob("*.model")) or any(d.glob("*.tiktoken"))
 
 
 def set_pad_token(tok: PreTrainedTokenizerBase) -> None:

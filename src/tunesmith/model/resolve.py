@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.config import UserError
+from tunesmith.runtime import hub_offline
 
 # short name -> (python package that ships the file, GGUF file name, pip spec to install it)
 PACKAGED = {
@@ -28,12 +29,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 def cache_root(cache_dir: str | None) -> Path:
     """Where tunesmith caches converted models and calibrations (~/.cache/tunesmith by default)."""
     return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "tunesmith"
-
-
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read at call time."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
 def packaged_gguf(short_name: str) -> Path:

@@ -3,12 +3,20 @@
 Requests are parsed by hand (size cap, JSON, strict schema) so every failure gets an OpenAI-style error
 body with the right status. Generation happens in the scheduler's worker thread; handlers only await.
 No endpoint takes a file path: models are loaded once, at startup, from the config.
+
+Limits, as OpenAI clients expect them: a prompt that fills the context, or an explicit max_tokens (or
+max_completion_tokens) that does not fit after the prompt, is a 400 with code context_length_exceeded; with
+no max_tokens the answer may use the room left (up to generate.max_new_tokens and serve.max_tokens_cap) and
+finish_reason "length" says it was cut. A client that hangs up (streaming or not) frees its batch row; a
+failure after a stream's 200 arrives as a last `data: {"error": ...}` event, with no [DONE].
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import Config, GenerateConfig, UserError
 from tunesmith.generate import Completion, prompt_ids, template_for
-from tunesmith.serve.playground import page
+from tunesmith.serve.playground import example_questions, page
 from tunesmith.serve.scheduler import LoadedModel, Scheduler
 from tunesmith.serve.schema import (
     ApiError,
@@ -65,6 +73,12 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
         check_auth(request)
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"} for n in models]}
 
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request) -> dict:
+        check_auth(request)
+        _model(models, name)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_auth(request)
@@ -74,7 +88,7 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
         if len(prompts) != 1:
             raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
         ids = lm.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
-        return await _answer(sched, lm, req, ids, _gen_cfg(cfg, req, req.max_tokens, lm, ids), chat=False)
+        return await _answer(request, sched, lm, req, ids, _gen_cfg(cfg, req, lm, ids, req.max_tokens, "max_tokens"), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -87,8 +101,8 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
             ids = prompt_ids(lm.template, lm.tokenizer, [m.model_dump() for m in req.messages])
         except UserError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        limit = req.max_completion_tokens or req.max_tokens
-        return await _answer(sched, lm, req, ids, _gen_cfg(cfg, req, limit, lm, ids), chat=True)
+        limit, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens else (req.max_tokens, "max_tokens")
+        return await _answer(request, sched, lm, req, ids, _gen_cfg(cfg, req, lm, ids, limit, param), chat=True)
 
     return app
 
@@ -152,6 +166,11 @@ async def _parse(request: Request, schema: type, cap: int):
         raise ApiError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    try:  # "\ud800" is valid JSON but no text: the tokenizer and the UTF-8 response could not take it
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"request body holds a lone surrogate escape ({e.object[e.start:e.end]!r}), which is not text",
+                       code="invalid_json") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -165,42 +184,92 @@ def _model(models: dict[str, LoadedModel], name: str) -> LoadedModel:
     return models[name]
 
 
-def _gen_cfg(cfg: Config, req, max_tokens: int | None, lm: LoadedModel, ids: list[int]) -> GenerateConfig:
-    """Request settings over the config's generate section; limits checked against the model and the cap."""
+def _gen_cfg(cfg: Config, req, lm: LoadedModel, ids: list[int], max_tokens: int | None, param: str) -> GenerateConfig:
+    """Request settings over the config's generate section; limits checked against the model and the cap.
+
+    As with OpenAI, an explicit max_tokens that does not fit in the context after the prompt is a 400
+    (context_length_exceeded) rather than a silently shorter answer; without one, the answer gets the room
+    that is left and finish_reason "length" says when it ran out.
+    """
     cap, ctx = cfg.serve.max_tokens_cap, lm.context_len
     if max_tokens is not None and max_tokens > cap:
-        raise ApiError(400, f"max_tokens={max_tokens} is over the server's cap of {cap} (serve.max_tokens_cap)", param="max_tokens")
+        raise ApiError(400, f"{param}={max_tokens} is over the server's cap of {cap} (serve.max_tokens_cap)", param=param)
     if not ids:
         raise ApiError(400, "the prompt renders to no tokens", param="prompt")
     if len(ids) >= ctx:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {ctx}", param="messages",
                        code="context_length_exceeded")
+    if max_tokens is not None and len(ids) + max_tokens > ctx:
+        raise ApiError(400, f"this model's context is {ctx} tokens, but {len(ids)} (prompt) + {max_tokens} ({param}) were "
+                            f"asked for (ask for at most {ctx - len(ids)}, or shorten the prompt)", param=param,
+                       code="context_length_exceeded")
     g = cfg.generate
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop if req.stop is not None else g.stop)
     limit = min(max_tokens or min(g.max_new_tokens, cap), ctx - len(ids))
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    return g.model_copy(update={"max_new_tokens": limit, "temperature": pick(req.temperature, g.temperature),
+    temperature = pick(req.temperature, g.temperature)
+    # sampling below this is argmax in all but name, and logits / T would overflow float32 to inf (NaN probabilities)
+    temperature = 0.0 if temperature < _MIN_TEMPERATURE else temperature
+    return g.model_copy(update={"max_new_tokens": limit, "temperature": temperature,
                                 "top_p": pick(req.top_p, g.top_p), "top_k": pick(req.top_k, g.top_k),
                                 "repetition_penalty": pick(req.repetition_penalty, g.repetition_penalty),
                                 "stop": stop, "seed": pick(req.seed, g.seed)})
 
 
-async def _answer(sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool):
+_MIN_TEMPERATURE = 1e-4
+
+
+async def _answer(request: Request, sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool):
     rid = new_id("chatcmpl" if chat else "cmpl")
     if not req.stream:
-        c = await sched.complete(lm.name, ids, gcfg)
+        try:
+            c = await _unless_gone(request, sched.complete(lm.name, ids, gcfg))
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - answered here: one escaping to uvicorn resets the keep-alive connection
+            raise _failed(e) from e
         return (chat_body if chat else completion_body)(rid, lm.name, c)
 
     async def events():
         # Leaving this generator (client gone: the server cancels it) closes sched.stream, which frees the row.
         if chat:
             yield _sse(chunk(rid, lm.name, True, None))
-        async for item in sched.stream(lm.name, ids, gcfg):
-            final = item if isinstance(item, Completion) else None
-            yield _sse(chunk(rid, lm.name, chat, None if final else item, final))
+        try:
+            async for item in sched.stream(lm.name, ids, gcfg):
+                final = item if isinstance(item, Completion) else None
+                yield _sse(chunk(rid, lm.name, chat, None if final else item, final))
+        except Exception as e:  # noqa: BLE001 - the 200 has gone out: the only way left to tell the client is an event
+            yield _sse(_failed(e).body())
+            return
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _failed(e: Exception) -> ApiError:
+    """A generation failure as a 500 for the client, with its traceback in the server's log."""
+    logging.getLogger("uvicorn.error").error("generation failed", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+
+async def _unless_gone(request: Request, work):
+    """Await `work`, cancelling it (which frees its batch row) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # no-op once done
+    if not task.done() or task.cancelled():
+        raise ApiError(499, "client closed the request", code="client_closed_request")  # nobody reads it
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is http.disconnect (hang-up, or after the response).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(obj: dict) -> str:
@@ -291,25 +360,3 @@ def _load_shared(cfg: Config, base: str, adapters: dict[str, str], plain: list[s
     for name in plain:
         out[name] = LoadedModel(name, peft, base_tok, template_for(None, cfg), adapter=None)
     return out
-
-
-def example_questions(cfg: Config, limit: int = 5) -> list[str]:
-    """A few test questions for the playground: the run's eval predictions, else the data's test split."""
-    from tunesmith.data.formats import prompt_key, to_example
-    from tunesmith.data.rejects import Rejects
-    from tunesmith.data.sources import read_rows
-    from tunesmith.data.split import split
-
-    preds = Path(cfg.out_dir) / "eval" / "predictions.jsonl"
-    if preds.is_file():
-        rows = [json.loads(line) for line in preds.read_text().splitlines()[: limit * 4] if line.strip()]
-        found = [r.get("prompt") or r.get("question") for r in rows if isinstance(r, dict)]
-        return [q for q in found if isinstance(q, str) and q.strip()][:limit]
-    try:
-        rejects = Rejects("skip")
-        path = cfg.data.test_path or cfg.data.path
-        examples = [e for row in read_rows(path, cfg.data, rejects) if (e := to_example(row, cfg.data.format, rejects))]
-        test = examples if cfg.data.test_path else split(examples, cfg.data.test_size, cfg.data.seed, prompt_key)[1]
-    except UserError:  # no data at hand: the playground simply shows no examples
-        return []
-    return [prompt_key(e) for e in test if cfg.data.format != "text"][:limit]

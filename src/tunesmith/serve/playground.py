@@ -1,4 +1,5 @@
-"""The playground: one self-contained page (no external scripts, fonts or styles) served at GET /.
+"""The playground: one self-contained page (no external scripts, fonts or styles) served at GET /, and the
+test questions it offers as one-click examples.
 
 Two models side by side; each answer streams over SSE (fetch + ReadableStream) from /v1/chat/completions,
 with token count, time to first token and total latency. Kept as a Python string so it ships inside the
@@ -8,6 +9,14 @@ package without package-data configuration.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from tunesmith.config import Config, UserError
+from tunesmith.data.formats import Example, as_messages, prompt_key, to_example
+from tunesmith.data.pipeline import CACHE_DIR
+from tunesmith.data.rejects import Rejects
+from tunesmith.data.sources import read_rows
+from tunesmith.data.split import split
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -18,7 +27,8 @@ h1 { font-size: 1.3rem; margin: 0 0 .8rem; }
 .row { display: flex; gap: .6rem; align-items: center; flex-wrap: wrap; margin-bottom: .6rem; }
 textarea { width: 100%; box-sizing: border-box; font: inherit; padding: .5rem; }
 button { font: inherit; padding: .35rem .9rem; cursor: pointer; }
-.examples button { background: #eef2f7; border: 1px solid #c9d3e0; border-radius: 1rem; font-size: .85rem; }
+.examples button { background: #eef2f7; border: 1px solid #c9d3e0; border-radius: 1rem; font-size: .85rem;
+  max-width: 32rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .panes { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; margin-top: 1rem; }
 .pane { border: 1px solid #ccd; border-radius: .4rem; padding: .6rem; min-height: 8rem; }
 .pane h2 { font-size: 1rem; margin: 0 0 .4rem; }
@@ -53,8 +63,8 @@ for (const side of ["left", "right"]) {
 }
 $("key-label").hidden = !CFG.auth;
 for (const q of CFG.examples) {
-  const b = document.createElement("button"); b.type = "button"; b.textContent = q;
-  b.onclick = () => { $("question").value = q; ask(); };
+  const b = document.createElement("button"); b.type = "button"; b.textContent = b.title = q;
+  b.onclick = () => { $("question").value = q; ask(q); };  // sent as stored: trimming would change the prompt
   $("examples").appendChild(b);
 }
 
@@ -72,7 +82,7 @@ async function run(side, question) {
       throw new Error((e.error && e.error.message) || ("HTTP " + res.status));
     }
     const reader = res.body.getReader(), dec = new TextDecoder();
-    let buf = "";
+    let buf = "", finished = false;
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
@@ -81,8 +91,10 @@ async function run(side, question) {
       while ((cut = buf.indexOf("\\n\\n")) >= 0) {
         const event = buf.slice(0, cut); buf = buf.slice(cut + 2);
         for (const line of event.split("\\n")) {
+          if (line === "data: [DONE]") finished = true;
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
           const msg = JSON.parse(line.slice(6));
+          if (msg.error) throw new Error(msg.error.message);  // the server failed after the stream began
           const delta = msg.choices && msg.choices[0] && msg.choices[0].delta;
           if (delta && delta.content) { if (first === null) first = performance.now(); out.textContent += delta.content; pieces++; }
           if (msg.usage) tokens = msg.usage.completion_tokens;
@@ -91,6 +103,7 @@ async function run(side, question) {
         }
       }
     }
+    if (!finished) throw new Error("the answer was cut off (the stream ended without [DONE])");
     const total = (performance.now() - t0) / 1000;
     stat.textContent = tokens + " tokens | " + (first === null ? "-" : Math.round(first - t0) + " ms to first token") +
       " | " + Math.round(total * 1000) + " ms total | " + (tokens / total).toFixed(1) + " tokens/s";
@@ -99,12 +112,11 @@ async function run(side, question) {
   }
 }
 
-function ask() {
-  const q = $("question").value.trim();
-  if (!q) return;
+function ask(q) {
+  if (!q.trim()) return;
   run("left", q); run("right", q);
 }
-$("ask").addEventListener("submit", (ev) => { ev.preventDefault(); ask(); });
+$("ask").addEventListener("submit", (ev) => { ev.preventDefault(); ask($("question").value.trim()); });
 </script>
 </body></html>
 """
@@ -116,3 +128,57 @@ def page(models: list[str], examples: list[str], auth: bool) -> str:
     settings = {"models": models, "pair": pair, "examples": examples, "auth": auth}
     # "</" inside a JSON string would end the <script> element early; "<\\/" is the same string in JS.
     return _PAGE.replace("__CONFIG__", json.dumps(settings).replace("</", "<\\/"))
+
+
+def example_questions(cfg: Config, limit: int = 5) -> list[str]:
+    """A few test questions for the playground, as a user would type them: those the run's eval answered
+    (eval/predictions.jsonl), else the data's test split. Never a rendered prompt: the page sends its
+    question as a user message, which the server wraps in the template itself."""
+    if cfg.data.format == "text":  # raw text has no questions
+        return []
+    preds = Path(cfg.out_dir) / "eval" / "predictions.jsonl"
+    found = _evaluated_questions(preds, Path(cfg.out_dir) / CACHE_DIR / "test_examples.jsonl", limit) if preds.is_file() else []
+    return found or _split_questions(cfg, limit)
+
+
+def user_question(example: Example) -> str:
+    """The last user turn of an example: what a person would type to ask it (no system prompt, no template)."""
+    return next((m["content"] for m in reversed(as_messages(example)) if m["role"] == "user"), "")
+
+
+def _evaluated_questions(preds: Path, cached: Path, limit: int) -> list[str]:
+    # predictions.jsonl rows hold `prompt` (the rendered prompt: chat markup, system prompt) and `question`
+    # (prompt_key: for chat data every non-assistant turn joined); the user's own turn comes from the run's
+    # data cache by `where` when it is there, else `question` stands in.
+    examples = {}
+    if cached.is_file():
+        with cached.open(encoding="utf-8") as f:
+            examples = {ex.where: ex for ex in (Example(**json.loads(line)) for line in f if line.strip())}
+    found: list[str] = []
+    with preds.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if len(found) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{preds}:{n}: invalid JSON ({e.msg} at column {e.colno}; delete the file or rerun compare)") from None
+            row = row if isinstance(row, dict) else {}
+            where = row.get("where")
+            q = user_question(examples[where]) if isinstance(where, str) and where in examples else row.get("question")
+            if isinstance(q, str) and q.strip():
+                found.append(q)
+    return found
+
+
+def _split_questions(cfg: Config, limit: int) -> list[str]:
+    try:
+        rejects = Rejects("skip")
+        path = cfg.data.test_path or cfg.data.path
+        examples = [e for row in read_rows(path, cfg.data, rejects) if (e := to_example(row, cfg.data.format, rejects))]
+        test = examples if cfg.data.test_path else split(examples, cfg.data.test_size, cfg.data.seed, prompt_key)[1]
+    except UserError:  # no data at hand: the playground simply shows no examples
+        return []
+    return [q for q in (user_question(e) for e in test[: limit * 4]) if q.strip()][:limit]

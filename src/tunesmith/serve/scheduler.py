@@ -15,6 +15,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class LoadedModel:
         return contextlib.nullcontext()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a job is one request (and weak references need it hashable)
 class Job:
     """One request waiting for, or in, a batch."""
 
@@ -98,6 +99,8 @@ class Scheduler:
         self.held: deque[Job] = deque()  # taken from the inbox but incompatible with the batch being built
         self.batches = 0  # batches run, and tokens generated (tests and the bench read them)
         self.generated_tokens = 0
+        self.running = 0  # rows of the batch in flight (0: idle)
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # every Job still alive: a leak shows up in stats()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -109,16 +112,29 @@ class Scheduler:
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop the worker after the batch in flight."""
+        """Stop the worker after the batch in flight; jobs still waiting get an error rather than no answer."""
         if self._thread is not None:
             self.inbox.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+        left = [j for j in list(self.held) + list(self.inbox.queue) if j is not None]
+        self.held.clear()
+        self.inbox = queue.Queue()
+        for job in left:
+            job.send(RuntimeError("the server shut down before this request was run"))
+
+    def stats(self) -> dict[str, int]:
+        """Jobs waiting, rows generating, and Job objects alive (all 0 when idle and nothing leaked)."""
+        with self.inbox.mutex:
+            inbox = list(self.inbox.queue)
+        waiting = sum(1 for j in inbox + list(self.held) if j is not None)
+        return {"waiting": waiting, "running": self.running, "live_jobs": len(self._jobs)}
 
     def _submit(self, model: str, prompt: list[int], cfg: GenerateConfig, streaming: bool) -> Job:
         self.start()
         loop = asyncio.get_running_loop()
         job = Job(model, prompt, cfg, loop, loop.create_future(), asyncio.Queue() if streaming else None)
+        self._jobs.add(job)
         self.inbox.put(job)
         return job
 
@@ -170,11 +186,15 @@ class Scheduler:
         while (batch := self._next_batch()) is not None:
             if not batch:
                 continue
+            self.running = len(batch)
             try:
                 self._run(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch must answer its clients, not kill the worker
                 for job in batch:
                     job.send(e)
+            finally:
+                self.running = 0
+            del batch  # the worker must not keep the last batch's jobs (and their futures) alive while it waits
 
     def _run(self, jobs: list[Job]) -> None:
         lm = self.models[jobs[0].model]

@@ -17,6 +17,8 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error") -> None:
         super().__init__(message)
+        # a message quoting the request may hold lone surrogates ("\ud800" is valid JSON): no UTF-8 body could carry them
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def body(self) -> dict:
@@ -25,17 +27,19 @@ class ApiError(Exception):
 
 class _Request(BaseModel):
     # strict: "5" is not an int and 1 is not a bool (wrong types are the client's bug, say so);
-    # extra fields are ignored because real clients send ones we do not use (user, logprobs, ...).
-    model_config = ConfigDict(strict=True, extra="ignore", protected_namespaces=())
+    # extra fields are ignored because real clients send ones we do not use (user, logprobs, ...);
+    # NaN/Infinity (which Python's json accepts) would turn into NaN probabilities.
+    model_config = ConfigDict(strict=True, extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # logits are divided (or multiplied) by the penalty: far outside this range they overflow to inf
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 

@@ -1,23 +1,38 @@
-"""Checkpoints: atomic (tmp dir + fsync + rename), keep_last, and everything exact resume needs.
+"""Checkpoints: atomic (tmp dir + fsync + rename), checksummed, keep_last, and everything exact resume needs.
 
 A checkpoint dir `checkpoints/step-N/` holds trainable weights (safetensors), optimizer and scheduler
-state, RNG states (python, numpy, torch, cuda) and the data cursor. Frozen weights (LoRA's base) are not
-stored: they are reloaded from the base model, bit-identical.
+state, RNG states (python, numpy, torch, cuda), the data cursor, the run's fingerprint (what it was trained
+under, see record.py) and, written last, `checksums.json` (sha256 and size of every other file). Frozen
+weights (LoRA's base) are not stored: they are reloaded from the base model, bit-identical.
+
+The rename makes a checkpoint appear whole or not at all; the checksums catch what happens to it later (a
+copy cut short, a full disk during rsync, bit rot). `train.resume=auto` takes the newest intact checkpoint
+and names every corrupt one it skips; an explicit path that is corrupt is an error, never a fallback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunesmith.config import UserError
+from tunesmith.runtime import print0
+
+CHECKSUMS = "checksums.json"
+FINGERPRINT = "fingerprint.json"
+REQUIRED = ("trainable.safetensors", "state.pt", "cursor.json")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,7 +77,16 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, keep_last: int) -> Path:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, keep_last: int,
+         fingerprint: dict | None = None) -> Path:
     """Write checkpoints/step-{step} atomically, then prune to keep_last; a failure never touches older ones."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -73,6 +97,13 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, ke
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
     (tmp / "cursor.json").write_text(json.dumps({"step": step, **cursor}))
+    if fingerprint is not None:
+        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
+    # Last, so it covers every file above. Hashing re-reads them from the page cache (measured 0.6 GiB/s on a
+    # 2-core dev box: ~20 s for a 1B full fine-tune's 12 GB of weights + Adam state), rather than holding a
+    # second in-memory copy of a large state to hash while writing.
+    files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps({"format": 1, "files": files}))
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)
@@ -88,21 +119,83 @@ def checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / "cursor.json").is_file()]
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / "cursor.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _loads(path: Path) -> str | None:
+    """For checkpoints written before checksums existed: None if every file loads, else why not."""
+    try:
+        load_file(path / "trainable.safetensors")
+        torch.load(path / "state.pt", weights_only=True)
+        json.loads((path / "cursor.json").read_text())
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        return f"does not load: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return None
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at `path` is intact, else what is wrong (older checkpoints: that it loads)."""
+    if not (path / CHECKSUMS).is_file():
+        return _loads(path)
+    try:
+        listed = json.loads((path / CHECKSUMS).read_text())["files"]
+        expected = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in listed.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{CHECKSUMS} is unreadable"
+    for name in REQUIRED:
+        if name not in expected:
+            return f"{name} is not listed in {CHECKSUMS}"
+    for name, (size, _) in expected.items():  # sizes first: a cut-short copy is found without hashing anything
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated?)"
+    for name, (_, digest) in expected.items():
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its sha256 (corrupt)"
+    return None
+
+
 def find_resume(resume: str, run_dir: Path) -> Path | None:
-    """train.resume -> the checkpoint dir to load, or None to start fresh."""
+    """train.resume -> the verified checkpoint dir to load, or None to start fresh."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
+        return _newest_intact(run_dir)
     path = Path(resume)
     if not (path / "cursor.json").is_file():
         raise UserError(f"train.resume: '{resume}' is not a checkpoint dir (expected {run_dir}/checkpoints/step-N)")
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"{path}: corrupt checkpoint ({problem}) (give another checkpoint, or train.resume=auto for "
+                        f"the newest intact one in {run_dir})")
     return path
+
+
+def _newest_intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; each corrupt one skipped is named on stderr; none intact -> UserError."""
+    found = checkpoints(run_dir)
+    bad = []
+    for ckpt in reversed(found):
+        problem = verify(ckpt)
+        if problem is None:
+            if not (ckpt / CHECKSUMS).is_file():
+                print0(f"note: {ckpt} has no checksums (older tunesmith); it loads, so it is used", file=sys.stderr)
+            return ckpt
+        bad.append(f"{ckpt.name}: {problem}")
+        print0(f"warning: checkpoint {ckpt} is corrupt ({problem}); skipping it, it is left in place", file=sys.stderr)
+    if bad:
+        raise UserError(f"{run_dir}: no intact checkpoint to resume from ({'; '.join(bad)}) (train.resume=never starts "
+                        "over; the old files are moved aside, not deleted)")
+    return None
+
+
+def fingerprint_of(path: Path) -> dict | None:
+    """What the checkpoint was trained under (None for checkpoints of older tunesmith)."""
+    f = path / FINGERPRINT
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
@@ -112,6 +205,9 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     missing = [n for n in weights if n not in params]
     if missing:
         raise UserError(f"{path}: checkpoint does not match the model ({len(missing)} unknown tensors, e.g. '{missing[0]}'); was lora/model changed?")
+    absent = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if absent:  # else those parameters would silently keep their fresh initial values
+        raise UserError(f"{path}: checkpoint does not match the model ({len(absent)} trainable tensors missing, e.g. '{absent[0]}'); was lora/model changed?")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

@@ -54,6 +54,31 @@ class MetricsLog:
                 self.writer.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
 
 
+def rewind(path: Path, step: int) -> int:
+    """Resuming from a checkpoint at `step`: rows logged after it (steps about to be redone) and any line cut
+    short by a kill move from metrics.jsonl to metrics.rewound.jsonl, so each step is logged once; returns
+    how many moved."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            later = row["step"] > step
+        except (ValueError, KeyError, TypeError):
+            later = True  # half a row (SIGKILL mid-write): kept aside, not appended to
+        (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(path.with_name("metrics.rewound.jsonl"), "a") as f:
+            f.writelines(moved)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+    return len(moved)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl rows (empty if missing)."""
     if not path.is_file():

@@ -157,7 +157,8 @@ def print_plan(plan: dict, console) -> None:
                  ("positions with a label (LM head runs there)", f"{r.get('label_fraction', 1.0):.0%}"),
                  ("FLOPs/token fwd / bwd / recompute", f"{f['forward']:.3g} / {f['backward']:.3g} / {f['recompute']:.3g}"),
                  ("FLOPs/step (hardware)", f"{f['per_step']:.3g}"), ("FLOPs total", "-" if f["total"] is None else f"{f['total']:.3g}"),
-                 ("time/step", f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s ({t['device']})"),
+                 ("time/step", f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s "
+                                f"({t['device']}, {t.get('autocast', 'fp32')} matmuls)"),
                  ("tokens/s", f"{t['tokens_per_s']:,.0f}"), ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min")]:
         head.add_row(k, v)
     console.print(head)

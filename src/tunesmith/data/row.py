@@ -1,0 +1,13 @@
+"""Row: what every reader yields, one raw record and its place (`file:line`, `file:row N`, `id[split]:row N`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Row:
+    """One raw record and where it came from (`file:line`, `file:row N`, ...)."""
+
+    where: str
+    fields: dict
