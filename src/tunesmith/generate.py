@@ -12,6 +12,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,7 +21,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunesmith.config import Config, GenerateConfig, UserError
 from tunesmith.data.formats import Example, Template, get_template
+from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import render_prompt
+from tunesmith.data.sources import read_jsonl
 
 OnToken = Callable[[int, int], None]  # (row, token id) for each new token of a row still running
 Cancelled = Callable[[int], bool]  # row -> stop it now (a client went away)
@@ -287,24 +290,15 @@ def load_generator(cfg: Config, path: str | None = None):
 
 def _read_prompts(path: str) -> list[list[dict[str, str]]]:
     """jsonl rows with `messages`, or a `prompt`/`question`/`instruction` string -> conversations."""
-    import json
-
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            text = next((row[k] for k in ("prompt", "question", "instruction") if isinstance(row, dict) and isinstance(row.get(k), str)), None)
-            if isinstance(row, dict) and isinstance(row.get("messages"), list):
-                out.append(row["messages"])
-            elif text is not None:
-                out.append([{"role": "user", "content": text}])
-            else:
-                raise UserError(f"{path}:{n}: row needs 'prompt', 'question', 'instruction' or 'messages'")
+    for row in read_jsonl(Path(path), Rejects("fail")):  # a bad line is a UserError at its file:line
+        text = next((row.fields[k] for k in ("prompt", "question", "instruction") if isinstance(row.fields.get(k), str)), None)
+        if isinstance(row.fields.get("messages"), list):
+            out.append(row.fields["messages"])
+        elif text is not None:
+            out.append([{"role": "user", "content": text}])
+        else:
+            raise UserError(f"{row.where}: row needs 'prompt', 'question', 'instruction' or 'messages'")
     return out
 
 

@@ -15,7 +15,7 @@ from tunesmith.config import Config, UserError
 from tunesmith.data.formats import Example, as_messages, prompt_key, to_example
 from tunesmith.data.pipeline import CACHE_DIR
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.sources import read_rows
+from tunesmith.data.sources import read_jsonl, read_rows
 from tunesmith.data.split import split
 
 _PAGE = """<!doctype html>
@@ -155,21 +155,13 @@ def _evaluated_questions(preds: Path, cached: Path, limit: int) -> list[str]:
         with cached.open(encoding="utf-8") as f:
             examples = {ex.where: ex for ex in (Example(**json.loads(line)) for line in f if line.strip())}
     found: list[str] = []
-    with preds.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if len(found) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{preds}:{n}: invalid JSON ({e.msg} at column {e.colno}; delete the file or rerun compare)") from None
-            row = row if isinstance(row, dict) else {}
-            where = row.get("where")
-            q = user_question(examples[where]) if isinstance(where, str) and where in examples else row.get("question")
-            if isinstance(q, str) and q.strip():
-                found.append(q)
+    for row in read_jsonl(preds, Rejects("fail")):  # a broken line: a UserError at its file:line
+        if len(found) >= limit:
+            break
+        where = row.fields.get("where")
+        q = user_question(examples[where]) if isinstance(where, str) and where in examples else row.fields.get("question")
+        if isinstance(q, str) and q.strip():
+            found.append(q)
     return found
 
 

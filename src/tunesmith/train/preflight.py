@@ -27,6 +27,7 @@ TRUNCATED_WARN_SHARE = 0.03  # "more than a few percent" of training examples cu
 # config keys that hold a model's context length, most common first (GPT-NeoX/Llama, GPT-2, others)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 _NO_LIMIT = 1 << 30  # render without truncation to measure an example's full length
+_CUT_SLACK = 8  # tokens a prompt_left cut may end short of max_length
 
 
 @dataclass
@@ -176,8 +177,9 @@ def check_truncation(cfg: Config, tok, data: Prepared, report: Report) -> None:
     d = cfg.data
     if d.format == "text":
         return  # a long document becomes consecutive blocks, nothing is cut
-    # truncation cuts to exactly max_length, so only those samples need their full length measured
-    full = {s["where"] for s in data.train if len(s["input_ids"]) == d.max_length}
+    # a cut sample ends at max_length or a few tokens short of it (prompt_left re-encodes the cut content, and
+    # BPE merges across the cut), so only those samples need their full length measured
+    full = {s["where"] for s in data.train if len(s["input_ids"]) >= d.max_length - _CUT_SLACK}
     examples = [ex for ex in data.train_examples if ex.where in full]
     lengths = [len(s["input_ids"]) for s in render_all(examples, data.template, tok, _NO_LIMIT, d.truncation, Rejects("skip"))]
     cut = [n for n in lengths if n > d.max_length]
