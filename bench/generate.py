@@ -14,7 +14,8 @@ import time
 import torch
 
 from tunesmith.config import GenerateConfig, ModelConfig
-from tunesmith.generate import generate, pad_id
+from tunesmith.generate import generate
+from tunesmith.model.load import pad_id
 
 QUESTIONS = [
     "What is fine-tuning?", "Name three colors.", "How do plants make food from sunlight?",

@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunesmith.config import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from tunesmith.data.render import IGNORE
-from tunesmith.eval.loss import loss_sum
 from tunesmith.model.lora import apply_lora
+from tunesmith.model.loss import loss_sum
 from tunesmith.plan import (
     LADDER,
     arch_from_config,

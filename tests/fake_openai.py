@@ -9,7 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeChatServer:
-    """Answers each POST with `reply(body) -> (status, content)`; records every request as {path, auth, body}."""
+    """Answers each POST with `reply(body) -> (status, content)`; records every request as {path, auth, body}.
+
+    A 200 carries `usage` counted in words (prompt: every message's words; completion: the content's); content
+    given as bytes is sent as it is (text/html), for servers that answer with something else than JSON.
+    """
 
     def __init__(self, reply: Callable[[dict], tuple[int, str]]):
         self.requests: list[dict] = []
@@ -20,13 +24,17 @@ class FakeChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 status, content = reply(body)
-                answer = {"id": "x", "object": "chat.completion", "model": body["model"],
+                prompt = sum(len(m["content"].split()) for m in body["messages"])
+                answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                           "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": content}}]}
-                data = json.dumps(answer if status == 200 else {"error": {"message": content}}).encode()
+                                       "message": {"role": "assistant", "content": content}}],
+                          "usage": {"prompt_tokens": prompt, "completion_tokens": len(str(content).split()),
+                                    "total_tokens": prompt + len(str(content).split())}}
+                data = content if isinstance(content, bytes) else \
+                    json.dumps(answer if status == 200 else {"error": {"message": content}}).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", "text/html" if isinstance(content, bytes) else "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)

@@ -122,10 +122,22 @@ def test_stream_joins_to_generate_text():
 
 
 def test_stream_closed_early_stops_the_worker():
+    import threading
+
     model, tok = tiny.gpt_neox(), tiny.tokenizer()
-    it = stream(model, tok, _ids(tok)[0], GenerateConfig(max_new_tokens=400))
+    prompt = _ids(tok)[0]
+    forwards = []  # one forward pass per generated token
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    before = set(threading.enumerate())
+    it = stream(model, tok, prompt, GenerateConfig(max_new_tokens=400))
     next(it)
-    it.close()  # joins the generation thread: returns only once generation stopped
+    (worker,) = [t for t in threading.enumerate() if t not in before and t.name == "tunesmith-stream"]
+    it.close()  # sets the stop flag and joins the generation thread
+    assert not worker.is_alive()  # close() returned only once generation had stopped...
+    n = len(forwards)
+    assert n < 400  # ...long before max_new_tokens
+    # and it stopped because it was told to: left alone, the same greedy answer runs past n tokens (no EOS there)
+    assert generate(model, tok, [prompt], GenerateConfig(max_new_tokens=n + 8))[0].finish_reason == "length"
 
 
 def test_text_delta_holds_back_stop_prefixes():
@@ -173,27 +185,78 @@ def test_peft_wrapped_model_generates_like_merged():
     assert plain != wrapped
 
 
-def test_generate_cli_prompt_and_jsonl(tmp_path, capsys):
+def _run_cli(monkeypatch, capsys, *argv, stdin: str = "") -> tuple[int, str, str]:
+    """`tunesmith ARGV` through the console entry point -> (exit code, stdout, stderr)."""
+    import io
+    import sys
+
+    from tunesmith import cli
+
+    monkeypatch.setattr(sys, "argv", ["tunesmith", *argv])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.setenv("COLUMNS", "1000")  # rich does not wrap an answer
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def _saved_model(tmp_path):
+    """A tiny model dir and the same weights in memory, as load_for_inference sees them (EOS from the config)."""
+    model_dir = tiny.save_model_dir(tmp_path / "m")
+    model, tok = tiny.gpt_neox(), tiny.tokenizer()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    config = tmp_path / "c.yaml"
+    config.write_text("generate: {max_new_tokens: 6}\n")
+    return str(config), [f"model.name={model_dir}", f"out_dir={tmp_path / 'run'}"], model, tok
+
+
+def test_generate_command_prompt_and_jsonl(tmp_path, monkeypatch, capsys):
     import json
 
-    from tunesmith.config import Config, UserError
-    from tunesmith.generate import generate_cli, prompt_ids
+    from tunesmith.generate import prompt_ids
 
-    model_dir = tiny.save_model_dir(tmp_path / "m")
-    cfg = Config(model={"name": str(model_dir)}, out_dir=str(tmp_path / "run"), generate={"max_new_tokens": 6})
-    (one,) = generate_cli(cfg, "What was the revenue?", None, None)
-    assert capsys.readouterr().out == one.text + "\n"
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"question": "What was the revenue?"}\n{"prompt": "hello"}\n')
-    generate_cli(cfg, None, str(src), str(tmp_path / "out.jsonl"))
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    model, tok = tiny.gpt_neox(), tiny.tokenizer()  # the same weights save_model_dir wrote
-    model.generation_config.eos_token_id = tok.eos_token_id
+    config, overrides, model, tok = _saved_model(tmp_path)
     template = get_template("qa", "qa")
     want = generate(model, tok, [prompt_ids(template, tok, [{"role": "user", "content": q}]) for q in ("What was the revenue?", "hello")],
                     GenerateConfig(max_new_tokens=6))
-    assert [r["answer"] for r in rows] == [w.text for w in want] and rows[0]["answer"] == one.text
-    assert rows[1]["prompt"] == "hello" and rows[1]["completion_tokens"] == len(want[1].ids)
+    assert _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--prompt", "What was the revenue?")[:2] == (0, want[0].text + "\n")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"question": "What was the revenue?"}\n{"prompt": "hello"}\n')
+    assert _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--input", str(src), "--output", str(out))[0] == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [w.text for w in want]
+    assert rows[1] == {"prompt": "hello", "answer": want[1].text, "finish_reason": want[1].finish_reason,
+                       "prompt_tokens": want[1].prompt_tokens, "completion_tokens": len(want[1].ids)}
     src.write_text('{"nothing": 1}\n')
-    with pytest.raises(UserError, match="in.jsonl:1"):
-        generate_cli(cfg, None, str(src), None)
+    code, _, err = _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--input", str(src))
+    assert code == 2 and err.startswith(f"error: {src}:1: row needs 'prompt'") and len(err.strip().splitlines()) == 1
+    code, _, err = _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--prompt", "a", "--input", str(src))
+    assert (code, err.strip()) == (2, "error: generate: give exactly one of --prompt or --input")
+
+
+def test_chat_command_keeps_history_until_reset(tmp_path, monkeypatch, capsys):
+    from tunesmith.generate import prompt_ids
+
+    config, overrides, model, tok = _saved_model(tmp_path)
+    template = get_template("chat", "chat")
+    cfg = GenerateConfig(max_new_tokens=6)
+
+    def answer(*turns):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return generate(model, tok, [prompt_ids(template, tok, messages)], cfg)[0].text
+
+    first = answer("hello")
+    second = answer("hello", first, "what else")
+    # history changes the answer, so the test can see whether it was kept (and whether /reset dropped it)
+    assert second != answer("what else") != answer("hello", first, "what else", second, "what else")
+    code, out, _ = _run_cli(monkeypatch, capsys, "chat", config, *overrides, "data.format=chat",
+                            stdin="hello\nwhat else\n\n/reset\nwhat else\n/exit\nnever read\n")
+    assert code == 0
+    assert out == (f"you> model> {first}\nyou> model> {second}\nyou> you> you> model> {answer('what else')}\nyou> ")
+    # a string template answers each question on its own, and end of input leaves like /exit
+    code, out, _ = _run_cli(monkeypatch, capsys, "chat", config, *overrides, stdin="hello\nhello\n")
+    qa = generate(model, tok, [prompt_ids(get_template("qa", "qa"), tok, [{"role": "user", "content": "hello"}])], cfg)[0].text
+    assert code == 0 and out == (f"string template: each question is answered on its own (no history)\n"
+                                 f"you> model> {qa}\nyou> model> {qa}\nyou> ")

@@ -10,9 +10,9 @@ from tunesmith.data.formats import Example, get_template
 from tunesmith.data.pack import collate_packed, collate_padded
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import IGNORE, render
-from tunesmith.eval import loss as loss_mod
-from tunesmith.eval.loss import loss_sum
+from tunesmith.model import loss as loss_mod
 from tunesmith.model.lora import apply_lora
+from tunesmith.model.loss import loss_sum
 
 PAIRS = [("What was the revenue?", "It was 42 percent."), ("How many employees?", "1,200 employees."),
          ("hello", "world the answer is 42")]
@@ -63,7 +63,7 @@ def with_bias(model):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_head_only_at_labels_matches_full_logits(tok, name, packed, fused, monkeypatch):
     if not fused:  # as for a model type that post-processes its logits: the head runs inside the model
-        monkeypatch.setattr(loss_mod, "_PLAIN_LOGITS", frozenset())
+        monkeypatch.setattr(loss_mod, "FUSED_HEAD_FAMILIES", frozenset())
     model = MODELS[name]()
     batch = batch_of(tok, packed)
     head_inputs = []
@@ -88,9 +88,9 @@ def test_head_only_at_labels_matches_full_logits(tok, name, packed, fused, monke
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
 @pytest.mark.parametrize("name", ["neox-bias", "llama-lora"])
 def test_label_smoothing_matches_torch(tok, name, fused, monkeypatch):
-    monkeypatch.setattr(loss_mod, "_CHUNK_VALUES", 400 * 5)  # fused: several chunks
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_VALUES", 400 * 5)  # fused: several chunks
     if not fused:
-        monkeypatch.setattr(loss_mod, "_PLAIN_LOGITS", frozenset())
+        monkeypatch.setattr(loss_mod, "FUSED_HEAD_FAMILIES", frozenset())
     model = MODELS[name]()
     batch = batch_of(tok, packed=True)
     s, _ = loss_sum(model, batch, smoothing=0.1)
@@ -105,7 +105,7 @@ def test_label_smoothing_matches_torch(tok, name, fused, monkeypatch):
 
 
 def test_fused_loss_in_chunks_under_bf16_autocast(tok, monkeypatch):
-    monkeypatch.setattr(loss_mod, "_CHUNK_VALUES", 400 * 5)  # 5 rows per chunk: several chunks and a ragged last one
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_VALUES", 400 * 5)  # 5 rows per chunk: several chunks and a ragged last one
     model = tiny.gpt_neox()
     batch = batch_of(tok, packed=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -174,7 +174,7 @@ def test_fused_loss_keeps_one_chunk_of_logits_alive(monkeypatch):
     # sees inside the loss is one chunk (plus the (64, 16) hidden gradient and per-row scalars), not two.
     from torch.profiler import ProfilerActivity, profile
 
-    monkeypatch.setattr(loss_mod, "_CHUNK_VALUES", 8 * 4096)
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_VALUES", 8 * 4096)
     torch.manual_seed(0)
     hidden = torch.randn(64, 16, requires_grad=True)
     weight = torch.randn(4096, 16)

@@ -13,9 +13,9 @@ from tunesmith.eval.metrics import (
     exact_match,
     load_embedder,
     normalize_answer,
-    numbers_in,
     numeric_match,
     packaged_model_dir,
+    parse_numbers,
     rouge_l,
     score_examples,
     sentence_bleu,
@@ -74,8 +74,8 @@ def test_bleu_corpus_and_sentence_hand_computed():
     ("it was 34.", [34.0]),
     ("no numbers here", []),
 ])
-def test_numbers_in(text, values):
-    assert numbers_in(text) == pytest.approx(values)
+def test_parse_numbers_values(text, values):
+    assert [n.value for n in parse_numbers(text)] == pytest.approx(values)
 
 
 def test_numeric_match():

@@ -15,12 +15,12 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-import tunesmith.eval.loss
+import tunesmith.model.loss
 import tunesmith.plan
 from tests import tiny
 from tunesmith.config import Config, LoraConfig, ModelConfig, PlanConfig, TrainConfig
 from tunesmith.data.render import IGNORE
-from tunesmith.eval.loss import loss_sum
+from tunesmith.model.loss import loss_sum
 from tunesmith.plan import (
     LADDER,
     Precision,
@@ -33,7 +33,7 @@ from tunesmith.plan import (
     training_memory,
 )
 from tunesmith.runtime import measure_peak_flops
-from tunesmith.train.plan_io import compare_measured, plan_for_data, plan_from_run, print_plan
+from tunesmith.train.run_plan import compare_measured, plan_for_data, plan_from_run, print_plan
 
 V = 512
 SHAPES = {
@@ -212,18 +212,12 @@ def test_peak_memory_of_the_loss_at_label_positions(head, monkeypatch):
     fp32 = Precision(4, 4, False, False)
     # what the planner said before it knew the labels and the chunks (every position, in one piece)
     naive = training_memory(arch_from_config(shape), cfg, 2, 128, fp32)["peak"]
-    if head == "fused_chunks":  # 20 rows of logits per chunk: 4 chunks, one alive at a time
-        monkeypatch.setattr(tunesmith.plan, "LOSS_CHUNK_VALUES", 20 * BIG_V)
-        monkeypatch.setattr(tunesmith.eval.loss, "_CHUNK_VALUES", 20 * BIG_V)
+    if head == "fused_chunks":  # 20 rows of logits per chunk: 4 chunks, one alive at a time (the loss and the plan)
+        monkeypatch.setattr(tunesmith.model.loss, "LOSS_CHUNK_VALUES", 20 * BIG_V)
     predicted = training_memory(arch_from_config(shape), cfg, 2, 128, fp32, _label_fraction(batch))["peak"]
     measured = _measured_peak(model, batch)
     assert predicted == pytest.approx(measured, rel=0.15)
     assert naive > 1.15 * measured  # so the check above can tell the two models apart
-
-
-def test_plan_mirrors_the_loss_it_models():
-    assert tunesmith.plan.FUSED_HEAD_FAMILIES == tunesmith.eval.loss._PLAIN_LOGITS
-    assert tunesmith.plan.LOSS_CHUNK_VALUES == tunesmith.eval.loss._CHUNK_VALUES
 
 
 def _seven_b():
@@ -313,7 +307,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 _RSS_SCRIPT = """
 import torch
-from tunesmith.train.plan_io import peak_memory_bytes, reset_peak_rss
+from tunesmith.train.run_plan import peak_memory_bytes, reset_peak_rss
 cpu = torch.device("cpu")
 x = torch.ones(100 * 2**20)  # 400 MiB, touched, freed: a peak before the model (importing, data) is not training's
 del x

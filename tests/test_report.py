@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from html.parser import HTMLParser
 
 from rich.console import Console
 
-from tunesmith.eval.report import direction, markdown_summary, print_summary, summary_rows, write_report
+from tunesmith.eval.report import direction, print_summary, summary_rows, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,6 +50,15 @@ METRICS = {"base": {"rouge_l": 0.2, "loss": 2.0, "answer_words": 30, "n": 4},
            "notes": ["embedding similarity skipped: eval.embedding_model is null"]}
 
 
+def terminal_table(metrics: dict) -> tuple[dict[str, list[str]], str]:
+    """print_summary's table as {metric: [cells after the name]}, and the whole text."""
+    out = io.StringIO()
+    print_summary(metrics, Console(file=out, width=100, color_system=None))
+    text = out.getvalue()
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    return {c[0]: c[1:] for c in cells}, text
+
+
 def parse(path) -> Collector:
     c = Collector()
     c.feed(path.read_text(encoding="utf-8"))
@@ -63,10 +73,11 @@ def test_summary_rows_know_which_way_is_better():
     assert rows["loss"]["verdict"] == "worse"  # lower is better and it rose
     assert rows["answer_words"]["verdict"] == ""  # descriptive
     assert direction("buckets.empty") == -1 and direction("perplexity") == -1 and direction("token_f1") == 1
-    md = markdown_summary(METRICS)
-    assert "| rouge_l | 0.2 | 0.5 | +0.3 | ▲ better |" in md
-    assert "| loss | 2 | 2.5 | +0.5 | ▲ worse |" in md
-    assert "embedding similarity skipped" in md
+    table, text = terminal_table(METRICS)
+    assert table["rouge_l"] == ["0.2", "0.5", "+0.3 ▲ better"]
+    assert table["loss"] == ["2", "2.5", "+0.5 ▲ worse"]
+    assert table["answer_words"] == ["30", "12", "-18 ▼"]
+    assert "note: embedding similarity skipped" in text
 
 
 def test_write_report_is_self_contained(tmp_path):
@@ -111,7 +122,7 @@ def test_report_for_a_single_model_has_no_deltas(tmp_path, capsys):
     assert html_text.index("question 1") < html_text.index("question 2") < html_text.index("question 0")
     assert "no data" in html_text  # no metrics.jsonl: loss plot replaced by a note
     assert not (tmp_path / "loss.png").exists()
-    assert "|---|---:|---:|" not in markdown_summary(metrics) and "| rouge_l | 0.5 |" in markdown_summary(metrics)
+    assert terminal_table(metrics)[0] == {"rouge_l": ["0.5"], "exact_match": ["0.25"]}  # one column, no delta
     console = Console(width=100, force_terminal=False, color_system=None)
     print_summary(METRICS, console)
     out = capsys.readouterr().out

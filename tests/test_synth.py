@@ -292,7 +292,7 @@ def test_remote_configuration_errors(tmp_path, monkeypatch):
         synth(_cfg(tmp_path, f"synth.base_url=http://127.0.0.1:{port}/v1", "synth.model=m"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
     server = _chat_server([(404, "model 'm' not found")])
     try:
-        with pytest.raises(UserError, match="answered 404"):
+        with pytest.raises(UserError, match="answered HTTP 404"):
             synth(_cfg(tmp_path, f"synth.base_url={server.url}", "synth.model=m"), [tmp_path / "a.md"], tmp_path / "qa.jsonl")
     finally:
         server.close()

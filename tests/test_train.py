@@ -1,6 +1,7 @@
 """The training loop on tiny models: it learns, LoRA freezes the base, grad-accum == big batch, save/resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -259,3 +260,122 @@ def test_large_tensors_get_huge_pages_unless_the_user_said_no(user):
         assert setting == "0"
     else:
         assert setting == "1" and int(huge_kb) >= 32 * 1024  # most of the 64 MB tensor sits on 2 MB pages
+
+
+def _train_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+def _stopped_at_step_2_then_resumed(tmp_path, model_dir, qa_file, monkeypatch, *common) -> dict:
+    """Train in tmp_path/split: SIGTERM during step 2 (checkpointed, exit), then train.resume=auto to the end."""
+    calls = {"n": 0}
+    real = loop_mod.loss_sum
+
+    def sigterm_at_step_2(model, batch, smoothing):  # one micro-batch per step: call n is step n
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes step 2, checkpoints it and exits
+        return real(model, batch, smoothing)
+
+    monkeypatch.setattr(loop_mod, "loss_sum", sigterm_at_step_2)
+    with pytest.raises(SystemExit):
+        train(cfg_for(tmp_path / "split", model_dir, qa_file, *common))
+    monkeypatch.setattr(loop_mod, "loss_sum", real)
+    return train(cfg_for(tmp_path / "split", model_dir, qa_file, *common, "train.resume=auto"))
+
+
+def test_resumed_run_counts_the_tokens_of_the_whole_run(tmp_path, model_dir, qa_file, monkeypatch):
+    common = ["train.max_steps=4", "train.save_every=2", "train.precision=fp32"]
+    whole = train(cfg_for(tmp_path / "whole", model_dir, qa_file, *common))
+    resumed = _stopped_at_step_2_then_resumed(tmp_path, model_dir, qa_file, monkeypatch, *common)
+    assert resumed["steps"] == 4 and 0 < whole["tokens"] == resumed["tokens"]
+    rows = _train_rows(tmp_path / "split" / "run")
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in _train_rows(tmp_path / "whole" / "run")]
+    assert json.loads((tmp_path / "split" / "run" / "checkpoints" / "step-2" / "cursor.json").read_text())["tokens"] == rows[1]["tokens"]
+
+
+def test_old_checkpoint_without_a_token_count_still_resumes(tmp_path, model_dir, qa_file):
+    cfg = ["train.max_steps=2", "train.save_every=1"]
+    train(cfg_for(tmp_path, model_dir, qa_file, *cfg))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"
+    cursor = json.loads((ckpt / "cursor.json").read_text())
+    del cursor["tokens"]
+    (ckpt / "cursor.json").write_text(json.dumps(cursor))
+    (ckpt / "checksums.json").unlink()  # as older tunesmith wrote them
+    (tmp_path / "run" / "checkpoints" / "step-2").rename(tmp_path / "step-2-aside")
+    result = train(cfg_for(tmp_path, model_dir, qa_file, *cfg, "train.resume=auto"))
+    assert result["steps"] == 2 and result["tokens"] > 0  # the count restarts with this segment
+
+
+def _inf_grad_from(step: int, monkeypatch, until: int | None = None) -> None:
+    """Make the gradients of steps step..until (one micro-batch per step) inf while the loss stays finite."""
+    calls = {"n": 0}
+    real = loop_mod.loss_sum
+
+    def poisoned(model, batch, smoothing):
+        calls["n"] += 1
+        total, n = real(model, batch, smoothing)
+        return (_InfGrad.apply(total) if step <= calls["n"] <= (until or calls["n"]) else total), n
+
+    monkeypatch.setattr(loop_mod, "loss_sum", poisoned)
+
+
+def test_fp16_inf_gradient_is_a_skipped_step_not_a_divergence(tmp_path, model_dir, qa_file, monkeypatch):
+    # CPU autocast runs fp16 for these tiny models, so this is the real GradScaler path, not a mock
+    _inf_grad_from(3, monkeypatch, until=3)
+    result = train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=5", "train.save_every=1", "train.keep_last=10", "train.precision=fp16"))
+    assert result["steps"] == 5
+    ckpts = tmp_path / "run" / "checkpoints"
+    w2, w3, w4 = (load_file(ckpts / f"step-{s}" / "trainable.safetensors") for s in (2, 3, 4))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 skipped: the weights did not move
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3)  # step 4 trained again
+    scales = [torch.load(ckpts / f"step-{s}" / "state.pt", weights_only=True)["scaler"]["scale"] for s in (2, 3)]
+    assert scales[1] == scales[0] / 2  # the skip halved the scale, and the checkpoint carries it
+    rows = _train_rows(tmp_path / "run")
+    assert [r["loss_scale"] for r in rows][1:3] == scales and not math.isfinite(rows[2]["grad_norm"])
+
+
+def test_fp16_stops_once_the_loss_scale_collapses(tmp_path, model_dir, qa_file, monkeypatch):
+    _inf_grad_from(2, monkeypatch)  # every step from 2 on overflows: no loss scale helps
+    cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=60", "train.save_every=1", "train.precision=fp16")
+    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step (\d+) with the fp16 loss scale down to") as e:
+        train(cfg)
+    step = int(e.value.args[0].split(" at step ")[1].split()[0])
+    assert step == 2 + 29  # 2^16 halved 29 times is 1.2e-4; the 30th skip would take it below 1e-4
+    assert "\n" not in str(e.value) and "train.precision=fp16" in str(e.value)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_fp16_loss_scaling_keeps_small_gradients(tmp_path, model_dir, qa_file, monkeypatch):
+    # A loss this small underflows to zero gradients in fp16 without loss scaling: nothing would train.
+    real = loop_mod.loss_sum
+    monkeypatch.setattr(loop_mod, "loss_sum", lambda model, batch, smoothing: (lambda t, n: (t * 1e-7, n))(
+        *real(model, batch, smoothing)))
+    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=fp16", "train.max_grad_norm=null",
+                  "train.weight_decay=0.0"))
+    moved, init = weights(tmp_path / "run" / "final"), weights(model_dir)
+    layer = [k for k in moved if ".layers.0." in k and k.endswith("weight") and moved[k].ndim == 2]
+    assert layer and all(not torch.equal(moved[k], init[k]) for k in layer)
+
+
+def test_cli_reports_a_divergence_in_one_line_with_exit_code_1(tmp_path, model_dir, qa_file):
+    # the CLI catches TrainingDiverged by type (config.py, no torch import), not by its class name
+    proc = _cli(_write_cfg(tmp_path, model_dir, qa_file, tmp_path / "run"), "train.lr=1e30")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and " at step " in lines[0] and "Traceback" not in err
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, model_dir, qa_file, monkeypatch):
+    # step 1 overflows, so the scale at the step-2 checkpoint is 2^15: a resume must go on from there, not 2^16
+    common = ["train.max_steps=4", "train.save_every=2", "train.precision=fp16"]
+    _inf_grad_from(1, monkeypatch, until=1)
+    train(cfg_for(tmp_path / "whole", model_dir, qa_file, *common))
+    monkeypatch.undo()
+    _inf_grad_from(1, monkeypatch, until=1)  # counts calls over both segments: only step 1 overflows
+    _stopped_at_step_2_then_resumed(tmp_path, model_dir, qa_file, monkeypatch, *common)
+    scales = [[r["loss_scale"] for r in _train_rows(tmp_path / d / "run")] for d in ("whole", "split")]
+    assert scales[0] == scales[1] == [2.0**15] * 4
+    a, b = weights(tmp_path / "whole" / "run" / "final"), weights(tmp_path / "split" / "run" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tunesmith.config import UserError, describe, load_config
+from tunesmith.config import TrainingDiverged, UserError, describe, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune a pretrained LLM on your data: inspect, plan, train, compare, serve.")
@@ -92,7 +92,7 @@ def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
          device: str = typer.Option(None, help="device to plan for, e.g. h100-80gb"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """FLOPs, memory and time before training (a run dir: predicted vs measured)."""
-    from tunesmith.train.plan_io import plan_for_data, plan_from_run, print_plan
+    from tunesmith.train.run_plan import plan_for_data, plan_from_run, print_plan
 
     if config.is_dir():
         result = plan_from_run(config)
@@ -139,19 +139,82 @@ def generate(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
              input: Path = typer.Option(None, help="prompts.jsonl (one {\"prompt\"|\"question\"...} per line)"),
              output: Path = typer.Option(None, help="write completions here (jsonl)")) -> None:
     """Generate with the model (batched, with the template it was trained with)."""
-    from tunesmith.generate import generate_cli
+    from tunesmith.generate import generate as run_generate
+    from tunesmith.generate import prompt_ids
 
     if (prompt is None) == (input is None):
         raise UserError("generate: give exactly one of --prompt or --input")
-    generate_cli(_cfg(config, overrides), prompt, input, output)
+    cfg = _cfg(config, overrides)
+    convs = [[{"role": "user", "content": prompt}]] if prompt is not None else _read_prompts(input)
+    model, tokenizer, template = _generator(cfg)
+    ids = [prompt_ids(template, tokenizer, c) for c in convs]
+    results = run_generate(model, tokenizer, ids, cfg.generate, progress=input is not None)
+    rows = [{"prompt": c[-1]["content"], "answer": r.text, "finish_reason": r.finish_reason,
+             "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.ids)} for c, r in zip(convs, results, strict=True)]
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:  # plain print: stdout is for the answers (pipes), not for rich's markup
+        for r in rows:
+            print(r["answer"] if prompt is not None else json.dumps(r, ensure_ascii=False))
+
+
+def _generator(cfg):
+    """(model, tokenizer, template) for model.name (a trained run: model.name=<run>/final)."""
+    from tunesmith.generate import template_for
+    from tunesmith.model.export import load_for_inference
+    from tunesmith.runtime import device
+
+    # Explicit beats clever: the model is what model.name says, never silently the run's final/.
+    model, tokenizer, stored = load_for_inference(cfg.model.name, cfg.model, device())
+    return model, tokenizer, template_for(stored, cfg)
+
+
+def _read_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """jsonl rows with `messages`, or a `prompt`/`question`/`instruction` string -> conversations."""
+    from tunesmith.data.rejects import Rejects
+    from tunesmith.data.sources import read_jsonl
+
+    out = []
+    for row in read_jsonl(Path(path), Rejects("fail")):  # a bad line is a UserError at its file:line
+        text = next((row.fields[k] for k in ("prompt", "question", "instruction") if isinstance(row.fields.get(k), str)), None)
+        if isinstance(row.fields.get("messages"), list):
+            out.append(row.fields["messages"])
+        elif text is not None:
+            out.append([{"role": "user", "content": text}])
+        else:
+            raise UserError(f"{row.where}: row needs 'prompt', 'question', 'instruction' or 'messages'")
+    return out
 
 
 @app.command()
 def chat(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
-    """Interactive multi-turn chat, streaming."""
-    from tunesmith.generate import chat_loop
+    """Interactive multi-turn chat, streaming: /reset clears the history, /exit (or Ctrl-D) leaves."""
+    from tunesmith.generate import prompt_ids, stream
 
-    chat_loop(_cfg(config, overrides), console)
+    cfg = _cfg(config, overrides)
+    model, tokenizer, template = _generator(cfg)
+    history: list[dict[str, str]] = []
+    if template.kind != "chat":
+        console.print("[dim]string template: each question is answered on its own (no history)[/dim]")
+    while True:
+        try:
+            text = console.input("[bold]you> [/bold]").strip()
+        except EOFError:
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset" or not text:
+            history = [] if text else history
+            continue
+        history.append({"role": "user", "content": text})
+        pieces = []
+        console.print("[bold]model> [/bold]", end="")
+        for piece in stream(model, tokenizer, prompt_ids(template, tokenizer, history), cfg.generate):
+            pieces.append(piece)
+            console.print(piece, end="", markup=False, highlight=False)
+        console.print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 @app.command("eval")
@@ -200,8 +263,6 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    except RuntimeError as e:
-        if type(e).__name__ == "TrainingDiverged":
-            Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        raise
+    except TrainingDiverged as e:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)

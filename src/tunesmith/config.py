@@ -18,6 +18,14 @@ class UserError(Exception):
     """A problem with what the user gave (config, data, paths): printed as one line, exit code 2."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf (or fp16 loss scaling kept failing): training stops before the update.
+
+    Printed as one line with exit code 1 (not the user's input, yet their way out is named); defined here, with
+    no torch import, so the CLI can catch it by type without importing the training stack.
+    """
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 

@@ -4,6 +4,10 @@ The engine knows only ids. `model.generate` (with its KV cache) does the decodin
 prompts are sorted by length so a batch pads little, left-padded so every row's next token sits at the same
 position, and results come back in input order. Stop strings are checked per row by a stopping criterion,
 so one row can finish while the rest of its batch goes on.
+
+Below the engine, one small bridge from requests to ids: `template_for` (the template a model was trained with)
+and `prompt_ids` (a conversation -> prompt ids through data/render.py's `render_prompt`), shared by the server
+and the `generate`/`chat` commands. The commands themselves (argv, files, the REPL) live in cli.py.
 """
 
 from __future__ import annotations
@@ -12,18 +16,16 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from tunesmith.config import Config, GenerateConfig, UserError
+from tunesmith.config import Config, GenerateConfig
 from tunesmith.data.formats import Example, Template, get_template
-from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import render_prompt
-from tunesmith.data.sources import read_jsonl
+from tunesmith.model.load import pad_id
 
 OnToken = Callable[[int, int], None]  # (row, token id) for each new token of a row still running
 Cancelled = Callable[[int], bool]  # row -> stop it now (a client went away)
@@ -47,11 +49,6 @@ def eos_ids(model, tokenizer) -> list[int]:
         if i is not None and i not in ids:
             ids.append(int(i))
     return ids
-
-
-def pad_id(tokenizer) -> int:
-    """Padding id for left padding: the tokenizer's pad token, else EOS (masked out either way)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -255,7 +252,7 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerateConfig) -> Iter
         worker.join()
 
 
-# ---- prompts from text, and the CLI entry points (`tunesmith generate`, `tunesmith chat`) ----
+# ---- requests -> prompt ids: the one home for "messages + the trained template" (serve, generate, chat) ----
 
 
 def template_for(stored: dict | None, cfg: Config) -> Template:
@@ -275,75 +272,3 @@ def prompt_ids(template: Template, tokenizer, messages: list[dict[str, str]]) ->
         return tokenizer(text, add_special_tokens=True)["input_ids"]
     fields = {"instruction": text, "input": ""} if template.format == "alpaca" else {"question": text}
     return render_prompt(Example(where="request", fields=fields), template, tokenizer)
-
-
-def load_generator(cfg: Config, path: str | None = None):
-    """(model, tokenizer, template) for `path`, default model.name (a trained run: model.name=<run>/final)."""
-    from tunesmith.model.export import load_for_inference
-    from tunesmith.runtime import device
-
-    # Explicit beats clever: the model is what model.name says, never silently the run's final/.
-    path = path or cfg.model.name
-    model, tokenizer, stored = load_for_inference(path, cfg.model, device())
-    return model, tokenizer, template_for(stored, cfg)
-
-
-def _read_prompts(path: str) -> list[list[dict[str, str]]]:
-    """jsonl rows with `messages`, or a `prompt`/`question`/`instruction` string -> conversations."""
-    out = []
-    for row in read_jsonl(Path(path), Rejects("fail")):  # a bad line is a UserError at its file:line
-        text = next((row.fields[k] for k in ("prompt", "question", "instruction") if isinstance(row.fields.get(k), str)), None)
-        if isinstance(row.fields.get("messages"), list):
-            out.append(row.fields["messages"])
-        elif text is not None:
-            out.append([{"role": "user", "content": text}])
-        else:
-            raise UserError(f"{row.where}: row needs 'prompt', 'question', 'instruction' or 'messages'")
-    return out
-
-
-def generate_cli(cfg: Config, prompt: str | None, input_path: str | None, output_path: str | None) -> list[Completion]:
-    """`tunesmith generate`: one --prompt, or every row of --input (jsonl) batched; --output writes jsonl."""
-    import json
-
-    if (prompt is None) == (input_path is None):
-        raise UserError("generate: give exactly one of --prompt or --input")
-    convs = [[{"role": "user", "content": prompt}]] if prompt is not None else _read_prompts(input_path)
-    model, tokenizer, template = load_generator(cfg)
-    ids = [prompt_ids(template, tokenizer, c) for c in convs]
-    results = generate(model, tokenizer, ids, cfg.generate, progress=input_path is not None)
-    rows = [{"prompt": c[-1]["content"], "answer": r.text, "finish_reason": r.finish_reason,
-             "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.ids)} for c, r in zip(convs, results, strict=True)]
-    if output_path:
-        with open(output_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    else:
-        for r in rows:
-            print(r["answer"] if prompt is not None else json.dumps(r, ensure_ascii=False))
-    return results
-
-
-def chat_loop(cfg: Config, console) -> None:
-    """`tunesmith chat`: multi-turn, streamed; /reset clears the history, /exit (or Ctrl-D) leaves."""
-    model, tokenizer, template = load_generator(cfg)
-    history: list[dict[str, str]] = []
-    if template.kind != "chat":
-        console.print("[dim]string template: each question is answered on its own (no history)[/dim]")
-    while True:
-        try:
-            text = console.input("[bold]you> [/bold]").strip()
-        except EOFError:
-            return
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/reset" or not text:
-            history = [] if text else history
-            continue
-        history.append({"role": "user", "content": text})
-        pieces = []
-        console.print("[bold]model> [/bold]", end="")
-        for piece in stream(model, tokenizer, prompt_ids(template, tokenizer, history), cfg.generate):
-            pieces.append(piece)
-            console.print(piece, end="", markup=False, highlight=False)
-        console.print()
-        history.append({"role": "assistant", "content": "".join(pieces)})

@@ -12,7 +12,7 @@ Conventions (also in every plan.json under "formulas"):
   Gradient checkpointing recomputes every decoder layer's forward once: hardware FLOPs = model FLOPs + that.
 - Memory: tensor bytes (what torch.cuda.max_memory_allocated counts), not allocator fragmentation or the
   CUDA context; a device is usable up to USABLE of its capacity. Logits exist at label positions only, and
-  for a plain head (FUSED_HEAD_FAMILIES) one chunk of LOSS_CHUNK_VALUES at a time (eval/loss.py).
+  for a plain head (model/loss.py's FUSED_HEAD_FAMILIES) one chunk of its LOSS_CHUNK_VALUES at a time.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import re
 from dataclasses import dataclass
 
 from tunesmith.config import Config, LoraConfig, UserError
+from tunesmith.model import loss as token_loss
 from tunesmith.model.load import load_config_only
 from tunesmith.model.resolve import cache_root
+from tunesmith.runtime import GPU_PEAK_FLOPS
 
 GiB = 2**30
 USABLE = 0.92  # CUDA context, allocator fragmentation and cuBLAS workspaces take the rest
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit value + 8-bit absmax per 64 + fp32 per 256 blocks (double quant)
-# name -> (memory GiB, dense bf16 tensor-core peak FLOP/s from the datasheet)
+# name -> (memory GiB, datasheet peak FLOP/s from runtime's table)
 DEVICES = {
-    "t4-16gb": (16, 65e12), "rtx4090-24gb": (24, 165e12), "a100-40gb": (40, 312e12),
-    "l40s-48gb": (48, 362e12), "h100-80gb": (80, 989e12), "h200-141gb": (141, 989e12),
+    "t4-16gb": (16, GPU_PEAK_FLOPS["t4"]), "rtx4090-24gb": (24, GPU_PEAK_FLOPS["4090"]), "a100-40gb": (40, GPU_PEAK_FLOPS["a100"]),
+    "l40s-48gb": (48, GPU_PEAK_FLOPS["l40s"]), "h100-80gb": (80, GPU_PEAK_FLOPS["h100"]), "h200-141gb": (141, GPU_PEAK_FLOPS["h200"]),
 }
 # the "what can I run" ladder: public shapes, no weights needed
 LADDER = {
@@ -48,10 +50,6 @@ LADDER = {
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "granite"}
 # Linears of one decoder layer that read the same tensor (one saved input between them)
 _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
-# Mirrors of eval/loss.py (tests/test_plan.py checks they agree): model types whose head and cross-entropy
-# the loop fuses, and how many logits one chunk of that fused loss holds.
-FUSED_HEAD_FAMILIES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
-LOSS_CHUNK_VALUES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -231,18 +229,19 @@ def activation_bytes(arch: Arch, rows: int, seq_len: int, prec: Precision, attn:
 
 
 def loss_bytes(arch: Arch, cfg: Config, label_rows: int, prec: Precision) -> dict:
-    """Bytes the loss holds at its peak for `label_rows` positions that predict a label (eval/loss.py)."""
+    """Bytes the loss holds at its peak for `label_rows` positions that predict a label (model/loss.py)."""
     lora, V, d = cfg.lora, arch.vocab, arch.d
     head_lora = lora is not None and any(x.layer < 0 for x in lora_targets(arch, lora))
     head_saved = lora is not None and "lm_head" in (lora.modules_to_save or [])
-    fused = arch.family in FUSED_HEAD_FAMILIES and not (head_lora or head_saved or cfg.train.fsdp)
+    # read from the loss module when called (not copied at import): the plan models the loss that runs
+    fused = arch.family in token_loss.FUSED_HEAD_FAMILIES and not (head_lora or head_saved or cfg.train.fsdp)
     if not fused:  # the head at label rows: (N, V) logits, their fp32 copy, the log-softmax kept for backward;
         # backward frees the logits, then holds the log-softmax, its gradient and the logits' gradient
         logit_b = 4 if prec.act == 4 else 2 + 4
         return {"logits": label_rows * V * (logit_b + 4), "loss_backward": label_rows * V * 4}
     # fused: the taken (N, d) head input and its gradient, one chunk of fp32 logits (plus the bf16 matmul
     # output / gradient copy under autocast), and a fp32 (V, d) weight gradient when the head trains
-    chunk = min(label_rows, max(1, LOSS_CHUNK_VALUES // V))
+    chunk = min(label_rows, max(1, token_loss.LOSS_CHUNK_VALUES // V))
     head_grad = V * d * (4 + prec.act) if lora is None else 0
     return {"logits": chunk * V * (4 + (2 if prec.act == 2 else 0)) + label_rows * d * prec.weight,
             "loss_backward": label_rows * d * prec.weight + head_grad}

@@ -88,6 +88,11 @@ def huge_pages_for_tensors() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+# Dense bf16 (T4: fp16) tensor-core peak FLOP/s from the datasheets, by a fragment of the lower-cased CUDA device
+# name, first match first ("h200" before "h100"). The one table: plan.DEVICES names its GPUs by these keys.
+GPU_PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "4090": 165e12, "t4": 65e12}
+
+
 def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) -> float:
     """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else a short timing (kept in `cache`, a JSON file).
 
@@ -97,7 +102,7 @@ def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) ->
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
-        for key, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("4090", 165e12)):
+        for key, peak in GPU_PEAK_FLOPS.items():
             if key in name:
                 return peak
     bf16 = bf16 or device.type == "cuda"

@@ -22,7 +22,6 @@ filter: the generator or the filters must change; the rejected pairs stay on dis
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from tunesmith.config import Config, GenerateConfig, SynthConfig, UserError
 from tunesmith.data.checks import jaccard, shingles
 from tunesmith.data.documents import Chunk, chunk_documents, find_documents, word_spans
 from tunesmith.data.split import normalize_text, split_hash
+from tunesmith.endpoint import ChatClient, EndpointFailed
 
 NEAR_DUPLICATE = 0.8  # Jaccard of word 3-grams above which two questions are "the same question"
 _STOPWORDS = ("a an the of to in on at for by with and or but is are was were be been it its this that these those as "
@@ -123,45 +123,31 @@ class LocalGenerator:
 
 
 class RemoteGenerator:
-    """Any OpenAI-compatible endpoint: POST {base_url}/chat/completions, `concurrency` requests at a time."""
+    """Any OpenAI-compatible endpoint (endpoint.py's `ChatClient`), `concurrency` requests at a time."""
 
     def __init__(self, s: SynthConfig, gen: GenerateConfig):
         if not s.model:
             raise UserError("synth.model: name the generator model at synth.base_url (e.g. synth.model=gpt-4o-mini)")
-        key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
-        if s.api_key_env and not key:
-            raise UserError(f"synth.api_key_env: environment variable {s.api_key_env} is empty or unset (export it)")
-        self.url, self.s, self.gen, self.name = s.base_url.rstrip("/") + "/chat/completions", s, gen, s.model
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # HTTP retries (429, 5xx, timeouts) are the client's; synth.max_retries also bounds malformed-output retries
+        self.client = ChatClient(s.base_url, s.model, api_key_env=s.api_key_env, timeout_s=120.0,
+                                 max_retries=s.max_retries, where="synth")
+        self.s, self.gen, self.name = s, gen, s.model
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         return word_spans(text)
 
-    def _one(self, client, messages: list[dict], attempt: int) -> str:
-        import httpx
-
+    def _one(self, messages: list[dict], attempt: int) -> str:
         g = retry_config(self.gen, attempt)
-        body = {"model": self.s.model, "messages": messages, "temperature": g.temperature, "max_tokens": g.max_new_tokens}
-        for _ in range(self.s.max_retries + 1):  # HTTP retries (5xx, 429, timeouts)
-            try:
-                r = client.post(self.url, json=body, headers=self.headers)
-            except httpx.ConnectError as e:
-                raise UserError(f"synth.base_url: cannot connect to {self.url} ({e}; is the server running?)") from None
-            except httpx.TimeoutException:
-                r = None
-            if r is not None and r.status_code < 500 and r.status_code != 429:
-                if r.status_code >= 400:
-                    raise UserError(f"synth.base_url: {self.url} answered {r.status_code} ({r.text[:200]}; check synth.model and the key)")
-                return r.json()["choices"][0]["message"]["content"] or ""
-        return ""  # the server kept failing: this attempt counts as malformed output
+        try:
+            return self.client.chat(messages, max_tokens=g.max_new_tokens, temperature=g.temperature).text
+        except EndpointFailed:
+            return ""  # the server kept failing: this attempt counts as malformed output
 
     def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
-        import httpx
-
-        with httpx.Client(timeout=120.0) as client, ThreadPoolExecutor(self.s.concurrency) as pool:
-            return list(pool.map(lambda c: self._one(client, c, attempt), conversations))
+        with ThreadPoolExecutor(self.s.concurrency) as pool:  # the openai client is safe to share between threads
+            return list(pool.map(lambda c: self._one(c, attempt), conversations))
 
 
 def drop_cut_line(text: str) -> str:

@@ -18,7 +18,6 @@ import numpy as np
 from tunesmith.data.formats import Example, prompt_key
 from tunesmith.data.split import normalize_text
 
-_PRIME = (1 << 61) - 1
 _PERMS, _BANDS = 64, 16  # 16 bands of 4 rows: a pair with Jaccard 0.8 becomes a candidate with p > 0.999
 _BUCKET_CAP = 8  # in a crowded bucket, compare each row with at most this many earlier rows
 
@@ -85,17 +84,26 @@ def shingles(text: str, n: int = 3) -> set[int]:
     return {zlib.crc32(g.encode()) for g in grams}
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser over uint64 (wrapping): each output bit depends on every input bit."""
+    # A linear hash (a*x + b) mod p of 32-bit shingles barely wraps, so its 64 "permutations" keep nearly the
+    # same order and are strongly correlated: measured recall 0.94 at Jaccard 0.85 instead of ~1.
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def minhash(sets: list[set[int]], seed: int = 0) -> np.ndarray:
     """(N, 64) MinHash signatures; every set must be non-empty."""
-    rng = np.random.default_rng(seed)
-    # a < 2**31 and x < 2**32 keep a*x + b inside uint64 before the mod
-    a = rng.integers(1, 2**31, size=_PERMS, dtype=np.uint64)
-    b = rng.integers(0, 2**32, size=_PERMS, dtype=np.uint64)
+    keys = np.random.default_rng(seed).integers(0, 2**63, size=_PERMS, dtype=np.uint64)
     flat = np.fromiter((x for s in sets for x in s), dtype=np.uint64, count=sum(len(s) for s in sets))
     starts = np.cumsum([0] + [len(s) for s in sets[:-1]], dtype=np.int64)
     sig = np.empty((len(sets), _PERMS), dtype=np.uint64)
-    for k in range(_PERMS):  # one permutation at a time: memory stays O(total shingles)
-        sig[:, k] = np.minimum.reduceat((a[k] * flat + b[k]) % _PRIME, starts)
+    with np.errstate(over="ignore"):
+        for k in range(_PERMS):  # one hash function at a time: memory stays O(total shingles)
+            sig[:, k] = np.minimum.reduceat(_mix(flat ^ keys[k]), starts)
     return sig
 
 

@@ -2,7 +2,7 @@
 
 Counts per split, token-length histogram (terminal + `<out_dir>/data_lengths.png`), share truncated at
 max_length and a suggested max_length (p99 rounded up to 32), the examples cut at max_length and the part
-they lost (user content, the template's fixed text, the response; a warning above WARN_CUT with the
+they lost (user content, the template's fixed text, the response; a warning above WARN_CUT_SHARE with the
 max_length that would keep them whole), duplicates, near duplicates, train/test leakage, rows skipped, and
 two rendered examples with the loss-carrying tokens highlighted.
 """
@@ -21,13 +21,10 @@ from tunesmith.data.formats import get_template
 from tunesmith.data.pipeline import load_examples, render_all
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import IGNORE, render
-from tunesmith.data.truncate import CONTENT, PROMPT, RESPONSE, Cut
+from tunesmith.data.truncate import CONTENT, PROMPT, RESPONSE, WARN_CUT_SHARE, Cut
 
 PNG_NAME = "data_lengths.png"
 _NO_LIMIT = 1 << 30  # render without truncation to measure the true lengths
-# More than this share of examples cut at max_length is a warning: a few long outliers are normal, more
-# means the model trains on contexts or answers it will not see whole.
-WARN_CUT = 0.02
 
 
 def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> dict:
@@ -73,14 +70,14 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
 
 
 def cut_summary(cuts: list[Cut], n_examples: int, lengths: list[int], max_length: int) -> dict:
-    """Examples cut at max_length per part they lost, the first few, and a warning above WARN_CUT that says how
+    """Examples cut at max_length per part they lost, the first few, and a warning above WARN_CUT_SHARE that says how
     far max_length would have to grow (the untruncated lengths' p95 and max)."""
     parts = {part: sum(c.part == part for c in cuts) for part in (CONTENT, PROMPT, RESPONSE)}
     share = len(cuts) / n_examples if n_examples else 0.0
     p95 = int(math.ceil(np.percentile(lengths, 95))) if lengths else 0
     longest = max(lengths, default=0)
     warning = None
-    if share > WARN_CUT:
+    if share > WARN_CUT_SHARE:
         lost = ", ".join(f"{part}: {n}" for part, n in parts.items() if n)
         grow = f"to {p95} (+{p95 - max_length}) to keep 95% whole, " if max_length < p95 < longest else ""
         warning = (f"{len(cuts)} of {n_examples} examples ({share:.1%}) are cut at data.max_length={max_length} (cut in {lost}); "

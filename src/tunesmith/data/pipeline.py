@@ -22,6 +22,7 @@ from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import gc_paused, render
 from tunesmith.data.sources import read_rows, resolve_files
 from tunesmith.data.split import split
+from tunesmith.data.stream import stream_files
 from tunesmith.runtime import print0
 
 CACHE_DIR = "data"
@@ -173,11 +174,24 @@ def _file_stats(path: str | None, d: DataConfig) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
+def _read_sources(d: DataConfig) -> list[tuple[str, list[Path] | None]]:
+    """(path, its files or None for a hub id) of everything the run reads: the streamed sources (with the
+    stream's own suffixes) or data.path, then data.test_path."""
+    if d.streaming:
+        specs = [s.path for s in d.sources] if d.sources else [d.path]
+        out = [(path, stream_files(path, "data.sources" if d.sources else "data.path")) for path in specs]
+    else:
+        out = [(d.path, resolve_files(d.path, d))]
+    if d.test_path:
+        out.append((d.test_path, resolve_files(d.test_path, d)))
+    return out
+
+
 def data_hash(d: DataConfig) -> str:
-    """sha256 of the data files' contents (train, then test_path), for the run manifest."""
+    """sha256 of the contents of every file the run reads (train or streamed sources, then test_path), for the
+    run manifest and the resume guard; a hub dataset counts by its id and split."""
     h = hashlib.sha256()
-    for path in (d.path, d.test_path):
-        files = resolve_files(path, d) if path else []
+    for path, files in _read_sources(d):
         if files is None:
             h.update(f"hub:{path}:{d.split}".encode())
             continue

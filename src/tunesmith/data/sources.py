@@ -32,6 +32,9 @@ from tunesmith.data.row import Row
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md")
+# every suffix a reader takes (data/stream.py also streams .jsonl.zst, .rst, .py): a missing path that ends in
+# one is a missing file, never a hub id
+FILE_SUFFIXES = (*RECORD_SUFFIXES, *TEXT_SUFFIXES, ".jsonl.zst", ".rst", ".py")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # surrogateescape turns each undecodable byte into one lone surrogate in this range; finding one = bad UTF-8
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
@@ -60,31 +63,43 @@ def map_fields(fields: dict, mapping: dict[str, str]) -> dict:
 
 
 def resolve_files(path: str, cfg: DataConfig) -> list[Path] | None:
-    """The sorted local files behind `path`, or None when `path` names a hub dataset."""
-    suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES if cfg.format == "text" else RECORD_SUFFIXES
+    """The sorted local files read_rows reads behind `path` (suffixes per cfg.format), or None for a hub id."""
+    return find_files(path, TEXT_SUFFIXES + RECORD_SUFFIXES if cfg.format == "text" else RECORD_SUFFIXES)
+
+
+def find_files(path: str, suffixes: tuple[str, ...], key: str = "data.path") -> list[Path] | None:
+    """The sorted data files behind a file, directory tree or glob, or None when `path` names a hub dataset.
+
+    A file named outright is taken whatever its suffix; in a directory or a glob only `suffixes` count, and
+    never hidden files or dirs (.git, .cache) nor our own rejects report. `key` is the config key to check.
+    """
     p = Path(path).expanduser()
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _wanted(f, suffixes, p))
-        if not files:
-            raise UserError(f"{path}: directory holds no data files ({', '.join(suffixes)})")
-        return files
-    if any(c in path for c in "*?["):
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _is_data(f, suffixes, f.relative_to(p).parts))
+        what = "directory holds"
+    elif any(c in path for c in "*?["):
         files = sorted(Path(f) for f in globlib.glob(os.path.expanduser(path), recursive=True))
-        files = [f for f in files if f.is_file() and _wanted(f, suffixes, None)]
-        if not files:
-            raise UserError(f"{path}: glob matches no data files ({', '.join(suffixes)})")
-        return files
-    if not _HUB_ID.match(path) or path.lower().endswith(RECORD_SUFFIXES + TEXT_SUFFIXES):
-        raise UserError(f"{path}: file not found (check data.path; relative paths start at {Path.cwd()})")
-    return None
+        files = [f for f in files if f.is_file() and _is_data(f, suffixes, (f.name,))]
+        what = "glob matches"
+    elif is_hub_id(path):
+        return None
+    else:
+        raise UserError(f"{path}: file not found (check {key}; relative paths start at {Path.cwd()})")
+    if not files:
+        raise UserError(f"{path}: {what} no data files ({', '.join(suffixes)})")
+    return files
 
 
-def _wanted(f: Path, suffixes: tuple[str, ...], root: Path | None) -> bool:
-    rel = f.relative_to(root).parts if root is not None else (f.name,)
+def is_hub_id(path: str) -> bool:
+    """Whether `path`, which is no local file, names a hub dataset: `name` or `org/name`, no data-file suffix."""
+    return bool(_HUB_ID.match(path)) and not path.lower().endswith(FILE_SUFFIXES)
+
+
+def _is_data(f: Path, suffixes: tuple[str, ...], parts: tuple[str, ...]) -> bool:
     # hidden files/dirs (.git, .cache) and our own rejects report never count as data
-    return f.name.lower().endswith(suffixes) and not any(part.startswith(".") for part in rel) \
+    return f.name.lower().endswith(suffixes) and not any(part.startswith(".") for part in parts) \
         and f.name != "data_rejects.jsonl"
 
 

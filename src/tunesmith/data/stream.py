@@ -25,11 +25,8 @@ rank, as it does with `EpochStream`.
 from __future__ import annotations
 
 import bisect
-import glob as globlib
 import gzip
 import io
-import os
-import re
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -38,14 +35,14 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import DataConfig, SourceConfig, UserError
+from tunesmith.data.hub import read_hub
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.sources import decode_line, parse_object, place, read_hub, split_lines
+from tunesmith.data.sources import decode_line, find_files, parse_object, place, split_lines
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # source code is text too (continued pretraining on a codebase)
 PIECE_BYTES = 64 * 1024  # a .txt/.md file is read in pieces of about this size (never whole)
 TOKENIZE_BATCH = 64  # documents tokenized together by the fast tokenizer
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _MASK64 = (1 << 64) - 1
 
 
@@ -61,26 +58,13 @@ def uniform(seed: int, k: int) -> float:
     return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
 
 
-def stream_files(path: str) -> list[Path] | None:
-    """The sorted local files behind a source path (file, directory tree, glob), or None for a hub id."""
-    p = Path(path).expanduser()
+def stream_files(path: str, key: str = "data.path") -> list[Path] | None:
+    """The sorted files a stream reads behind a file, directory tree or glob (sources.find_files), or None for a hub id."""
     suffixes = JSONL_SUFFIXES + TEXT_SUFFIXES
-    if p.is_file():
-        if not p.name.lower().endswith(suffixes):
-            raise UserError(f"{path}: streaming reads {', '.join(suffixes)} files (rename it or convert it)")
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(suffixes)
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    elif any(c in path for c in "*?["):
-        files = sorted(Path(f) for f in globlib.glob(os.path.expanduser(path), recursive=True))
-        files = [f for f in files if f.is_file() and f.name.lower().endswith(suffixes)]
-    elif _HUB_ID.match(path) and not path.lower().endswith(suffixes):
-        return None
-    else:
-        raise UserError(f"{path}: file not found (check data.path / data.sources; relative paths start at {Path.cwd()})")
-    if not files:
-        raise UserError(f"{path}: no text files to stream ({', '.join(suffixes)})")
+    files = find_files(path, suffixes, key)
+    # a file named outright comes back whatever its suffix; the stream reads anything not text as jsonl
+    if files is not None and not files[0].name.lower().endswith(suffixes):
+        raise UserError(f"{path}: streaming reads {', '.join(suffixes)} files (rename it or convert it)")
     return files
 
 
@@ -302,7 +286,7 @@ class TextStream:
         self.skip, self.buffered = 0, 0  # tokens of units[0] already emitted; tokens waiting in the buffer
 
     def _source(self, path: str, cfg: DataConfig) -> FileSource | HubSource:
-        files = stream_files(path)
+        files = stream_files(path, "data.sources" if cfg.sources else "data.path")
         return HubSource(path, cfg, self.rejects) if files is None else FileSource(path, files, cfg.text_field, self.rejects)
 
     @property

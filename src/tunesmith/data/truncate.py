@@ -21,6 +21,10 @@ from string import Formatter
 
 from tunesmith.data.formats import Example, Template, prompt_format
 
+# More than this share of examples cut at max_length is a warning (data inspect, pre-flight): a few long outliers
+# are normal; "more than a few percent" means the model trains on contexts or answers it will not see whole.
+WARN_CUT_SHARE = 0.03
+
 
 def truncate(prompt: list[int], response: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
     """Cut (prompt, response+eos) to max_length tokens: the token-level cut (`render` cuts user content first).

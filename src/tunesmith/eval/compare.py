@@ -36,7 +36,7 @@ from tunesmith.eval.metrics import (
 )
 from tunesmith.eval.report import print_summary, write_report
 from tunesmith.generate import Completion, generate
-from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer
+from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer, pad_id
 from tunesmith.runtime import autocast_dtype, device, print0
 
 EVAL_DIR = "eval"
@@ -137,7 +137,7 @@ def answer(model, tok, test: Questions, probe: Questions, cfg: Config, label: st
     t0 = time.time()
     out = generate(model, tok, test.prompts + probe.prompts, eval_generate_config(cfg), progress=True)
     seconds = time.time() - t0
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     loss = evaluate_loss(model, test.samples, cfg.eval.batch_size, cfg.data.max_length, pad, cfg.data.packing, dev,
                          autocast_dtype(cfg.train.precision, dev)) if test.samples else {}
     return Answers(out[: len(test.prompts)], out[len(test.prompts):], loss, seconds)
@@ -190,7 +190,7 @@ def compare_text(cfg: Config, run: Path, final: Path, dev: torch.device) -> dict
     data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run)
     if not data.test:
         raise UserError(f"{run}: no held-out text to score (set data.test_path, or data.test_size for a non-streamed corpus)")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     amp = autocast_dtype(cfg.train.precision, dev)
 
     def score(model, label: str) -> dict:

@@ -1,7 +1,7 @@
 """LLM-as-judge over any OpenAI-compatible endpoint: a 1-5 rubric score and a short reason per answer.
 
-We POST to `{base_url}/chat/completions` with httpx instead of the `openai` client: the raw schema is the
-one thing OpenAI, vLLM, Ollama and tunesmith's own server all agree on, and it keeps retries in our hands.
+Requests go through endpoint.py's `ChatClient` (the official `openai` client: HTTP retries with backoff,
+timeouts, the key from eval.judge.api_key_env); a reply that is not in the rubric's format is asked again here.
 Judge outputs are parsed robustly (JSON anywhere, code fences, "Score: 4") and cached by sha256 of
 (model, prompt) in a jsonl file, so re-running a report costs no requests.
 """
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
 
-import httpx
-
-from tunesmith.config import JudgeConfig, UserError
+from tunesmith.config import JudgeConfig
+from tunesmith.endpoint import ChatClient
 
 RUBRIC = """You are grading an answer to a question against a reference answer.
 
@@ -38,8 +36,6 @@ Numbers, names and dates must match the reference to count as correct.
 Reply with only a JSON object: {{"score": <1-5>, "reason": "<one short sentence>"}}"""
 
 SYSTEM = "You are a strict, fair grader. You reply with JSON only."
-# HTTP statuses worth retrying: rate limits and server-side failures. Other 4xx are the user's to fix.
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -103,66 +99,35 @@ def _read_cache(path: Path) -> dict[str, dict]:
     return cache
 
 
-def _headers(cfg: JudgeConfig) -> dict[str, str]:
-    """Auth header from the configured environment variable (none configured: a local server without auth)."""
-    if cfg.api_key_env is None:
-        return {}
-    key = os.environ.get(cfg.api_key_env, "")
-    if not key:
-        raise UserError(f"eval.judge.api_key_env: environment variable {cfg.api_key_env} is not set "
-                        f"(export {cfg.api_key_env}=<key>, or set eval.judge.api_key_env: null for a server without auth)")
-    return {"Authorization": f"Bearer {key}"}
+def _ask(client: ChatClient, prompt: str, attempts: int, backoff_s: float) -> dict | None:
+    """One judgement, asked up to `attempts` times while the reply is not in the rubric's format (None then).
 
-
-def _ask(client: httpx.Client, cfg: JudgeConfig, prompt: str, backoff_s: float) -> dict | None:
-    """One judgement with retries on transport errors, retryable statuses and unparseable replies."""
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
-    body = {"model": cfg.model, "temperature": 0.0, "max_tokens": 256,
-            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]}
-    failure = ""
-    for attempt in range(cfg.max_retries + 1):
+    HTTP failures are retried inside the client; one that outlasts its retries is a UserError from there."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    for attempt in range(attempts):
         if attempt:
             time.sleep(backoff_s * 2 ** (attempt - 1))
-        try:
-            resp = client.post(url, json=body)
-        except httpx.TransportError as e:  # timeouts, refused connections: the server may come back
-            failure = f"{type(e).__name__}: {e}"
-            continue
-        if resp.status_code in RETRY_STATUS:
-            failure = f"HTTP {resp.status_code}"
-            continue
-        if resp.status_code != 200:
-            raise UserError(f"eval.judge: {url} answered HTTP {resp.status_code} ({resp.text[:200]!r}; "
-                            f"check eval.judge.base_url, model and api_key_env)")
-        try:
-            content = resp.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            failure = "reply is not a chat completion"
-            continue
-        found = parse_judgement(content or "")
+        found = parse_judgement(client.chat(messages, max_tokens=256, temperature=0.0).text)
         if found is not None:
             return found
-        failure = "malformed judge output"
-    if failure.startswith("malformed"):
-        return None  # the judge kept answering, just not in the rubric's format: no score for this item
-    raise UserError(f"eval.judge: {url} failed {cfg.max_retries + 1} times ({failure}; "
-                    f"is the server up? raise eval.judge.max_retries or timeout_s)")
+    return None  # the judge kept answering, just not in the rubric's format: no score for this item
 
 
 def judge(cfg: JudgeConfig, items: list[dict], cache_path: Path, backoff_s: float = 1.0) -> list[dict | None]:
     """Score each {question, reference, answer}: {'score': 1-5, 'reason'} or None when the judge's
     output stayed unparseable after retries. Cached results cost no request."""
-    headers = _headers(cfg)
+    client = ChatClient(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
+                        max_retries=cfg.max_retries, where="eval.judge")  # a missing key fails before any work
     cache_path = Path(cache_path)
     cache = _read_cache(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict | None] = []
-    with httpx.Client(headers=headers, timeout=cfg.timeout_s) as client, cache_path.open("a") as sink:
+    with client, cache_path.open("a") as sink:
         for item in items:
             prompt = judge_prompt(item["question"], item["reference"], item["answer"])
             key = cache_key(cfg.model, prompt)
             if key not in cache:
-                found = _ask(client, cfg, prompt, backoff_s)
+                found = _ask(client, prompt, cfg.max_retries + 1, backoff_s)
                 if found is None:
                     results.append(None)
                     continue

@@ -182,11 +182,6 @@ def parse_numbers(text: str) -> list[Number]:
     return found
 
 
-def numbers_in(text: str) -> list[float]:
-    """Numeric values in `text`: '1,234.5' -> 1234.5, '$34 million' -> 34e6, '22%' -> 22.0, '-3' -> -3.0."""
-    return [n.value for n in parse_numbers(text)]
-
-
 def same_number(a: Number, b: Number) -> bool:
     """Equal values, or equal written numbers when at most one carries a scale word ("34" ~ "$34 million")."""
     if math.isclose(a.value, b.value, rel_tol=1e-9, abs_tol=1e-12):

@@ -1,5 +1,5 @@
 """The evaluation report: one self-contained report.html (PNG plots inlined as data URIs) plus the PNG files,
-and the same summary as a markdown table or a Rich table in the terminal.
+and the same summary as a Rich table in the terminal.
 
 Inputs are what compare/eval write: metrics.json `{"base": {name: value}, "tuned": {...}, "delta": {...},
 "notes": [...]}` (either side may be missing for a single-model eval) and prediction rows
@@ -94,21 +94,6 @@ def _arrow(row: dict) -> str:
     if not delta:
         return ""
     return ("▲" if delta > 0 else "▼") + (f" {row['verdict']}" if row["verdict"] else "")
-
-
-def markdown_summary(metrics: dict) -> str:
-    """The summary table in markdown (metric, each model, delta with an arrow) plus the notes."""
-    sides = sides_of(metrics)
-    two = len(sides) == 2
-    head = ["metric", *sides, *(["delta", ""] if two else [])]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for row in summary_rows(metrics):
-        cells = [row["metric"], *(_fmt(row[s]) for s in sides)]
-        if two:
-            cells += [_fmt(row["delta"], signed=True), _arrow(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [f"\n- {n}" for n in metrics.get("notes") or []]
-    return "\n".join(lines)
 
 
 def print_summary(metrics: dict, console: Any) -> None:

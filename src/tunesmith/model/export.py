@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config import ModelConfig, UserError, load_config
-from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, save_template, set_pad_token
+from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, save_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -145,10 +145,8 @@ def load_for_inference(path: str, cfg: ModelConfig, device: torch.device) -> tup
         model = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
     else:
         model = load_model(cfg.model_copy(update={"name": name}), device)
-    if (src / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True)
-        set_pad_token(tokenizer)
-    else:
-        tokenizer = load_tokenizer(cfg.model_copy(update={"name": name}))
+    # the tokenizer saved with the run when there is one, else the base's: both through load_tokenizer's checks
+    tok_name = str(src) if (src / "tokenizer_config.json").is_file() else name
+    tokenizer = load_tokenizer(cfg.model_copy(update={"name": tok_name}))
     template = load_template(src) if (src / TEMPLATE_FILE).is_file() else None
     return model.eval(), tokenizer, template

@@ -35,7 +35,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     UserError for a directory without tokenizer files and for a tokenizer that encodes text to nothing:
     transformers 5 builds an empty tokenizer from config.json alone, and every example would train on a lone EOS.
     """
-    path = resolve(cfg.name, cfg.cache_dir)
+    local = Path(cfg.name).expanduser()
+    # an adapter dir (no config.json, so not a model to resolve) may carry the tokenizer it was trained with
+    path = str(local) if local.is_dir() and has_tokenizer_files(local) else resolve(cfg.name, cfg.cache_dir)
     if Path(path).is_dir() and not has_tokenizer_files(path):
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json: copy the base "
                         "model's tokenizer files into this directory)")
@@ -74,6 +76,11 @@ def set_pad_token(tok: PreTrainedTokenizerBase) -> None:
     # No spare: pad == eos. Safe because labels and attention are built from positions, not from pad ids.
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+
+
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the pad token, else EOS (padding is masked by position, so either is safe)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def load_config_only(cfg: ModelConfig) -> PretrainedConfig:

@@ -336,9 +336,8 @@ def load_models(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel]:
 
 def _load_shared(cfg: Config, base: str, adapters: dict[str, str], plain: list[str], dev) -> dict[str, LoadedModel]:
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer, set_pad_token
+    from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer
 
     base_cfg = cfg.model.model_copy(update={"name": base})
     model, base_tok = load_model(base_cfg, dev), load_tokenizer(base_cfg)
@@ -350,10 +349,8 @@ def _load_shared(cfg: Config, base: str, adapters: dict[str, str], plain: list[s
             peft = PeftModel.from_pretrained(model, str(d), adapter_name=tag)
         else:
             peft.load_adapter(str(d), adapter_name=tag)
-        tok = base_tok
-        if (d / "tokenizer_config.json").is_file():
-            tok = AutoTokenizer.from_pretrained(d, use_fast=True)
-            set_pad_token(tok)
+        # the adapter's own saved tokenizer when it has one, through load_tokenizer's checks like the base's
+        tok = load_tokenizer(base_cfg.model_copy(update={"name": str(d)})) if (d / "tokenizer_config.json").is_file() else base_tok
         stored = load_template(d) if (d / TEMPLATE_FILE).is_file() else None
         out[name] = LoadedModel(name, peft, tok, template_for(stored, cfg), adapter=tag)
     peft.eval()

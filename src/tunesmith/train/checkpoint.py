@@ -86,8 +86,12 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, keep_last: int,
-         fingerprint: dict | None = None) -> Path:
-    """Write checkpoints/step-{step} atomically, then prune to keep_last; a failure never touches older ones."""
+         fingerprint: dict | None = None, scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write checkpoints/step-{step} atomically, then prune to keep_last; a failure never touches older ones.
+
+    `cursor`: the data stream's state plus the loop's counters (e.g. tokens seen); `scaler`: fp16's loss scale,
+    stored when enabled so a resumed run scales (and skips) exactly as an uninterrupted one.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -95,7 +99,10 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, ke
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, tmp / "state.pt")
     (tmp / "cursor.json").write_text(json.dumps({"step": step, **cursor}))
     if fingerprint is not None:
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
@@ -198,8 +205,8 @@ def fingerprint_of(path: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; return the cursor."""
+def load(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Restore weights, optimizer, scheduler, RNG and (fp16) the loss scaler from `path`; return the cursor."""
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -216,4 +223,6 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in state:  # older checkpoints: a fresh scale
+        scaler.load_state_dict(state["scaler"])
     return json.loads((path / "cursor.json").read_text())

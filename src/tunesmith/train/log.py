@@ -87,10 +87,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def progress_bar(enabled: bool) -> Progress:
-    """step/total, loss, lr, tokens/s and ETA; disabled bars print nothing (other ranks, tests)."""
+    """step/total, loss, lr, real tokens/s (metrics.jsonl's tokens_per_s of the last log) and ETA; disabled bars
+    print nothing (other ranks, tests)."""
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} real tok/s"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         disable=not enabled,
     )

@@ -3,6 +3,11 @@
 LoRA changes only which parameters train (apply_lora), what a checkpoint holds (trainable tensors) and
 whether export merges. Loss is normalised by the label tokens of the whole accumulated (and, under DDP,
 global) batch, so batch_size=2 x grad_accum=4 is the same update as batch_size=8 x grad_accum=1.
+Everything before the first step (data, pre-flight, run guard, model, optimizer, resume) is `prepare`.
+
+Throughput, in metrics.jsonl (`tokens_per_s`), on the progress bar and in plan.json alike, counts real
+tokens (not padding; prompt and answer tokens both) per second of training steps (eval and checkpoint time
+excluded): the bar and the metrics row over the last log window, plan.json's measured side over the run.
 """
 
 from __future__ import annotations
@@ -18,47 +23,25 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import Config, save_config
+from tunesmith.config import Config, TrainingDiverged
 from tunesmith.data.pack import EpochStream
-from tunesmith.data.pipeline import Prepared, build, build_heldout, tokenizer_hash
 from tunesmith.data.render import IGNORE
-from tunesmith.data.stream import TextStream
-from tunesmith.eval.loss import evaluate_loss, loss_sum, next_token_targets
+from tunesmith.eval.loss import evaluate_loss
 from tunesmith.model.export import save_final
-from tunesmith.model.load import load_model, load_tokenizer
-from tunesmith.model.lora import apply_lora, trainable_summary
-from tunesmith.runtime import (
-    Dist,
-    autocast,
-    autocast_dtype,
-    device,
-    dist_info,
-    huge_pages_for_tensors,
-    print0,
-    seed_everything,
-)
+from tunesmith.model.loss import loss_sum, next_token_targets
+from tunesmith.runtime import Dist, autocast, print0
 from tunesmith.train import checkpoint, distributed
-from tunesmith.train.log import (
-    MetricsLog,
-    plot_losses,
-    progress_bar,
-    read_metrics,
-    rewind,
-    tensorboard_writer,
-)
-from tunesmith.train.optim import make_optimizer, make_scheduler
-from tunesmith.train.plan_io import finish_plan, mfu, reset_peak_rss, start_plan, total_steps
-from tunesmith.train.preflight import check
-from tunesmith.train.record import (
-    begin_segment,
-    check_fresh,
-    check_resume,
-    end_segment,
-    fingerprint,
-    hardware,
-    move_aside,
-    recorded_fingerprint,
-)
+from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
+from tunesmith.train.prepare import Run, prepare
+from tunesmith.train.record import end_segment
+from tunesmith.train.run_plan import finish_plan, mfu
+
+__all__ = ["TrainingDiverged", "train"]  # TrainingDiverged lives in config.py (torch-free, for the CLI)
+
+# fp16 loss scaling: an inf/NaN gradient is a skipped step and halves the scale. Once the scale would drop below
+# this, gradients overflow fp16 even scaled down 10^4-fold (about 30 skips in a row from the initial 2^16):
+# no scale is the problem any more, the weights or the data are, and the run stops as a divergence.
+MIN_LOSS_SCALE = 1e-4
 
 
 def _epoch(stream) -> float:
@@ -66,10 +49,6 @@ def _epoch(stream) -> float:
     if isinstance(stream, EpochStream):
         return stream.epoch + stream.index / max(1, stream.batches_per_epoch)
     return stream.epoch
-
-
-class TrainingDiverged(RuntimeError):
-    """Loss or gradient norm became NaN/inf: the run stops (exit 1) before the update; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -94,37 +73,6 @@ def _stop_on_signals() -> Iterator[StopFlag]:
             signal.signal(s, h)
 
 
-def _open_run(cfg: Config, run: Path, data: Prepared, tok, d: Dist) -> tuple[Path | None, dict, list[dict]]:
-    """The verified checkpoint to resume from, this segment's fingerprint and the changes the user allowed.
-
-    Refuses a resume that would silently continue a different training (data, template, tokenizer, model or an
-    optimisation setting changed), and a fresh run over a finished run of another config; the files of an
-    earlier run in out_dir are moved aside, never deleted. Only then is config.yaml (re)written.
-    """
-    tc = cfg.train
-    hashes = {"data_hash": data.data_hash, "template_hash": data.template_hash, "tokenizer_hash": tokenizer_hash(tok)}
-    fp = fingerprint(cfg.model_dump(mode="json"), d.world, hashes)
-    ckpt = checkpoint.find_resume(tc.resume, run)
-    source = ckpt.parent.parent if ckpt is not None else None  # <run>/checkpoints/step-N
-    changed = []
-    if source is not None:
-        old = recorded_fingerprint(source, checkpoint.fingerprint_of(ckpt))
-        changed = check_resume(run, fp, old, tc.resume_changed == "allow")
-    fresh_dir = source is None or source.resolve() != run.resolve()
-    if fresh_dir:
-        check_fresh(run, fp, tc.overwrite)
-    distributed.barrier(d)  # every rank has read the old run before rank 0 moves it aside
-    if d.is_main:
-        moved = move_aside(run) if fresh_dir else None
-        if moved is not None:
-            print0(f"note: {run} held an earlier run; its files are now in {moved}")
-        if changed:
-            print0(f"warning: resuming although {', '.join(c['key'] for c in changed)} changed (train.resume_changed=allow; "
-                   "recorded in manifest.json)")
-        save_config(cfg, run / "config.yaml")
-    return ckpt, fp, changed
-
-
 def _grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     """Total gradient norm, clipping to max_norm when set; always computed, since a finite loss can come with
     inf/NaN gradients that would poison the weights silently."""
@@ -134,21 +82,31 @@ def _grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def _diverged(loss: torch.Tensor, grad_norm: torch.Tensor, step: int, wheres: list[str], lr: float, run: Path) -> str | None:
-    """None while loss and gradient norm are finite (one device sync for both), else the one-line reason."""
+def _diverged(loss: torch.Tensor, grad_norm: torch.Tensor, step: int, wheres: list[str], lr: float, run: Path,
+              scaler: torch.amp.GradScaler) -> str | None:
+    """None while loss and gradient norm are finite (one device sync for both), else the one-line reason.
+
+    fp16 (scaler enabled): an inf/NaN gradient with a finite loss is an overflow the scaler handles by skipping
+    the step and halving the scale, so it is None too, until the scale would fall below MIN_LOSS_SCALE.
+    """
     loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]).tolist()
     if math.isfinite(loss_v) and math.isfinite(norm_v):
         return None
     batch = ", ".join(wheres[:4]) + (" ..." if len(wheres) > 4 else "")
     if not math.isfinite(loss_v):
         head = f"loss is {loss_v} at step {step} (batch with {batch})"
-    else:
+    elif not scaler.is_enabled():
         head = f"gradient norm is {norm_v} at step {step} (loss {loss_v:.4g}, batch with {batch})"
+    elif scaler.get_scale() * scaler.get_backoff_factor() >= MIN_LOSS_SCALE:
+        return None  # a skipped step: scaler.step leaves the weights alone, scaler.update lowers the scale
+    else:
+        head = (f"gradient norm is {norm_v} at step {step} with the fp16 loss scale down to {scaler.get_scale():.3g} "
+                f"(every recent step overflowed; loss {loss_v:.4g}, batch with {batch})")
     # before this step (a corrupt later one skipped on resume may still sit there until it is re-saved)
     kept = [c for c in checkpoint.checkpoints(run) if int(c.name.split("-")[1]) < step]
     kept_msg = f"last good checkpoint {kept[-1]} kept" if kept else "no checkpoint saved yet (train.save_every)"
     return (f"{head}; stopped before the update, {kept_msg}, no final/ written "
-            f"(usual causes: train.lr too high (now {lr:g}), train.precision=fp16 without loss scaling (use bf16 or "
+            f"(usual causes: train.lr too high (now {lr:g}), train.precision=fp16 overflowing (use bf16 or "
             "fp32), bad labels in that batch; after a fix continue with train.resume=auto train.resume_changed=allow)")
 
 
@@ -172,11 +130,11 @@ def _gather(stream, micro_per_step: int, d: Dist, dev: torch.device) -> tuple[li
 
 
 def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: torch.dtype | None,
-                      dev: torch.device, smoothing: float) -> torch.Tensor:
+                      dev: torch.device, smoothing: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
     """Backward of (sum of token losses / global label count) for each micro-batch; returns the summed loss.
 
     DDP averages gradients over ranks, so each rank scales by `world` to keep the update the mean over all
-    label tokens of the global batch.
+    label tokens of the global batch. `scaler` multiplies the loss by the fp16 loss scale (identity otherwise).
     """
     step_loss = torch.zeros((), device=dev)
     for i, batch in enumerate(mine):
@@ -185,144 +143,96 @@ def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: t
         last = i == len(mine) - 1 or not hasattr(model, "no_sync")
         with model.no_sync() if not last else nullcontext(), autocast(amp, dev):
             s, _ = loss_sum(model, batch, smoothing)
-            (s * world / n_labels).backward()
+            scaler.scale(s * world / n_labels).backward()
         step_loss += s.detach()
     return step_loss
 
 
 def train(cfg: Config) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`; returns final metrics and the run dir (also the CLI's `train`)."""
-    huge_pages_for_tensors()  # before any large tensor: a step re-allocates hundreds of MB (see its docstring)
-    d = dist_info()
-    dev = device(d)
-    distributed.init(d, dev)
-    run = Path(cfg.out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-    t0 = time.time()
-
-    # ---- data and model
-    tok = load_tokenizer(cfg.model)
-    # A streamed corpus is never held in memory: only the held-out file (data.test_path) is rendered.
-    data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run if d.is_main else None)
-    check(cfg, tok, data)  # before any weight moves: one line per warning, the first problem as a UserError
-    ckpt, fp, changed = _open_run(cfg, run, data, tok, d)
-    quantize = cfg.lora.quantize if cfg.lora else None
-    before_model = reset_peak_rss()  # CPU: what the process holds before the model, off the measured peak
-    model = load_model(cfg.model, dev, quantize=quantize)
-    if cfg.lora:
-        model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    elif cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    trainable, total_params = trainable_summary(model)
-    print0(f"model: {total_params:,} params, {trainable:,} trainable ({'LoRA' if cfg.lora else 'full'}) on {dev.type}")
-
-    # ---- steps, optimizer, schedule
-    tc = cfg.train
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    micro_per_step = tc.grad_accum * d.world
-    if cfg.data.streaming:
-        stream = TextStream(cfg.data, tok, tc.batch_size, tc.seed, d.rank, d.world, out_dir=run if d.is_main else None)
-        total = tc.max_steps or stream.batches_per_epoch  # the latter raises: a stream has no epochs to count
-    else:
-        stream = EpochStream(data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id)
-        total = total_steps(tc, stream.batches_per_epoch, micro_per_step)
-    opt = make_optimizer(model, tc, dev)
-    sched = make_scheduler(opt, tc, total)
-    amp = autocast_dtype(tc.precision, dev)
-
-    start = 0
-    if ckpt is not None:
-        cursor = checkpoint.load(ckpt, model, opt, sched)
-        stream.load_state(cursor)
-        start = cursor["step"]
-        print0(f"resumed from {ckpt} at step {start} (data cursor {json.dumps({k: v for k, v in cursor.items() if k != 'step'})[:200]})")
-
-    if d.is_main:
-        begin_segment(run, fp, start, ckpt, changed, model=cfg.model.name, lora=cfg.lora is not None, seed=tc.seed,
-                      data_hash=data.data_hash, template_hash=data.template_hash, tokenizer_hash=fp["tokenizer_hash"],
-                      train_examples=len(data.train), test_examples=len(data.test), rejected_rows=data.rejected,
-                      hardware=hardware(dev, d.world))
-        if ckpt is not None and rewind(run / "metrics.jsonl", start):
-            print0(f"note: metrics logged after step {start} (redone now) moved to {run / 'metrics.rewound.jsonl'}")
-    plan = start_plan(cfg, run, data.train, total, micro_per_step, d.is_main)
-
-    model = distributed.wrap(model, d, dev, tc.fsdp)
-    core = distributed.unwrap(model)
-    log = MetricsLog(run / "metrics.jsonl", tensorboard_writer(run, tc.tensorboard and d.is_main), enabled=d.is_main)
-    done = start
-    last_eval: dict = {}
-    last_loss: float | None = None
-    tokens_seen, t_train, window_tokens, t_window = 0, 0.0, 0, time.time()
+    r = prepare(cfg)
+    tc, d, dev = cfg.train, r.dist, r.dev
+    log = MetricsLog(r.dir / "metrics.jsonl", tensorboard_writer(r.dir, tc.tensorboard and d.is_main), enabled=d.is_main)
+    done, tokens, last_eval, last_loss = r.start, r.tokens, {}, None
+    t_train, window_tokens, window_s = 0.0, 0, 0.0  # training-step seconds only: eval and checkpoints excluded
 
     with _stop_on_signals() as stop, progress_bar(d.is_main) as bar:
-        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), lr=sched.get_last_lr()[0], tps=0.0)
-        for step in range(start, total):
+        task = bar.add_task("train", total=r.total, completed=r.start, loss=float("nan"), lr=r.sched.get_last_lr()[0], tps=0.0)
+        for step in range(r.start, r.total):
             t_step = time.time()
-            # (1) this rank's micro-batches of the global step, (2) forward/backward of each
-            mine, wheres, n_labels, real = _gather(stream, micro_per_step, d, dev)
-            step_loss = _forward_backward(model, mine, n_labels, d.world, amp, dev, tc.label_smoothing)
+            # (1) this rank's micro-batches of the global step, (2) forward/backward of each (fp16: loss scaled)
+            mine, wheres, n_labels, real = _gather(r.stream, r.micro_per_step, d, dev)
+            step_loss = _forward_backward(r.model, mine, n_labels, d.world, r.amp, dev, tc.label_smoothing, r.scaler)
             step_loss = distributed.all_reduce_sum(step_loss, d) / n_labels
-            # (3) clip; a NaN/inf loss or gradient stops the run before it reaches the weights; step, schedule
-            grad_norm = _grad_norm(core, tc.max_grad_norm)
-            lr = sched.get_last_lr()[0]
-            reason = _diverged(step_loss, grad_norm, step + 1, wheres, lr, run)
+            # (3) unscale and clip; a NaN/inf loss or gradient stops the run before it reaches the weights (fp16:
+            # an inf gradient is a step the scaler skips, until the scale collapses); step, schedule
+            r.scaler.unscale_(r.opt)
+            grad_norm = _grad_norm(r.core, tc.max_grad_norm)
+            lr = r.sched.get_last_lr()[0]
+            reason = _diverged(step_loss, grad_norm, step + 1, wheres, lr, r.dir, r.scaler)
             if reason is not None:
                 if d.is_main:
-                    end_segment(run, step, "diverged")
+                    end_segment(r.dir, step, "diverged")
                 raise TrainingDiverged(reason)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            r.scaler.step(r.opt)  # opt.step(), unless fp16 found an inf/NaN gradient
+            r.scaler.update()
+            r.sched.step()
+            r.opt.zero_grad(set_to_none=True)
 
-            # (4) log: real (non-pad) tokens per second and MFU from the planner's FLOPs per token
-            tokens_seen += real
-            window_tokens += real
-            t_train += time.time() - t_step
-            done = step + 1
-            if done % tc.log_every == 0 or done == total:
-                tps = window_tokens / max(time.time() - t_window, 1e-9)
-                row = {"step": done, "split": "train", "loss": step_loss.item(), "lr": lr, "tokens": tokens_seen,
-                       "tokens_per_s": tps, "epoch": _epoch(stream), "grad_norm": float(grad_norm), "mfu": mfu(plan, tps)}
+            # (4) log: real (non-pad) tokens per second of training steps, MFU from the planner's FLOPs per token
+            done, tokens, window_tokens = step + 1, tokens + real, window_tokens + real
+            seconds = time.time() - t_step
+            t_train, window_s = t_train + seconds, window_s + seconds
+            if done % tc.log_every == 0 or done == r.total:
+                tps = window_tokens / max(window_s, 1e-9)
+                row = {"step": done, "split": "train", "loss": step_loss.item(), "lr": lr, "tokens": tokens,
+                       "tokens_per_s": tps, "epoch": _epoch(r.stream), "grad_norm": float(grad_norm), "mfu": mfu(r.plan, tps)}
+                if r.scaler.is_enabled():
+                    row["loss_scale"] = r.scaler.get_scale()
                 log.write(row)
-                last_loss = row["loss"]
-                window_tokens, t_window = 0, time.time()
+                last_loss, window_tokens, window_s = row["loss"], 0, 0.0
                 bar.update(task, loss=row["loss"], tps=tps)
             bar.update(task, completed=done, lr=lr)
 
-            # (5) eval and checkpoint
-            if data.test and ((tc.eval_every and done % tc.eval_every == 0) or done == total):
-                last_eval = evaluate_loss(model, data.test, tc.batch_size, cfg.data.max_length, pad_id, cfg.data.packing,
-                                          dev, amp, shard=(d.rank, d.world))
+            # (5) eval and checkpoint (the cursor carries the token count, so a resumed run counts on)
+            if r.data.test and ((tc.eval_every and done % tc.eval_every == 0) or done == r.total):
+                last_eval = evaluate_loss(r.model, r.data.test, tc.batch_size, cfg.data.max_length, r.pad_id, cfg.data.packing,
+                                          dev, r.amp, shard=(d.rank, d.world))
                 log.write({"step": done, "split": "eval", **last_eval})
-            cursor = stream.state()
-            if (tc.save_every and (done % tc.save_every == 0 or done == total)) or stop.signum:
+            if (tc.save_every and (done % tc.save_every == 0 or done == r.total)) or stop.signum:
                 if d.is_main:
-                    checkpoint.save(run, done, core, opt, sched, cursor, tc.keep_last, fingerprint=fp)
+                    checkpoint.save(r.dir, done, r.core, r.opt, r.sched, {**r.stream.state(), "tokens": tokens}, tc.keep_last,
+                                    fingerprint=r.fingerprint, scaler=r.scaler)
                 distributed.barrier(d)
             if stop.signum:
                 print0(f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with train.resume=auto")
                 break
 
-    result = {"run_dir": str(run), "steps": done, "train_loss": last_loss, "eval": last_eval,
-              "tokens": tokens_seen, "train_seconds": t_train, "wall_seconds": time.time() - t0}
-    if stop.signum:
+    result = {"run_dir": str(r.dir), "steps": done, "train_loss": last_loss, "eval": last_eval,
+              "tokens": tokens, "train_seconds": t_train, "wall_seconds": time.time() - r.t0}
+    return _finish(r, result, stop.signum, tokens - r.tokens)
+
+
+def _finish(r: Run, result: dict, signum: int, segment_tokens: int) -> dict:
+    """Stopped by a signal: exit 128+signum (checkpoint saved). Finished: final/, loss.png, measured plan, manifest."""
+    d, done = r.dist, result["steps"]
+    if signum:
         if d.is_main:
-            end_segment(run, done, "stopped")
+            end_segment(r.dir, done, "stopped")
         distributed.shutdown(d)
-        raise SystemExit(128 + stop.signum)
+        raise SystemExit(128 + signum)
     if d.is_main:
-        spec = {"template": data.template.to_dict(), "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
+        cfg = r.cfg
+        spec = {"template": r.data.template.to_dict(), "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
                 "fields": cfg.data.fields, "base_model": cfg.model.name}
-        save_final(core, tok, run / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
-        plot_losses(read_metrics(run / "metrics.jsonl"), run / "loss.png")
-        result["plan"] = finish_plan(plan, run, tokens_seen, t_train, result["wall_seconds"], dev, before_model)
-        (run / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
-        end_segment(run, done, "finished")
-        print0(f"done: {result['steps']} steps, final model in {run / 'final'}")
+        save_final(r.core, r.tok, r.dir / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
+        plot_losses(read_metrics(r.dir / "metrics.jsonl"), r.dir / "loss.png")
+        # this segment's tokens over this segment's step time: the rate the process ran at
+        result["plan"] = finish_plan(r.plan, r.dir, segment_tokens, result["train_seconds"], result["wall_seconds"],
+                                     r.dev, r.before_model)
+        (r.dir / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
+        end_segment(r.dir, done, "finished")
+        print0(f"done: {result['steps']} steps, final model in {r.dir / 'final'}")
     distributed.barrier(d)
     distributed.shutdown(d)
     return result
-
-

@@ -1,4 +1,4 @@
-"""AdamW with decay only on matrices, and the warmup + decay schedule."""
+"""AdamW with decay only on matrices, and the schedule: how many steps, warmup, decay."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
+
+
+def total_steps(tc: TrainConfig, batches_per_epoch: int, micro_per_step: int) -> int:
+    """train.max_steps, else enough optimizer steps for train.epochs passes over the micro-batches."""
+    return tc.max_steps or max(1, -(-int(tc.epochs * batches_per_epoch) // micro_per_step))
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:

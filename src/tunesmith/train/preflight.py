@@ -16,14 +16,14 @@ from tunesmith.config import Config, UserError
 from tunesmith.data.pipeline import Prepared, render_all
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import IGNORE, encode_batch
+from tunesmith.data.truncate import WARN_CUT_SHARE
 from tunesmith.model.load import load_config_only
+from tunesmith.model.loss import label_fraction
 from tunesmith.plan import calibrated_peak_flops
 from tunesmith.runtime import device, fast_bf16, print0
-from tunesmith.train.plan_io import label_fraction
 
 ROUNDTRIP_SAMPLE = 200  # examples whose texts go through encode -> decode
 ROUNDTRIP_ERROR_SHARE = 0.25  # more texts than this not surviving it: the tokenizer does not fit the data
-TRUNCATED_WARN_SHARE = 0.03  # "more than a few percent" of training examples cut at data.max_length
 # config keys that hold a model's context length, most common first (GPT-NeoX/Llama, GPT-2, others)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 _NO_LIMIT = 1 << 30  # render without truncation to measure an example's full length
@@ -184,7 +184,7 @@ def check_truncation(cfg: Config, tok, data: Prepared, report: Report) -> None:
     lengths = [len(s["input_ids"]) for s in render_all(examples, data.template, tok, _NO_LIMIT, d.truncation, Rejects("skip"))]
     cut = [n for n in lengths if n > d.max_length]
     share = len(cut) / len(data.train)
-    if share > TRUNCATED_WARN_SHARE:
+    if share > WARN_CUT_SHARE:
         report.warnings.append(f"{len(cut)} of {len(data.train)} training examples ({share:.0%}) are cut at data.max_length="
                                f"{d.max_length} (data.truncation={d.truncation}); data.max_length={max(cut)} (+{max(cut) - d.max_length}) "
                                "would keep them whole")

@@ -1,4 +1,5 @@
-"""plan.json for a run: the planner's prediction before training, the measurement after, side by side, printed."""
+"""A run's plan.json: the planner's prediction from the run's real data before training, the measurement after
+(real tokens/s, MFU, peak memory), compared side by side and printed; also how `tunesmith plan` prints a plan."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tunesmith.config import Config, TrainConfig, UserError
+from tunesmith.config import Config, UserError
 from tunesmith.data.pack import epoch_batches
-from tunesmith.data.render import IGNORE
+from tunesmith.model.loss import label_fraction
 from tunesmith.plan import make_plan
-
-
-def total_steps(tc: TrainConfig, batches_per_epoch: int, micro_per_step: int) -> int:
-    """train.max_steps, else enough optimizer steps for train.epochs passes over the micro-batches."""
-    return tc.max_steps or max(1, -(-int(tc.epochs * batches_per_epoch) // micro_per_step))
+from tunesmith.train.optim import total_steps
 
 
 def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
@@ -29,15 +26,7 @@ def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
     return start_plan(cfg, None, samples, total_steps(cfg.train, per_epoch, micro), micro, False)
 
 
-def label_fraction(samples: list[dict]) -> float:
-    """Share of tokens whose position predicts a label (where the LM head runs); 1.0 without samples."""
-    tokens = sum(len(s["input_ids"]) for s in samples)
-    # a sample's first token is never predicted, so a label there has no position predicting it
-    labelled = sum(len(lab) - lab.count(IGNORE) - (lab[0] != IGNORE) for s in samples if (lab := s["labels"]))
-    return labelled / tokens if tokens else 1.0
-
-
-def start_plan(cfg: Config, run: Path | None, samples: list[dict], total_steps: int, micro_per_step: int, is_main: bool) -> dict:
+def start_plan(cfg: Config, run: Path | None, samples: list[dict], steps: int, micro_per_step: int, is_main: bool) -> dict:
     """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts."""
     tokens = sum(len(s["input_ids"]) for s in samples)
     if samples:
@@ -47,7 +36,7 @@ def start_plan(cfg: Config, run: Path | None, samples: list[dict], total_steps: 
     else:  # a streamed corpus: every row is a full max_length block
         tokens_per_step = cfg.train.batch_size * cfg.data.max_length * micro_per_step
     planned = cfg.model_copy(deep=True)
-    planned.train.max_steps = total_steps
+    planned.train.max_steps = steps
     plan = make_plan(planned, tokens_per_step=tokens_per_step, label_fraction=label_fraction(samples))
     if is_main and run is not None:
         (run / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
@@ -99,18 +88,24 @@ def finish_plan(plan: dict, run: Path, tokens: int, train_seconds: float, wall_s
         measured["process_bytes_before_model"] = before_model  # Python, libraries, data: not in the plan
     full = compare_measured(plan, measured)
     (run / "plan.json").write_text(json.dumps(full, indent=2, default=str))
-    table = Table(title="plan vs measured", header_style="bold")
+    table = Table(title="plan vs measured (measured: mean over this run's training steps)", header_style="bold")
     for col in ("", "predicted", "measured", "measured/predicted"):
         table.add_column(col, justify="right")
     for row in full["comparison"]:
         fmt = _fmt_bytes if "bytes" in row["metric"] else _fmt_num
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
-        table.add_row(row["metric"], fmt(row["predicted"]), fmt(row["measured"]), ratio)
+        table.add_row(LABELS.get(row["metric"], row["metric"]), fmt(row["predicted"]), fmt(row["measured"]), ratio)
     if "process_bytes_before_model" in measured:
         table.caption = (f"CPU memory: peak RSS minus the {_fmt_bytes(measured['process_bytes_before_model'])} held before the "
                          "model; RSS also keeps memory the allocator cached after frees (the plan counts tensors)")
     Console().print(table)
     return full["comparison"]
+
+
+# What each compared figure counts, as the tables name it. tokens/s everywhere (plan, metrics.jsonl, the progress
+# bar) is real tokens: prompt and answer tokens, no padding.
+LABELS = {"tokens_per_s": "real tokens/s (training steps)", "mfu": "MFU", "peak_memory_bytes": "peak memory",
+          "wall_time_s": "training-step time (s)"}
 
 
 def _fmt_num(x) -> str:
@@ -159,7 +154,7 @@ def print_plan(plan: dict, console) -> None:
                  ("FLOPs/step (hardware)", f"{f['per_step']:.3g}"), ("FLOPs total", "-" if f["total"] is None else f"{f['total']:.3g}"),
                  ("time/step", f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s "
                                 f"({t['device']}, {t.get('autocast', 'fp32')} matmuls)"),
-                 ("tokens/s", f"{t['tokens_per_s']:,.0f}"), ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min")]:
+                 ("real tokens/s (no padding)", f"{t['tokens_per_s']:,.0f}"), ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min")]:
         head.add_row(k, v)
     console.print(head)
     mem = Table(title=f"training memory on {plan['memory']['device']}")
@@ -188,5 +183,5 @@ def print_plan(plan: dict, console) -> None:
         for col in ("metric", "predicted", "measured", "measured/predicted"):
             cmp.add_column(col)
         for row in plan["comparison"]:
-            cmp.add_row(row["metric"], *("-" if v is None else f"{v:.4g}" for v in (row["predicted"], row["measured"], row["ratio"])))
+            cmp.add_row(LABELS.get(row["metric"], row["metric"]), *("-" if v is None else f"{v:.4g}" for v in (row["predicted"], row["measured"], row["ratio"])))
         console.print(cmp)
