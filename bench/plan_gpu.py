@@ -23,14 +23,9 @@ from tunesmith.config import Config, DataConfig, LoraConfig, ModelConfig, TrainC
 from tunesmith.data.render import IGNORE
 from tunesmith.model.lora import apply_lora
 from tunesmith.model.loss import loss_sum
-from tunesmith.plan import (
-    LADDER,
-    arch_from_config,
-    calibrated_peak_flops,
-    flops_per_token,
-    precision_for,
-    training_memory,
-)
+from tunesmith.plan.arch import arch_from_config, flops_per_token
+from tunesmith.plan.devices import calibrated_peak_flops
+from tunesmith.plan.memory import LADDER, precision_for, training_memory
 
 TINY = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=512, tie_word_embeddings=True)

@@ -86,7 +86,8 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     from tunesmith.eval.loss import evaluate_loss
     from tunesmith.model.load import load_tokenizer
     from tunesmith.model.loss import label_fraction
-    from tunesmith.plan import calibrated_peak_flops, flops_per_token
+    from tunesmith.plan.arch import flops_per_token
+    from tunesmith.plan.devices import calibrated_peak_flops
 
     cfg = config(model, data, out, precision, packing=False, batch=8)
     tok = load_tokenizer(cfg.model)

@@ -12,17 +12,9 @@ from tests import tiny
 from tunesmith.config import UserError, load_config
 from tunesmith.data.formats import Example
 from tunesmith.data.pipeline import build
-from tunesmith.eval.compare import (
-    Questions,
-    compare,
-    compare_cli,
-    eval_generate_config,
-    eval_sets,
-    evaluate,
-    score_probe,
-    stored_template,
-)
+from tunesmith.eval.compare import compare, compare_cli, eval_generate_config, evaluate, score_probe
 from tunesmith.eval.loss import evaluate_loss
+from tunesmith.eval.questions import Questions, eval_sets, stored_template
 from tunesmith.generate import Completion, generate
 from tunesmith.model.load import load_model, load_tokenizer
 from tunesmith.runtime import autocast_dtype, device

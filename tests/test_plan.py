@@ -1,4 +1,4 @@
-"""plan.py against reality: exact parameter counts, FLOPs vs FlopCounterMode, peak memory vs a tensor tracker."""
+"""plan/ against reality: exact parameter counts, FLOPs vs FlopCounterMode, peak memory vs a tensor tracker."""
 
 import io
 import itertools
@@ -16,22 +16,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 import tunesmith.model.loss
-import tunesmith.plan
+import tunesmith.plan.devices
 from tests import tiny
 from tunesmith.config import Config, LoraConfig, ModelConfig, PlanConfig, TrainConfig
 from tunesmith.data.render import IGNORE
 from tunesmith.model.loss import loss_sum
-from tunesmith.plan import (
-    LADDER,
-    Precision,
-    arch_from_config,
-    flops_per_token,
-    inference_memory,
-    make_plan,
-    param_counts,
-    precision_for,
-    training_memory,
-)
+from tunesmith.plan.arch import arch_from_config, flops_per_token, param_counts
+from tunesmith.plan.estimate import make_plan
+from tunesmith.plan.memory import LADDER, Precision, inference_memory, precision_for, training_memory
 from tunesmith.runtime import measure_peak_flops
 from tunesmith.train.run_plan import compare_measured, plan_for_data, plan_from_run, print_plan
 
@@ -336,7 +328,7 @@ def test_cpu_plan_calibrates_the_precision_the_run_uses(tmp_path, monkeypatch, n
     asked = []
     monkeypatch.setattr(tunesmith.runtime, "device", lambda dist=None: torch.device("cpu"))
     monkeypatch.setattr(tunesmith.runtime, "fast_bf16", lambda dev: native)
-    monkeypatch.setattr(tunesmith.plan, "calibrated_peak_flops", lambda dev, bf16=False: asked.append(bf16) or speeds[bf16])
+    monkeypatch.setattr(tunesmith.plan.devices, "calibrated_peak_flops", lambda dev, bf16=False: asked.append(bf16) or speeds[bf16])
     path = tiny.save_model_dir(tmp_path / "m")
     plan = make_plan(Config(model=ModelConfig(name=str(path)), train=TrainConfig(max_steps=3, precision=precision)))
     assert asked == [calibrated]

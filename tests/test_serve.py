@@ -246,7 +246,7 @@ def write_eval_run(run, examples, template) -> None:
     """A finished compare run's files as compare and the data cache write them (predictions rows, test examples)."""
     from dataclasses import asdict
 
-    from tunesmith.eval.compare import questions_for
+    from tunesmith.eval.questions import questions_for
 
     qs = questions_for(examples, [], template, tiny.tokenizer())
     (run / "eval").mkdir(parents=True)

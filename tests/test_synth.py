@@ -17,19 +17,10 @@ from tests.fake_openai import FakeChatServer
 from tests.test_documents import DOC
 from tunesmith import cli
 from tunesmith.config import SynthConfig, UserError, load_config
-from tunesmith.data.documents import word_spans
-from tunesmith.synth import (
-    Chunk,
-    Questions,
-    conversation,
-    drop_cut_line,
-    grounding,
-    output_paths,
-    parse_pairs,
-    synth,
-    synth_cli,
-    verdict,
-)
+from tunesmith.data.documents import Chunk, word_spans
+from tunesmith.synth.generators import conversation
+from tunesmith.synth.pairs import Questions, drop_cut_line, grounding, parse_pairs, verdict
+from tunesmith.synth.run import output_paths, synth, synth_cli
 
 
 class Scripted:

@@ -247,7 +247,7 @@ def synth(docs: list[Path] = typer.Argument(..., help="documents or folders (.md
           config: Path = typer.Option(None, help="config YAML (synth: section)"),
           overrides: list[str] = typer.Option(None, "--set", help="dotted override, repeatable")) -> None:
     """Turn documents into QA pairs with an LLM."""
-    from tunesmith.synth import synth_cli
+    from tunesmith.synth.run import synth_cli
 
     synth_cli(load_config(config, overrides or []), docs, out, console)
 

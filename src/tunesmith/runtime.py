@@ -89,7 +89,7 @@ def huge_pages_for_tensors() -> None:
 
 
 # Dense bf16 (T4: fp16) tensor-core peak FLOP/s from the datasheets, by a fragment of the lower-cased CUDA device
-# name, first match first ("h200" before "h100"). The one table: plan.DEVICES names its GPUs by these keys.
+# name, first match first ("h200" before "h100"). The one table: plan/devices.py: DEVICES names its GPUs by these keys.
 GPU_PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "4090": 165e12, "t4": 65e12}
 
 

@@ -5,7 +5,8 @@ Both models answer the same test questions, rendered with the template stored wi
 buckets; each model gets answer-token loss/perplexity, corpus BLEU and bucket counts (plus judge and
 lm-eval when configured). An optional held-in probe asks the first `eval.probe` TRAINING questions: did the
 model learn the facts it was shown? A PEFT adapter costs one model load: the base answers with the adapter
-switched off (`disable_adapter`), the tuned model with it on.
+switched off (`disable_adapter`), the tuned model with it on. What is asked (test questions, probe, the
+template): eval/questions.py.
 Writes <run>/eval/: predictions.jsonl, probe_predictions.jsonl, metrics.json, report.html (+ its PNGs).
 """
 
@@ -21,9 +22,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import Config, GenerateConfig, ModelConfig, UserError
-from tunesmith.data.formats import Example, Template, as_messages, prompt_key
-from tunesmith.data.pipeline import Prepared, build, build_heldout
-from tunesmith.data.render import render_prompt
+from tunesmith.data.pipeline import build, build_heldout
 from tunesmith.eval.buckets import bucket_counts, buckets
 from tunesmith.eval.loss import evaluate_loss
 from tunesmith.eval.metrics import (
@@ -34,28 +33,16 @@ from tunesmith.eval.metrics import (
     parse_numbers,
     score_examples,
 )
+from tunesmith.eval.questions import Questions, eval_sets, stored_template
 from tunesmith.eval.report import print_summary, write_report
 from tunesmith.generate import Completion, generate
-from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer, pad_id
+from tunesmith.model.load import load_model, load_tokenizer, pad_id
 from tunesmith.runtime import autocast_dtype, device, print0
 
 EVAL_DIR = "eval"
 ADAPTER_CONFIG = "adapter_config.json"
 # Per-example metrics averaged over the probe and reported as probe_<name> (numeric recall comes first).
 PROBE_METRICS = ("exact_match", "token_f1", "rouge_l")
-
-
-@dataclass
-class Questions:
-    """What every model is asked: prompt ids, the texts reports show, and the samples for answer-token loss."""
-
-    examples: list[Example]
-    prompts: list[list[int]]
-    prompt_texts: list[str]
-    questions: list[str]
-    references: list[str]
-    values: list[float | None]  # the row's `value` field (earnings_calls.jsonl has one), else None
-    samples: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -69,65 +56,13 @@ class Answers:
     lm_eval: dict = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------- questions
-
-
-def reference_of(example: Example, template: Template) -> str:
-    """The answer the example teaches (last assistant turn for chat)."""
-    if example.messages is not None:
-        return next(m["content"] for m in reversed(example.messages) if m["role"] == "assistant")
-    return example.fields.get(template.response_field) or as_messages(example)[-1]["content"]
-
-
-def value_of(example: Example) -> float | None:
-    """The row's numeric `value` field when it has one (kept as a string by the data layer), else None."""
-    raw = example.fields.get("value") if example.messages is None else None
-    try:
-        return float(raw) if raw not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def questions_for(examples: list[Example], samples: list[dict], template: Template, tok) -> Questions:
-    """Render each example's prompt exactly as training did; keep its training sample for the loss."""
-    prompts = [render_prompt(ex, template, tok) for ex in examples]
-    wanted = {ex.where for ex in examples}
-    return Questions(
-        examples=examples, prompts=prompts,
-        prompt_texts=[tok.decode(p, skip_special_tokens=False) for p in prompts],
-        questions=[prompt_key(ex) for ex in examples],
-        references=[reference_of(ex, template) for ex in examples],
-        values=[value_of(ex) for ex in examples],
-        samples=[s for s in samples if s["where"] in wanted],
-    )
-
-
-def eval_sets(cfg: Config, data: Prepared, template: Template, tok) -> tuple[Questions, Questions]:
-    """(first eval.limit test examples, first eval.probe TRAINING examples); UserError when nothing to ask."""
-    if template.format == "text":
-        raise UserError("data.format=text: raw text has no questions to answer (compare/eval need qa, alpaca or chat data)")
-    if not data.test_examples:
-        raise UserError(f"{cfg.data.path}: no test examples to evaluate on (set data.test_size > 0 or data.test_path)")
-    test = data.test_examples[: cfg.eval.limit] if cfg.eval.limit else data.test_examples
-    probe = data.train_examples[: cfg.eval.probe]
-    return questions_for(test, data.test, template, tok), questions_for(probe, [], template, tok)
-
-
-def stored_template(model_dir: Path) -> Template | None:
-    """The template a model was trained with (final/tunesmith_template.json: {"template": {...}, ...}), or None."""
-    if not (Path(model_dir) / TEMPLATE_FILE).is_file():
-        return None
-    spec = load_template(model_dir)
-    return Template.from_dict(spec.get("template", spec))
+# ---------------------------------------------------------------- running one model
 
 
 def eval_generate_config(cfg: Config) -> GenerateConfig:
     """cfg.generate, greedy, with the eval answer cap and batch size: identical for every model compared."""
     return cfg.generate.model_copy(update={"max_new_tokens": cfg.eval.max_new_tokens, "temperature": 0.0,
                                            "batch_size": cfg.eval.batch_size})
-
-
-# ---------------------------------------------------------------- running one model
 
 
 def answer(model, tok, test: Questions, probe: Questions, cfg: Config, label: str) -> Answers:

@@ -1,6 +1,6 @@
 """The token loss: next-token cross-entropy over label tokens, with the LM head fused into it where it can be.
 
-One function for training (train/loop.py), evaluation (eval/loss.py) and the planner's model of it (plan.py
+One function for training (train/loop.py), evaluation (eval/loss.py) and the planner's model of it (plan/memory.py
 reads FUSED_HEAD_FAMILIES and LOSS_CHUNK_VALUES from here, so the plan models the loss that runs).
 """
 

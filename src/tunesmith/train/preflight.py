@@ -19,7 +19,7 @@ from tunesmith.data.render import IGNORE, encode_batch
 from tunesmith.data.truncate import WARN_CUT_SHARE
 from tunesmith.model.load import load_config_only
 from tunesmith.model.loss import label_fraction
-from tunesmith.plan import calibrated_peak_flops
+from tunesmith.plan.devices import calibrated_peak_flops
 from tunesmith.runtime import device, fast_bf16, print0
 
 ROUNDTRIP_SAMPLE = 200  # examples whose texts go through encode -> decode

@@ -14,7 +14,7 @@ from rich.table import Table
 from tunesmith.config import Config, UserError
 from tunesmith.data.pack import epoch_batches
 from tunesmith.model.loss import label_fraction
-from tunesmith.plan import make_plan
+from tunesmith.plan.estimate import make_plan
 from tunesmith.train.optim import total_steps
 
 
