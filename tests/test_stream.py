@@ -155,7 +155,12 @@ def test_reads_gz_zst_and_text_trees_in_file_order(tmp_path):
 
 def test_stream_and_record_readers_resolve_paths_alike(tmp_path):
     # one resolver (sources.find_files): the same hidden/rejects rules in a tree and a glob, the same hub ids
-    from tunesmith.data.sources import FILE_SUFFIXES, resolve_files
+    from tunesmith.data.sources import (
+        FILE_SUFFIXES,
+        STREAM_JSONL_SUFFIXES,
+        STREAM_TEXT_SUFFIXES,
+        resolve_files,
+    )
 
     root = tmp_path / "corpus"
     root.mkdir()
@@ -171,7 +176,7 @@ def test_stream_and_record_readers_resolve_paths_alike(tmp_path):
         for find in (stream_files, lambda p: resolve_files(p, record)):
             with pytest.raises(UserError, match=rf"^{name}: file not found"):
                 find(name)
-    assert set(stream_mod.JSONL_SUFFIXES + stream_mod.TEXT_SUFFIXES) <= set(FILE_SUFFIXES)  # never taken for hub ids
+    assert set(STREAM_JSONL_SUFFIXES + STREAM_TEXT_SUFFIXES) <= set(FILE_SUFFIXES)  # never taken for hub ids
 
 
 def test_stream_errors_name_the_source_and_what_it_reads(tmp_path):

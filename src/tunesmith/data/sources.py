@@ -32,9 +32,11 @@ from tunesmith.data.row import Row
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md")
-# every suffix a reader takes (data/stream.py also streams .jsonl.zst, .rst, .py): a missing path that ends in
-# one is a missing file, never a hub id
-FILE_SUFFIXES = (*RECORD_SUFFIXES, *TEXT_SUFFIXES, ".jsonl.zst", ".rst", ".py")
+# what data/stream.py streams: jsonl (also zstd) and text, source code included (continued pretraining on a codebase)
+STREAM_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+STREAM_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+# every suffix a reader takes: a missing path that ends in one is a missing file, never a hub id
+FILE_SUFFIXES = tuple(dict.fromkeys((*RECORD_SUFFIXES, *TEXT_SUFFIXES, *STREAM_JSONL_SUFFIXES, *STREAM_TEXT_SUFFIXES)))
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # surrogateescape turns each undecodable byte into one lone surrogate in this range; finding one = bad UTF-8
 _BAD_BYTE = re.compile("[\udc80-\udcff]")

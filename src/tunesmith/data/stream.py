@@ -37,10 +37,16 @@ import torch
 from tunesmith.config import DataConfig, SourceConfig, UserError
 from tunesmith.data.hub import read_hub
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.sources import decode_line, find_files, parse_object, place, split_lines
+from tunesmith.data.sources import (
+    STREAM_JSONL_SUFFIXES,
+    STREAM_TEXT_SUFFIXES,
+    decode_line,
+    find_files,
+    parse_object,
+    place,
+    split_lines,
+)
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # source code is text too (continued pretraining on a codebase)
 PIECE_BYTES = 64 * 1024  # a .txt/.md file is read in pieces of about this size (never whole)
 TOKENIZE_BATCH = 64  # documents tokenized together by the fast tokenizer
 _MASK64 = (1 << 64) - 1
@@ -60,7 +66,7 @@ def uniform(seed: int, k: int) -> float:
 
 def stream_files(path: str, key: str = "data.path") -> list[Path] | None:
     """The sorted files a stream reads behind a file, directory tree or glob (sources.find_files), or None for a hub id."""
-    suffixes = JSONL_SUFFIXES + TEXT_SUFFIXES
+    suffixes = STREAM_JSONL_SUFFIXES + STREAM_TEXT_SUFFIXES
     files = find_files(path, suffixes, key)
     # a file named outright comes back whatever its suffix; the stream reads anything not text as jsonl
     if files is not None and not files[0].name.lower().endswith(suffixes):
@@ -107,7 +113,7 @@ class FileSource:
         while True:
             f = self._open()
             name = self.files[self.file].name.lower()
-            piece = self._read_text(f) if name.endswith(TEXT_SUFFIXES) else self._read_jsonl(f)
+            piece = self._read_text(f) if name.endswith(STREAM_TEXT_SUFFIXES) else self._read_jsonl(f)
             if piece is not None:
                 return piece
             self.close()  # end of this file
