@@ -260,3 +260,12 @@ def test_chat_command_keeps_history_until_reset(tmp_path, monkeypatch, capsys):
     qa = generate(model, tok, [prompt_ids(get_template("qa", "qa"), tok, [{"role": "user", "content": "hello"}])], cfg)[0].text
     assert code == 0 and out == (f"string template: each question is answered on its own (no history)\n"
                                  f"you> model> {qa}\nyou> model> {qa}\nyou> ")
+
+
+def test_a_vanishing_temperature_decodes_greedily():
+    # logits / 1e-300 overflow float32 to inf (NaN probabilities): below 1e-4 the engine takes the argmax
+    from tunesmith.config import GenerateConfig
+    from tunesmith.generate import _sampling_args
+
+    assert _sampling_args(GenerateConfig(temperature=1e-300))["do_sample"] is False
+    assert _sampling_args(GenerateConfig(temperature=0.7))["do_sample"] is True

@@ -151,10 +151,15 @@ class _StepStreamer(BaseStreamer):
         pass
 
 
+_GREEDY_BELOW = 1e-4
+
+
 def _sampling_args(cfg: GenerateConfig) -> dict:
     # Sampling knobs are passed explicitly so a model's generation_config.json (e.g. top_k=50) cannot leak in;
     # top_k=0 switches the top-k filter off.
-    if cfg.temperature == 0:
+    # Below _GREEDY_BELOW sampling is argmax in all but name, and logits / T would overflow float32 to inf (NaN
+    # probabilities): such a temperature decodes greedily, for every caller (serve, the CLI, synth).
+    if cfg.temperature < _GREEDY_BELOW:
         return {"do_sample": False, "repetition_penalty": cfg.repetition_penalty}
     return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
             "repetition_penalty": cfg.repetition_penalty}

@@ -207,16 +207,10 @@ def _gen_cfg(cfg: Config, req, lm: LoadedModel, ids: list[int], max_tokens: int 
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop if req.stop is not None else g.stop)
     limit = min(max_tokens or min(g.max_new_tokens, cap), ctx - len(ids))
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    temperature = pick(req.temperature, g.temperature)
-    # sampling below this is argmax in all but name, and logits / T would overflow float32 to inf (NaN probabilities)
-    temperature = 0.0 if temperature < _MIN_TEMPERATURE else temperature
-    return g.model_copy(update={"max_new_tokens": limit, "temperature": temperature,
+    return g.model_copy(update={"max_new_tokens": limit, "temperature": pick(req.temperature, g.temperature),
                                 "top_p": pick(req.top_p, g.top_p), "top_k": pick(req.top_k, g.top_k),
                                 "repetition_penalty": pick(req.repetition_penalty, g.repetition_penalty),
                                 "stop": stop, "seed": pick(req.seed, g.seed)})
-
-
-_MIN_TEMPERATURE = 1e-4
 
 
 async def _answer(request: Request, sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool):
