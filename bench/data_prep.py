@@ -35,9 +35,11 @@ from tunesmith.data.pipeline import read_examples
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import IGNORE, render
 
-_WORD_TEXT = ("revenue growth margin quarter company guidance operating cash flow segment customers demand "
-              "pricing cost supply chain outlook increase decrease percent million billion year fiscal adjusted "
-              "EBITDA earnings share dividend capital expenditure inventory backlog orders region product")
+_WORD_TEXT = (
+    "revenue growth margin quarter company guidance operating cash flow segment customers demand "
+    "pricing cost supply chain outlook increase decrease percent million billion year fiscal adjusted "
+    "EBITDA earnings share dividend capital expenditure inventory backlog orders region product"
+)
 WORDS = _WORD_TEXT.split(" ")
 
 
@@ -74,8 +76,9 @@ def tunesmith_path(path: Path, tok, max_length: int, seq_len: int) -> tuple[list
     return samples, rows
 
 
-def datasets_path(path: Path, tok, max_length: int, seq_len: int, cache_dir: str,
-                  batch_size: int = 1000) -> tuple[list[dict], list[list[int]]]:
+def datasets_path(
+    path: Path, tok, max_length: int, seq_len: int, cache_dir: str, batch_size: int = 1000
+) -> tuple[list[dict], list[list[int]]]:
     """load_dataset("json") -> map(batched) with the same template and mask -> columns back -> pack."""
     import datasets
 
@@ -83,7 +86,9 @@ def datasets_path(path: Path, tok, max_length: int, seq_len: int, cache_dir: str
     eos = tok.eos_token_id
 
     def tokenize(batch):
-        p = tok([prompt_fmt.format(question=q) for q in batch["question"]], add_special_tokens=True)["input_ids"]
+        p = tok([prompt_fmt.format(question=q) for q in batch["question"]], add_special_tokens=True)[
+            "input_ids"
+        ]
         r = tok(batch["answer"], add_special_tokens=False)["input_ids"]
         ids, labels = [], []
         for pi, ri in zip(p, r, strict=True):
@@ -96,7 +101,9 @@ def datasets_path(path: Path, tok, max_length: int, seq_len: int, cache_dir: str
     ds = ds.map(tokenize, batched=True, batch_size=batch_size, remove_columns=ds.column_names)
     # What a collator needs: the token lists back in Python (the map's Arrow output read once).
     cols = ds.to_dict()
-    samples = [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
+    samples = [
+        {"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)
+    ]
     rows = pack([len(s["input_ids"]) for s in samples], seq_len)
     return samples, rows
 
@@ -108,16 +115,25 @@ def compact(samples: list[dict], rows: list[list[int]]) -> tuple[array, ...]:
     timed run walks again (either path: both build the same lists); kept like this, each run starts clean.
     """
     ids = [s["input_ids"] for s in samples]
-    assert all(len(s["labels"]) == len(s["input_ids"]) for s in samples)  # so flat labels + ids lengths are exact
-    return (array("q", chain.from_iterable(ids)), array("q", chain.from_iterable(s["labels"] for s in samples)),
-            array("q", map(len, ids)), array("q", chain.from_iterable(rows)), array("q", map(len, rows)))
+    assert all(
+        len(s["labels"]) == len(s["input_ids"]) for s in samples
+    )  # so flat labels + ids lengths are exact
+    return (
+        array("q", chain.from_iterable(ids)),
+        array("q", chain.from_iterable(s["labels"] for s in samples)),
+        array("q", map(len, ids)),
+        array("q", chain.from_iterable(rows)),
+        array("q", map(len, rows)),
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each path; the best is reported")
-    ap.add_argument("--tokenizer", default="smollm2", help="'smollm2' (packaged GGUF) or a local tokenizer dir")
+    ap.add_argument(
+        "--tokenizer", default="smollm2", help="'smollm2' (packaged GGUF) or a local tokenizer dir"
+    )
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--course-rows", type=int, default=5000, help="rows for the batch_size=1 course recipe")
@@ -131,9 +147,11 @@ def main() -> None:
         generate(data, args.rows)
         t = time.perf_counter()
         tok = load_tokenizer(args.tokenizer)
-        print(f"tokenizer: {type(tok).__name__} vocab {len(tok)} (loaded in {time.perf_counter() - t:.1f}s); "
-              f"rows {args.rows}; threads: RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'default')}, "
-              f"cpus {os.cpu_count()}")
+        print(
+            f"tokenizer: {type(tok).__name__} vocab {len(tok)} (loaded in {time.perf_counter() - t:.1f}s); "
+            f"rows {args.rows}; threads: RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'default')}, "
+            f"cpus {os.cpu_count()}"
+        )
         best = {"tunesmith": float("inf"), "datasets": float("inf")}
         cpu = dict(best)  # CPU seconds of all threads: steadier than wall time on a shared machine
         results = {}
@@ -154,22 +172,34 @@ def main() -> None:
         assert labels == theirs[1], "different labels"
         assert (rows, row_sizes) == (theirs[3], theirs[4])
         tokens = len(ids)
-        print(f"tokens {tokens:,}, label tokens {tokens - labels.count(IGNORE):,}, "
-              f"packed rows {len(row_sizes):,} of {args.seq_len} (identical outputs: yes)")
+        print(
+            f"tokens {tokens:,}, label tokens {tokens - labels.count(IGNORE):,}, "
+            f"packed rows {len(row_sizes):,} of {args.seq_len} (identical outputs: yes)"
+        )
         speed = {name: tokens / best[name] for name in best}
         for name in ("tunesmith", "datasets"):
-            print(f"{name:>26}: {best[name]:6.2f} s  {speed[name]:>12,.0f} tokens/s  (CPU {cpu[name]:6.2f} s)")
+            print(
+                f"{name:>26}: {best[name]:6.2f} s  {speed[name]:>12,.0f} tokens/s  (CPU {cpu[name]:6.2f} s)"
+            )
         if args.course_rows:
             small = Path(tmp) / "qa_small.jsonl"
             generate(small, args.course_rows)
             t = time.perf_counter()
-            out, _ = datasets_path(small, tok, args.max_length, args.seq_len, f"{tmp}/hf_cache_course", batch_size=1)
+            out, _ = datasets_path(
+                small, tok, args.max_length, args.seq_len, f"{tmp}/hf_cache_course", batch_size=1
+            )
             speed["course"] = sum(len(s["input_ids"]) for s in out) / (time.perf_counter() - t)
-            print(f"{'datasets batch_size=1':>26}: {args.course_rows} rows  {speed['course']:>12,.0f} tokens/s")
-        print(f"ratio tunesmith / datasets (batch_size=1000): {speed['tunesmith'] / speed['datasets']:.2f}x wall, "
-              f"{cpu['datasets'] / cpu['tunesmith']:.2f}x CPU")
+            print(
+                f"{'datasets batch_size=1':>26}: {args.course_rows} rows  {speed['course']:>12,.0f} tokens/s"
+            )
+        print(
+            f"ratio tunesmith / datasets (batch_size=1000): {speed['tunesmith'] / speed['datasets']:.2f}x wall, "
+            f"{cpu['datasets'] / cpu['tunesmith']:.2f}x CPU"
+        )
         if "course" in speed:
-            print(f"ratio tunesmith / datasets (batch_size=1, course recipe): {speed['tunesmith'] / speed['course']:.2f}x")
+            print(
+                f"ratio tunesmith / datasets (batch_size=1, course recipe): {speed['tunesmith'] / speed['course']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

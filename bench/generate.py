@@ -18,9 +18,14 @@ from tunesmith.generate import generate
 from tunesmith.model.load import pad_id
 
 QUESTIONS = [
-    "What is fine-tuning?", "Name three colors.", "How do plants make food from sunlight?",
-    "Explain what a database index is and why it makes queries faster.", "What is 12 times 7?",
-    "Write one sentence about the sea.", "Why is the sky blue?", "What does a CPU do in a computer, briefly?",
+    "What is fine-tuning?",
+    "Name three colors.",
+    "How do plants make food from sunlight?",
+    "Explain what a database index is and why it makes queries faster.",
+    "What is 12 times 7?",
+    "Write one sentence about the sea.",
+    "Why is the sky blue?",
+    "What does a CPU do in a computer, briefly?",
 ]
 
 
@@ -45,8 +50,14 @@ def load(name: str, device: torch.device):
 
     tok = tiny.tokenizer()
     torch.manual_seed(0)
-    conf = GPTNeoXConfig(vocab_size=len(tok), hidden_size=384, num_hidden_layers=8, num_attention_heads=6,
-                         intermediate_size=1536, max_position_embeddings=1024)
+    conf = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=384,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        max_position_embeddings=1024,
+    )
     model = GPTNeoXForCausalLM(conf).to(device).eval()
     return model, tok, f"gpt-neox-from-config ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M)"
 
@@ -57,7 +68,9 @@ def prompts_for(tok, n: int) -> list[list[int]]:
     for i in range(n):
         q = QUESTIONS[i % len(QUESTIONS)] + (" Answer briefly." * (i % 3))
         if tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
             out.append(tok(text, add_special_tokens=False)["input_ids"])
         else:
             out.append(tok(q)["input_ids"])
@@ -71,9 +84,15 @@ def hf_one_by_one(model, tok, prompts: list[list[int]], new: int) -> tuple[int, 
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p], device=model.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                                 pad_token_id=pad_id(tok), eos_token_id=eos)
-            gen = out[0, len(p):].tolist()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad_id(tok),
+                eos_token_id=eos,
+            )
+            gen = out[0, len(p) :].tolist()
             tokens += gen.index(eos) if eos in gen else len(gen)
     return tokens, time.perf_counter() - t0
 
@@ -94,15 +113,19 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, label = load(args.model, device)
     prompts = prompts_for(tok, args.n)
-    print(f"model: {label} on {device} ({torch.get_num_threads()} threads); {len(prompts)} prompts, "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens, max_new_tokens={args.new}")
+    print(
+        f"model: {label} on {device} ({torch.get_num_threads()} threads); {len(prompts)} prompts, "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens, max_new_tokens={args.new}"
+    )
     ours(model, tok, prompts[:2], 2, 2)  # warm-up (allocator, kernels)
     n, s = hf_one_by_one(model, tok, prompts, args.new)
     base = n / s
     print(f"{'HF generate, one prompt at a time':36s} {n:5d} tokens {s:7.2f} s {base:8.1f} tokens/s   1.00x")
     for b in args.batches:
         n, s = ours(model, tok, prompts, args.new, b)
-        print(f"{f'tunesmith generate, batch {b}':36s} {n:5d} tokens {s:7.2f} s {n / s:8.1f} tokens/s {n / s / base:6.2f}x")
+        print(
+            f"{f'tunesmith generate, batch {b}':36s} {n:5d} tokens {s:7.2f} s {n / s:8.1f} tokens/s {n / s / base:6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,16 @@ from tunesmith.plan.arch import arch_from_config, flops_per_token
 from tunesmith.plan.devices import calibrated_peak_flops
 from tunesmith.plan.memory import LADDER, precision_for, training_memory
 
-TINY = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=512, tie_word_embeddings=True)
+TINY = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
 
 
 def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: int) -> dict:
@@ -38,7 +46,9 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
     hf_cfg = AutoConfig.for_model(**shape)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if prec.weight == 2 else torch.float32
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.model.attn_implementation).to(dev)
+    model = AutoModelForCausalLM.from_config(
+        hf_cfg, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+    ).to(dev)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora is not None:
@@ -48,10 +58,16 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
     opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
     rows, seq, vocab = cfg.train.batch_size, cfg.data.max_length, hf_cfg.vocab_size
     ids = torch.randint(0, vocab, (rows, seq), device=dev)
-    labels = ids.masked_fill(torch.arange(seq, device=dev) < seq // 2, IGNORE)  # first half a prompt: no loss there
+    labels = ids.masked_fill(
+        torch.arange(seq, device=dev) < seq // 2, IGNORE
+    )  # first half a prompt: no loss there
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
     label_fraction = (labels[:, 1:] != IGNORE).sum().item() / ids.numel()
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if prec.act == 2 and prec.weight == 4 else torch.autocast(dev.type, enabled=False)
+    amp = (
+        torch.autocast(dev.type, dtype=torch.bfloat16)
+        if prec.act == 2 and prec.weight == 4
+        else torch.autocast(dev.type, enabled=False)
+    )
     times = []
     for step in range(steps):
         if step == warmup and dev.type == "cuda":
@@ -74,9 +90,15 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
     flops = flops_per_token(arch, seq, cfg.lora or False, cfg.train.gradient_checkpointing, label_fraction)
     step_s = statistics.median(times)
     tokens_per_s = rows * seq / step_s
-    return {"predicted_peak": predicted["peak"], "measured_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-            "static": predicted["static"], "step_s": step_s, "tokens_per_s": tokens_per_s,
-            "model_flops_per_token": flops["model"], "mfu": flops["model"] * tokens_per_s / calibrated_peak_flops(dev)}
+    return {
+        "predicted_peak": predicted["peak"],
+        "measured_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "static": predicted["static"],
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops["model"],
+        "mfu": flops["model"] * tokens_per_s / calibrated_peak_flops(dev),
+    }
 
 
 def main() -> None:
@@ -91,21 +113,47 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shape = TINY if args.smoke else LADDER["qwen2.5-0.5b"]
     batch, seq, steps = (2, 64, 3) if args.smoke else (args.batch, args.seq, args.steps)
-    modes = {"full": (None, False), "full+ckpt": (None, True), "lora r16": (LoraConfig(r=16, dropout=0.05), False),
-             "lora r16+ckpt": (LoraConfig(r=16, dropout=0.05), True)}
-    table = Table(title=f"plan vs measured: {'tiny qwen2 (smoke, cpu)' if args.smoke else 'Qwen2-0.5B shape'} on {dev}, {batch} x {seq}")
-    for col in ("mode", "pred peak GiB", "meas peak GiB", "meas/pred", "step s", "tokens/s", "MFU", "pred step s @ exp. MFU"):
+    modes = {
+        "full": (None, False),
+        "full+ckpt": (None, True),
+        "lora r16": (LoraConfig(r=16, dropout=0.05), False),
+        "lora r16+ckpt": (LoraConfig(r=16, dropout=0.05), True),
+    }
+    table = Table(
+        title=f"plan vs measured: {'tiny qwen2 (smoke, cpu)' if args.smoke else 'Qwen2-0.5B shape'} on {dev}, {batch} x {seq}"
+    )
+    for col in (
+        "mode",
+        "pred peak GiB",
+        "meas peak GiB",
+        "meas/pred",
+        "step s",
+        "tokens/s",
+        "MFU",
+        "pred step s @ exp. MFU",
+    ):
         table.add_column(col, justify="right")
     peak = calibrated_peak_flops(dev)
     for name, (lora, ckpt) in modes.items():
-        cfg = Config(model=ModelConfig(attn_implementation="sdpa"), data=DataConfig(max_length=seq),
-                     train=TrainConfig(batch_size=batch, gradient_checkpointing=ckpt), lora=lora)
+        cfg = Config(
+            model=ModelConfig(attn_implementation="sdpa"),
+            data=DataConfig(max_length=seq),
+            train=TrainConfig(batch_size=batch, gradient_checkpointing=ckpt),
+            lora=lora,
+        )
         r = run_mode(shape, cfg, dev, steps, warmup=1 if args.smoke else 3)
         meas = r["measured_peak"]
         pred_step = batch * seq * r["model_flops_per_token"] / (peak * args.expected_mfu)
-        table.add_row(name, f"{r['predicted_peak'] / 2**30:.3f}", "-" if meas is None else f"{meas / 2**30:.3f}",
-                      "-" if meas is None else f"{meas / r['predicted_peak']:.3f}", f"{r['step_s']:.4f}",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}", f"{pred_step:.4f}")
+        table.add_row(
+            name,
+            f"{r['predicted_peak'] / 2**30:.3f}",
+            "-" if meas is None else f"{meas / 2**30:.3f}",
+            "-" if meas is None else f"{meas / r['predicted_peak']:.3f}",
+            f"{r['step_s']:.4f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['mfu']:.1%}",
+            f"{pred_step:.4f}",
+        )
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     Console().print(table)

@@ -73,8 +73,15 @@ async def load_test(url: str, clients: int, requests: int, max_tokens: int) -> d
         await asyncio.gather(*[client(http) for _ in range(clients)])
     wall = time.perf_counter() - t0
     lat = sorted(latencies) or [float("nan")]
-    return {"wall_s": wall, "req_s": len(latencies) / wall, "tok_s": tokens / wall, "tokens": tokens,
-            "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))], "errors": errors}
+    return {
+        "wall_s": wall,
+        "req_s": len(latencies) / wall,
+        "tok_s": tokens / wall,
+        "tokens": tokens,
+        "p50_s": statistics.median(lat),
+        "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+        "errors": errors,
+    }
 
 
 def main() -> None:
@@ -88,20 +95,28 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, label = load(args.model, device)
     lm = LoadedModel("m", model, tok, get_template("chat" if tok.chat_template else "qa", "qa"))
-    print(f"model: {label} on {device}; {args.clients} clients, {args.requests} requests, max_tokens={args.max_tokens}")
+    print(
+        f"model: {label} on {device}; {args.clients} clients, {args.requests} requests, max_tokens={args.max_tokens}"
+    )
     rows = []
     for batch in (args.batch, 1):
-        cfg = Config(generate=GenerateConfig(max_new_tokens=args.max_tokens),
-                     serve=ServeConfig(max_batch_size=batch, max_wait_ms=10 if batch > 1 else 0))
+        cfg = Config(
+            generate=GenerateConfig(max_new_tokens=args.max_tokens),
+            serve=ServeConfig(max_batch_size=batch, max_wait_ms=10 if batch > 1 else 0),
+        )
         app = create_app(cfg, {"m": lm})
         with running_server(app) as url:
             r = asyncio.run(load_test(url, args.clients, args.requests, args.max_tokens))
         r["batches"] = app.state.scheduler.batches
         rows.append((f"max_batch_size={batch}", r))
-    print(f"{'':18s} {'req/s':>7s} {'tokens/s':>9s} {'p50 s':>7s} {'p95 s':>7s} {'errors':>6s} {'batches':>7s} {'wall s':>7s}")
+    print(
+        f"{'':18s} {'req/s':>7s} {'tokens/s':>9s} {'p50 s':>7s} {'p95 s':>7s} {'errors':>6s} {'batches':>7s} {'wall s':>7s}"
+    )
     for name, r in rows:
-        print(f"{name:18s} {r['req_s']:7.2f} {r['tok_s']:9.1f} {r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['errors']:6d} "
-              f"{r['batches']:7d} {r['wall_s']:7.1f}")
+        print(
+            f"{name:18s} {r['req_s']:7.2f} {r['tok_s']:9.1f} {r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['errors']:6d} "
+            f"{r['batches']:7d} {r['wall_s']:7.1f}"
+        )
     print(f"batching speed-up (tokens/s): {rows[0][1]['tok_s'] / rows[1][1]['tok_s']:.2f}x")
 
 

@@ -25,7 +25,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["revenue", "margin", "growth", "quarter", "guidance", "customers", "cloud", "platform", "segment", "operating", "cash", "flow", "dividend", "backlog", "pipeline", "inventory", "pricing", "demand", "supply", "chain", "headcount", "expenses", "EBITDA", "bookings", "churn"]
+WORDS = [
+    "revenue",
+    "margin",
+    "growth",
+    "quarter",
+    "guidance",
+    "customers",
+    "cloud",
+    "platform",
+    "segment",
+    "operating",
+    "cash",
+    "flow",
+    "dividend",
+    "backlog",
+    "pipeline",
+    "inventory",
+    "pricing",
+    "demand",
+    "supply",
+    "chain",
+    "headcount",
+    "expenses",
+    "EBITDA",
+    "bookings",
+    "churn",
+]
 
 
 def make_data(path: Path, n: int, seed: int = 0) -> None:
@@ -44,9 +70,16 @@ def make_model(path: Path, tokenizer_dir: str) -> None:
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, max_position_embeddings=2048, rotary_pct=0.25,
-                        tie_word_embeddings=False)
+    cfg = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        tie_word_embeddings=False,
+    )
     GPTNeoXForCausalLM(cfg).save_pretrained(path)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.save_pretrained(path)
@@ -55,10 +88,24 @@ def make_model(path: Path, tokenizer_dir: str) -> None:
 def config(model: Path, data: Path, out: Path, precision: str, packing: bool, batch: int):
     from tunesmith.config import load_config
 
-    return load_config(None, [f"model.name={model}", f"data.path={data}", f"out_dir={out}", "data.test_size=64",
-                              "data.max_length=512", "data.template=qa", f"data.packing={packing}", "train.epochs=1",
-                              f"train.batch_size={batch}", "train.lr=5e-4", "train.scheduler=constant",
-                              "train.log_every=1000", f"train.precision={precision}"])
+    return load_config(
+        None,
+        [
+            f"model.name={model}",
+            f"data.path={data}",
+            f"out_dir={out}",
+            "data.test_size=64",
+            "data.max_length=512",
+            "data.template=qa",
+            f"data.packing={packing}",
+            "train.epochs=1",
+            f"train.batch_size={batch}",
+            "train.lr=5e-4",
+            "train.scheduler=constant",
+            "train.log_every=1000",
+            f"train.precision={precision}",
+        ],
+    )
 
 
 def run_ours(model: Path, data: Path, out: Path, precision: str) -> dict:
@@ -74,8 +121,13 @@ def run_ours(model: Path, data: Path, out: Path, precision: str) -> dict:
     cfg.train.batch_size = max(1, math.floor(8 * mean / 512))
     result = train(cfg)
     plan = json.loads((out / "plan.json").read_text())
-    return {"tokens_per_s": result["tokens"] / result["train_seconds"], "mfu": plan["measured"]["mfu"],
-            "eval_loss": result["eval"]["loss"], "steps": result["steps"], "real_tokens": result["tokens"]}
+    return {
+        "tokens_per_s": result["tokens"] / result["train_seconds"],
+        "mfu": plan["measured"]["mfu"],
+        "eval_loss": result["eval"]["loss"],
+        "steps": result["steps"],
+        "real_tokens": result["tokens"],
+    }
 
 
 def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
@@ -94,12 +146,26 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     prepared = build(cfg, tok, None)
     rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in prepared.train]
     m = AutoModelForCausalLM.from_pretrained(model)
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1,
-                             learning_rate=5e-4, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                             use_cpu=not torch.cuda.is_available(), logging_steps=1000, disable_tqdm=True, seed=42,
-                             bf16=precision == "bf16")  # bf16: Trainer's autocast, as tunesmith's train.precision=bf16
-    trainer = Trainer(model=m, args=args, train_dataset=rows,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=5e-4,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=42,
+        bf16=precision == "bf16",
+    )  # bf16: Trainer's autocast, as tunesmith's train.precision=bf16
+    trainer = Trainer(
+        model=m,
+        args=args,
+        train_dataset=rows,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+    )
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -111,8 +177,13 @@ def run_hf(model: Path, data: Path, out: Path, precision: str) -> dict:
     # the FLOPs the objective needs, as tunesmith's plan counts them (head at label positions): MFUs compare
     fpt = flops_per_token(m.config, 512, label_fraction=label_fraction(rows))["model"]
     peak = calibrated_peak_flops(dev, bf16=precision == "bf16")  # the plan's calibration
-    return {"tokens_per_s": tps, "mfu": tps * fpt / peak, "eval_loss": ev["loss"],
-            "steps": trainer.state.global_step, "real_tokens": real}
+    return {
+        "tokens_per_s": tps,
+        "mfu": tps * fpt / peak,
+        "eval_loss": ev["loss"],
+        "steps": trainer.state.global_step,
+        "real_tokens": real,
+    }
 
 
 def child(which: str, work: Path) -> None:
@@ -135,11 +206,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1600)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: SmolLM2's, 49k BPE)")
-    ap.add_argument("--hf-huge-pages", action="store_true",
-                    help="also run HF Trainer (bf16) with tunesmith's huge-page setting (runtime.huge_pages_for_tensors)")
+    ap.add_argument(
+        "--hf-huge-pages",
+        action="store_true",
+        help="also run HF Trainer (bf16) with tunesmith's huge-page setting (runtime.huge_pages_for_tensors)",
+    )
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run every side N times, interleaved, and keep each side's fastest run (this VM's speed drifts)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every side N times, interleaved, and keep each side's fastest run (this VM's speed drifts)",
+    )
     ap.add_argument("--child", default=None)
     ap.add_argument("--work", default=None)
     a = ap.parse_args()
@@ -159,32 +237,48 @@ def main() -> None:
     sides += ["hfthp-bf16"] if a.hf_huge_pages and "bf16" in precisions else []
     for _ in range(a.repeat):
         for which in sides:
-            proc = subprocess.run([sys.executable, __file__, "--child", which, "--work", str(work)], env=env,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", which, "--work", str(work)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
-                sys.exit(f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}\nso far: {json.dumps(results)}")
+                sys.exit(
+                    f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}\nso far: {json.dumps(results)}"
+                )
             r = json.loads(line[0][7:])
             runs = results.get(which, {}).get("all_tokens_per_s", []) + [round(r["tokens_per_s"])]
             if which not in results or r["tokens_per_s"] > results[which]["tokens_per_s"]:
                 results[which] = r
             results[which]["all_tokens_per_s"] = runs
     # Ratios against HF Trainer at the same precision (and, for bf16, also against its default fp32).
-    print(f"\n{'side':<12}{'real tok/s':>12}{'ratio':>8}{'MFU':>8}{'peak RSS':>10}{'RSS ratio':>10}{'eval loss':>10}{'steps':>7}")
+    print(
+        f"\n{'side':<12}{'real tok/s':>12}{'ratio':>8}{'MFU':>8}{'peak RSS':>10}{'RSS ratio':>10}{'eval loss':>10}{'steps':>7}"
+    )
     for which, r in results.items():
         hf = results["hf-" + which.split("-")[1]]
-        print(f"{which:<12}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / hf['tokens_per_s']:>8.2f}{r['mfu']:>8.3f}"
-              f"{r['peak_rss_gib']:>9.2f}G{r['peak_rss_gib'] / hf['peak_rss_gib']:>10.2f}{r['eval_loss']:>10.4f}{r['steps']:>7}")
+        print(
+            f"{which:<12}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / hf['tokens_per_s']:>8.2f}{r['mfu']:>8.3f}"
+            f"{r['peak_rss_gib']:>9.2f}G{r['peak_rss_gib'] / hf['peak_rss_gib']:>10.2f}{r['eval_loss']:>10.4f}{r['steps']:>7}"
+        )
     if "hfthp-bf16" in results:
-        print(f"ours-bf16 vs HF Trainer (bf16) with the same huge-page setting: "
-              f"{results['ours-bf16']['tokens_per_s'] / results['hfthp-bf16']['tokens_per_s']:.2f}x tokens/s")
+        print(
+            f"ours-bf16 vs HF Trainer (bf16) with the same huge-page setting: "
+            f"{results['ours-bf16']['tokens_per_s'] / results['hfthp-bf16']['tokens_per_s']:.2f}x tokens/s"
+        )
     if a.repeat > 1:
-        print("every run's tokens/s: " + ", ".join(f"{k} {v['all_tokens_per_s']}" for k, v in results.items()))
+        print(
+            "every run's tokens/s: " + ", ".join(f"{k} {v['all_tokens_per_s']}" for k, v in results.items())
+        )
     if a.precision != "both":
         return print(json.dumps(results))
     base = results["hf-fp32"]
-    print(f"ours-bf16 vs HF Trainer's default (fp32): {results['ours-bf16']['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-          f"tokens/s, RSS {results['ours-bf16']['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
+    print(
+        f"ours-bf16 vs HF Trainer's default (fp32): {results['ours-bf16']['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+        f"tokens/s, RSS {results['ours-bf16']['peak_rss_gib'] / base['peak_rss_gib']:.2f}x"
+    )
     print(json.dumps(results))
 
 

@@ -22,19 +22,39 @@ class FakeChatServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                outer.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                )
                 status, content = reply(body)
                 prompt = sum(len(m["content"].split()) for m in body["messages"])
-                answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                          "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": content}}],
-                          "usage": {"prompt_tokens": prompt, "completion_tokens": len(str(content).split()),
-                                    "total_tokens": prompt + len(str(content).split())}}
-                data = content if isinstance(content, bytes) else \
-                    json.dumps(answer if status == 200 else {"error": {"message": content}}).encode()
+                answer = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": content},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": len(str(content).split()),
+                        "total_tokens": prompt + len(str(content).split()),
+                    },
+                }
+                data = (
+                    content
+                    if isinstance(content, bytes)
+                    else json.dumps(answer if status == 200 else {"error": {"message": content}}).encode()
+                )
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "text/html" if isinstance(content, bytes) else "application/json")
+                    self.send_header(
+                        "Content-Type", "text/html" if isinstance(content, bytes) else "application/json"
+                    )
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)

@@ -11,14 +11,23 @@ DOC = ROOT / "docs" / "architecture.md"
 # module (first component under tunesmith) -> layer, planned rooms included; same-layer imports are allowed.
 # The same map as the layer table in docs/architecture.md (test_layer_table_in_the_docs_is_this_map).
 LAYER = {
-    "config": 0, "runtime": 0, "endpoint": 0,
+    "config": 0,
+    "runtime": 0,
+    "endpoint": 0,
     "data": 1,
-    "model": 2, "plan": 2,
-    "generate": 3, "retrieve": 3,
-    "eval": 4, "serve": 4, "synth": 4,
+    "model": 2,
+    "plan": 2,
+    "generate": 3,
+    "retrieve": 3,
+    "eval": 4,
+    "serve": 4,
+    "synth": 4,
     "train": 5,
-    "runs": 6, "sweep": 6,
-    "cli": 7, "__main__": 7, "__init__": 7,
+    "runs": 6,
+    "sweep": 6,
+    "cli": 7,
+    "__main__": 7,
+    "__init__": 7,
 }
 
 
@@ -47,7 +56,9 @@ def violations(src: Path = SRC) -> list[str]:
     bad = []
     for path in sorted(src.rglob("*.py")):
         me = _unit(path, src)
-        assert me in LAYER, f"{path}: module '{me}' is not in the layer table; add it to docs/architecture.md and here"
+        assert me in LAYER, (
+            f"{path}: module '{me}' is not in the layer table; add it to docs/architecture.md and here"
+        )
         for name, line in _imports(path, src):
             parts = name.split(".")
             if parts[0] != "tunesmith" or len(parts) < 2:
@@ -56,7 +67,9 @@ def violations(src: Path = SRC) -> list[str]:
             if other not in LAYER:
                 bad.append(f"{path.relative_to(src)}:{line}: imports unknown module tunesmith.{other}")
             elif LAYER[other] > LAYER[me]:
-                bad.append(f"{path.relative_to(src)}:{line}: layer {LAYER[me]} '{me}' imports layer {LAYER[other]} '{other}'")
+                bad.append(
+                    f"{path.relative_to(src)}:{line}: layer {LAYER[me]} '{me}' imports layer {LAYER[other]} '{other}'"
+                )
     return bad
 
 
@@ -68,7 +81,9 @@ def test_checker_catches_an_upward_import(tmp_path):
     # The checker itself must be able to fail: a data module importing train is flagged, relative too.
     fake = tmp_path / "tunesmith"
     (fake / "data").mkdir(parents=True)
-    (fake / "data" / "x.py").write_text("from tunesmith.train import loop\nimport tunesmith.config\nfrom ..eval import metrics\n")
+    (fake / "data" / "x.py").write_text(
+        "from tunesmith.train import loop\nimport tunesmith.config\nfrom ..eval import metrics\n"
+    )
     assert violations(fake) == [
         "data/x.py:1: layer 1 'data' imports layer 5 'train'",
         "data/x.py:3: layer 1 'data' imports layer 4 'eval'",
@@ -85,8 +100,11 @@ def doc_layers(doc: Path = DOC) -> list[tuple[int, str, bool]]:
     section = doc.read_text().split("\n## Layers", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|")[1:3] for line in section.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
     assert rows, f"{doc}: no layer table under '## Layers'"
-    return [(int(layer), name, bool(planned)) for layer, cell in rows
-            for name, planned in re.findall(r"`([^`]+)`( \(planned\))?", cell)]
+    return [
+        (int(layer), name, bool(planned))
+        for layer, cell in rows
+        for name, planned in re.findall(r"`([^`]+)`( \(planned\))?", cell)
+    ]
 
 
 def test_layer_table_in_the_docs_is_this_map():
@@ -94,7 +112,9 @@ def test_layer_table_in_the_docs_is_this_map():
     table: dict[str, int] = {}
     for layer, name, _ in doc_layers():
         unit = name.split("/")[0].removesuffix(".py")
-        assert table.setdefault(unit, layer) == layer, f"docs/architecture.md: '{unit}' is in layers {table[unit]} and {layer}"
+        assert table.setdefault(unit, layer) == layer, (
+            f"docs/architecture.md: '{unit}' is in layers {table[unit]} and {layer}"
+        )
     assert table == LAYER
 
 
@@ -102,15 +122,21 @@ def test_every_module_is_in_the_table_and_planned_rooms_are_not_built_yet():
     named = {name: planned for _, name, planned in doc_layers()}
     units = {name.split("/")[0].removesuffix(".py") for name in named}
     for path in sorted(SRC.rglob("*.py")):
-        assert _unit(path, SRC) in units, f"{path.relative_to(SRC)} is in no row of the docs/architecture.md layer table"
+        assert _unit(path, SRC) in units, (
+            f"{path.relative_to(SRC)} is in no row of the docs/architecture.md layer table"
+        )
     for name, planned in named.items():
         exists = (SRC / name).exists()
-        assert exists != planned, f"docs/architecture.md: `{name}` is {'marked (planned) but exists' if exists else 'missing'}"
+        assert exists != planned, (
+            f"docs/architecture.md: `{name}` is {'marked (planned) but exists' if exists else 'missing'}"
+        )
 
 
 def test_doc_parser_reads_planned_rooms_and_subpackages(tmp_path):
     doc = tmp_path / "a.md"
-    doc.write_text("# x\n\n## Layers\n\n| layer | module(s) | owns |\n|---|---|---|\n"
-                   "| 0 | `config.py` | `not_a_module.py` in another column |\n"
-                   "| 2 | `model/`, `model/loss.py` (planned) | models |\n\n## Next\n| 9 | `ignored.py` | |\n")
+    doc.write_text(
+        "# x\n\n## Layers\n\n| layer | module(s) | owns |\n|---|---|---|\n"
+        "| 0 | `config.py` | `not_a_module.py` in another column |\n"
+        "| 2 | `model/`, `model/loss.py` (planned) | models |\n\n## Next\n| 9 | `ignored.py` | |\n"
+    )
     assert doc_layers(doc) == [(0, "config.py", False), (2, "model/", False), (2, "model/loss.py", True)]

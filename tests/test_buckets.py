@@ -35,7 +35,9 @@ def test_repetitive():
     assert "repetitive" in buckets(loop, "sales grew fast and then slowed down a lot over the year", Q, False)
     # normalised to 9 words ("the" dropped): 7 3-grams, "sales grew fast" twice -> 1 - 6/7 ~= 0.14, under
     once = "sales grew fast in the year and sales grew fast"
-    assert repeated_ngram_ratio(once) == pytest.approx(1 - 6 / 7) and repeated_ngram_ratio(once) < REPEAT_RATIO
+    assert (
+        repeated_ngram_ratio(once) == pytest.approx(1 - 6 / 7) and repeated_ngram_ratio(once) < REPEAT_RATIO
+    )
     assert "repetitive" not in buckets(once, REF, Q, False)
     # too short to judge: "x x x x" has only 2 3-grams
     assert "repetitive" not in buckets("x x x x", "x x x x", Q, False)
@@ -66,14 +68,24 @@ def test_wrong_number():
 def test_bucket_counts_lists_every_bucket():
     counts = bucket_counts([["empty", "no_eos"], [], ["no_eos", "no_eos"], ["wrong_number"]])
     assert list(counts) == list(BUCKETS)
-    assert counts == {"empty": 1, "no_eos": 2, "repetitive": 0, "copies_question": 0, "too_long": 0,
-                      "wrong_number": 1}
+    assert counts == {
+        "empty": 1,
+        "no_eos": 2,
+        "repetitive": 0,
+        "copies_question": 0,
+        "too_long": 0,
+        "wrong_number": 1,
+    }
 
 
 def test_copy_is_judged_against_a_reference_that_restates_the_question():
     q = "What was the adjusted EBITDA for Green Dot in Q3 2020"
     ref = "The adjusted EBITDA for Green Dot in Q3 2020 was $34 million."
     # same shape as the reference: not a copy, even though most words come from the question
-    assert "copies_question" not in buckets("The adjusted EBITDA for Green Dot in Q3 2020 was $12 million.", ref, q, False)
+    assert "copies_question" not in buckets(
+        "The adjusted EBITDA for Green Dot in Q3 2020 was $12 million.", ref, q, False
+    )
     # pure echo of the question with a short reference: a copy
-    assert "copies_question" in buckets("What was the adjusted EBITDA for Green Dot in Q3 2020", "$34 million.", q, False)
+    assert "copies_question" in buckets(
+        "What was the adjusted EBITDA for Green Dot in Q3 2020", "$34 million.", q, False
+    )

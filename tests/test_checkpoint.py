@@ -70,8 +70,12 @@ def test_truncated_newest_weights_resume_from_the_previous_one(run, tmp_path, tr
     assert f"warning: checkpoint {step(run, 3)} is corrupt (trainable.safetensors has " in err
     assert "were written (truncated?))" in err
     assert f"resumed from {step(run, 2)} at step 2" in out
-    resumed = weights(run / "final")  # step 3 redone from step-2: the same weights as the run that never broke
-    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    resumed = weights(
+        run / "final"
+    )  # step 3 redone from step-2: the same weights as the run that never broke
+    assert resumed.keys() == uninterrupted.keys() and all(
+        torch.equal(resumed[k], uninterrupted[k]) for k in resumed
+    )
     assert checkpoint.verify(step(run, 3)) is None  # re-saved whole
 
 
@@ -89,13 +93,17 @@ def test_no_intact_checkpoint_is_a_one_line_user_error(run, tmp_path, trained):
     with pytest.raises(UserError) as e:
         train(resume_cfg(tmp_path, trained))
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{run}: no intact checkpoint to resume from (step-3: trainable.safetensors")
+    assert "\n" not in msg and msg.startswith(
+        f"{run}: no intact checkpoint to resume from (step-3: trainable.safetensors"
+    )
     assert "step-2: state.pt does not match" in msg and "step-1: cursor.json does not match" in msg
 
 
 def test_corrupt_checkpoint_given_by_path_is_an_error_not_a_fallback(run):
     flip_byte(step(run, 3) / "trainable.safetensors")
-    with pytest.raises(UserError, match=r"step-3: corrupt checkpoint \(trainable.safetensors does not match its sha256"):
+    with pytest.raises(
+        UserError, match=r"step-3: corrupt checkpoint \(trainable.safetensors does not match its sha256"
+    ):
         checkpoint.find_resume(str(step(run, 3)), run)
     assert checkpoint.find_resume(str(step(run, 2)), run) == step(run, 2)
 

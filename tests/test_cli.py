@@ -21,15 +21,25 @@ def test_bad_data_row_is_one_line_exit_2(tmp_path, monkeypatch, capsys, model_di
     data.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": "d"\n')
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {format: qa}\n")
-    code, _, err = run(monkeypatch, capsys, "data", "inspect", str(cfg), f"model.name={model_dir}",
-                       f"data.path={data}", f"out_dir={tmp_path / 'run'}")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "data",
+        "inspect",
+        str(cfg),
+        f"model.name={model_dir}",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'run'}",
+    )
     assert code == 2
     assert err.startswith(f"error: {data}:2: invalid JSON") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_unknown_key_suggests_and_exits_2(monkeypatch, capsys):
-    code, _, err = run(monkeypatch, capsys, "config", "show", "configs/quickstart.yaml", "train.learning_rate=1e-4")
+    code, _, err = run(
+        monkeypatch, capsys, "config", "show", "configs/quickstart.yaml", "train.learning_rate=1e-4"
+    )
     assert code == 2 and "unknown key 'train.learning_rate' — did you mean 'train.lr'?" in err
 
 
@@ -39,7 +49,9 @@ def test_missing_config_file(monkeypatch, capsys):
 
 
 def test_config_show_and_get(monkeypatch, capsys):
-    code, out, _ = run(monkeypatch, capsys, "config", "get", "configs/quickstart.yaml", "train.lr", "train.lr=3e-4")
+    code, out, _ = run(
+        monkeypatch, capsys, "config", "get", "configs/quickstart.yaml", "train.lr", "train.lr=3e-4"
+    )
     assert code == 0 and out.strip() == "0.0003"
     code, out, _ = run(monkeypatch, capsys, "config", "show", "configs/quickstart.yaml")
     assert code == 0 and "peak learning rate" in out

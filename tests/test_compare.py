@@ -20,12 +20,27 @@ from tunesmith.model.load import load_model, load_tokenizer
 from tunesmith.runtime import autocast_dtype, device
 from tunesmith.train.loop import train
 
-EVAL = ["eval.limit=3", "eval.probe=3", "eval.max_new_tokens=8", "eval.batch_size=4", "eval.embedding_model=null"]
+EVAL = [
+    "eval.limit=3",
+    "eval.probe=3",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=4",
+    "eval.embedding_model=null",
+]
 
 
 def cfg_for(root, model_dir, data, *over):
-    base = [f"model.name={model_dir}", f"data.path={data}", f"out_dir={root / 'run'}", "data.test_size=4",
-            "data.max_length=64", "train.batch_size=4", "train.log_every=1", "train.scheduler=constant", *EVAL]
+    base = [
+        f"model.name={model_dir}",
+        f"data.path={data}",
+        f"out_dir={root / 'run'}",
+        "data.test_size=4",
+        "data.max_length=64",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.scheduler=constant",
+        *EVAL,
+    ]
     return load_config(None, base + list(over))
 
 
@@ -41,15 +56,25 @@ def full_run(setup):
     cfg = cfg_for(root / "full", model_dir, data, "train.max_steps=12", "train.lr=5e-3")
     train(cfg)
     console = Console(record=True, width=200)
-    metrics = compare_cli(cfg, console)  # the CLI's entry point: compare + the summary table + the report path
+    metrics = compare_cli(
+        cfg, console
+    )  # the CLI's entry point: compare + the summary table + the report path
     return cfg, metrics, console.export_text()
 
 
 @pytest.fixture(scope="module")
 def lora_run(setup):
     root, model_dir, data = setup
-    cfg = cfg_for(root / "lora", model_dir, data, "train.max_steps=12", "train.lr=1e-2", "lora.r=8", "lora.dropout=0.0",
-                  "eval.probe=0")
+    cfg = cfg_for(
+        root / "lora",
+        model_dir,
+        data,
+        "train.max_steps=12",
+        "train.lr=1e-2",
+        "lora.r=8",
+        "lora.dropout=0.0",
+        "eval.probe=0",
+    )
     train(cfg)
     return cfg, compare(cfg)
 
@@ -68,14 +93,26 @@ def flat(d, prefix=""):
 def test_compare_full_run_writes_documented_files(full_run):
     cfg, metrics, _ = full_run
     ev = Path(cfg.out_dir) / "eval"
-    assert {"predictions.jsonl", "probe_predictions.jsonl", "metrics.json", "report.html"} <= {p.name for p in ev.iterdir()}
+    assert {"predictions.jsonl", "probe_predictions.jsonl", "metrics.json", "report.html"} <= {
+        p.name for p in ev.iterdir()
+    }
     assert json.loads((ev / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert {"base", "tuned", "delta", "notes"} <= set(metrics)
     for side in ("base", "tuned"):
         m = metrics[side]
         assert m["n"] == 3 and m["probe_n"] == 3
-        for key in ("exact_match", "token_f1", "rouge_l", "bleu", "corpus_bleu", "loss", "perplexity",
-                    "probe_numeric_recall", "probe_exact_match", "probe_rouge_l"):
+        for key in (
+            "exact_match",
+            "token_f1",
+            "rouge_l",
+            "bleu",
+            "corpus_bleu",
+            "loss",
+            "perplexity",
+            "probe_numeric_recall",
+            "probe_exact_match",
+            "probe_rouge_l",
+        ):
             assert key in m, (side, key)
         assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
         assert sum(m["buckets"].values()) >= 0 and set(m["buckets"]) >= {"empty", "no_eos", "wrong_number"}
@@ -120,7 +157,9 @@ def test_score_probe_uses_value_field_then_reference_numbers():
     assert [r["metrics"]["numeric_match"] for r in rows] == [1.0, 1.0, None]  # nothing to recall in the third
     assert summary["probe_numeric_recall"] == 1.0 and summary["probe_n"] == 3
     # the value field wins over the reference's text: 35 is not in "It was 34 dollars."
-    rows, summary = score_probe(q(refs, [35.0, None, None]), [*done[:1], Completion([5], "22% only", "stop", 1), done[2]])
+    rows, summary = score_probe(
+        q(refs, [35.0, None, None]), [*done[:1], Completion([5], "22% only", "stop", 1), done[2]]
+    )
     assert summary["probe_numeric_recall"] == 0.0
     assert summary["probe_exact_match"] == 0.0
 
@@ -133,13 +172,23 @@ def test_adapter_toggle_gives_the_base_model_alone(lora_run):
     tok = load_tokenizer(cfg.model)
     data = build(cfg, tok, run)
     test, _ = eval_sets(cfg, data, stored_template(run / "final"), tok)
-    dev = device()  # what compare ran on (CUDA when present: bf16 weights there, so the same device is a must)
+    dev = (
+        device()
+    )  # what compare ran on (CUDA when present: bf16 weights there, so the same device is a must)
     base = load_model(cfg.model, dev).eval()
     alone = generate(base, tok, test.prompts, eval_generate_config(cfg))
     assert [r["base"]["answer"] for r in rows] == [c.text for c in alone]
     pad = tok.pad_token_id
-    loss = evaluate_loss(base, test.samples, 4, cfg.data.max_length, pad, cfg.data.packing, dev,
-                         autocast_dtype(cfg.train.precision, dev))
+    loss = evaluate_loss(
+        base,
+        test.samples,
+        4,
+        cfg.data.max_length,
+        pad,
+        cfg.data.packing,
+        dev,
+        autocast_dtype(cfg.train.precision, dev),
+    )
     assert metrics["base"]["loss"] == pytest.approx(loss["loss"], rel=1e-5)
     # and the adapter was really on for the tuned side (else the check above could not fail)
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
@@ -149,8 +198,9 @@ def test_adapter_toggle_gives_the_base_model_alone(lora_run):
 def test_eval_one_model_matches_compare(full_run, setup, tmp_path):
     cfg, metrics, _ = full_run
     final = Path(cfg.out_dir) / "final"
-    single = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(final)}),
-                                    "out_dir": str(tmp_path / "ev")})
+    single = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name": str(final)}), "out_dir": str(tmp_path / "ev")}
+    )
     got = evaluate(single)
     assert set(got) >= {"tuned", "notes"} and "base" not in got and "delta" not in got
     rows = read_jsonl(tmp_path / "ev" / "eval" / "predictions.jsonl")
@@ -159,8 +209,12 @@ def test_eval_one_model_matches_compare(full_run, setup, tmp_path):
     assert got["tuned"]["loss"] == pytest.approx(metrics["tuned"]["loss"], rel=1e-5)
     assert (tmp_path / "ev" / "eval" / "report.html").is_file()
     # a plain base model (no stored template) is reported as "base"
-    base = cfg.model_copy(update={"out_dir": str(tmp_path / "ev_base"),
-                                  "eval": cfg.eval.model_copy(update={"limit": 1, "probe": 0})})
+    base = cfg.model_copy(
+        update={
+            "out_dir": str(tmp_path / "ev_base"),
+            "eval": cfg.eval.model_copy(update={"limit": 1, "probe": 0}),
+        }
+    )
     got = evaluate(base)
     assert "base" in got and "tuned" not in got and got["base"]["n"] == 1
 
@@ -178,7 +232,9 @@ def test_missing_final_is_a_user_error_with_exit_2(setup, tmp_path, monkeypatch)
     from tunesmith import cli
 
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(f"model: {{name: {model_dir}}}\ndata: {{path: {data}}}\nout_dir: {tmp_path / 'nothing'}\n")
+    cfg_path.write_text(
+        f"model: {{name: {model_dir}}}\ndata: {{path: {data}}}\nout_dir: {tmp_path / 'nothing'}\n"
+    )
     monkeypatch.setattr(sys, "argv", ["tunesmith", "compare", str(cfg_path)])
     with pytest.raises(SystemExit) as e:
         cli.main()

@@ -32,7 +32,10 @@ def test_defaults_without_a_file():
 
 
 def test_yaml_file_nested_sections(tmp_path):
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
 model: {name: some/model}
 data:
   path: d.jsonl
@@ -42,7 +45,9 @@ train: {lr: 3.0e-4, betas: [0.8, 0.95]}
 lora: {r: 8}
 eval: {judge: {base_url: "http://x/v1", model: j}}
 out_dir: runs/x
-"""))
+""",
+        )
+    )
     assert cfg.model.name == "some/model"
     assert cfg.data.fields == {"question": "prompt", "answer": "completion"}
     assert (cfg.data.max_length, cfg.train.lr, cfg.train.betas) == (256, 3e-4, (0.8, 0.95))
@@ -52,15 +57,31 @@ out_dir: runs/x
 
 
 def test_overrides_parse_as_yaml_scalars_lists_and_maps():
-    assert parse_overrides(["train.lr=1e-4", "data.max_length=256", "data.packing=false", "x.y.z=[1, 2]",
-                            "data.fields={question: prompt}", "data.test_path=null", "out_dir="]) == {
+    assert parse_overrides(
+        [
+            "train.lr=1e-4",
+            "data.max_length=256",
+            "data.packing=false",
+            "x.y.z=[1, 2]",
+            "data.fields={question: prompt}",
+            "data.test_path=null",
+            "out_dir=",
+        ]
+    ) == {
         "train": {"lr": "1e-4"},  # YAML 1.1 reads 1e-4 (no dot) as a string; pydantic turns it into a float
         "data": {"max_length": 256, "packing": False, "fields": {"question": "prompt"}, "test_path": None},
         "x": {"y": {"z": [1, 2]}},
         "out_dir": "",
     }
-    cfg = load_config(None, ["train.lr=1e-4", "train.betas=[0.8, 0.9]", "data.fields={question: prompt}",
-                             "eval.lm_eval.tasks=[hellaswag, arc_easy]"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "train.betas=[0.8, 0.9]",
+            "data.fields={question: prompt}",
+            "eval.lm_eval.tasks=[hellaswag, arc_easy]",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and cfg.train.betas == (0.8, 0.9)
     assert cfg.data.fields == {"question": "prompt"}
     assert cfg.eval.lm_eval.tasks == ["hellaswag", "arc_easy"]
@@ -78,7 +99,10 @@ def test_lora_true_means_defaults():
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
-    assert error(None, ["data.max_lenght=3"]) == "config: unknown key 'data.max_lenght' — did you mean 'data.max_length'?"
+    assert (
+        error(None, ["data.max_lenght=3"])
+        == "config: unknown key 'data.max_lenght' — did you mean 'data.max_length'?"
+    )
     assert error(write(tmp_path, "trian: {lr: 1}\n")).endswith("unknown key 'trian' — did you mean 'train'?")
     assert "see `tunesmith config show`" in error(None, ["data.zzzzzz=1"])
 
@@ -93,14 +117,23 @@ def test_bad_values_name_key_and_value():
     assert error(None, ["train.lr=-0.001"]) == "config: train.lr: Input should be greater than 0 (got -0.001)"
     assert error(None, ["data.format=xml"]).startswith("config: data.format: Input should be 'qa', 'alpaca'")
     assert error(None, ["data.on_bad_row=ignore"]).endswith("(got 'ignore')")
-    assert error(None, ["data.test_size=2.5"]) == "config: data.test_size: must be a fraction < 1 or a whole count (got 2.5)"
-    assert error(None, ["train.batch_size=abc"]).startswith("config: train.batch_size: Input should be a valid integer")
+    assert (
+        error(None, ["data.test_size=2.5"])
+        == "config: data.test_size: must be a fraction < 1 or a whole count (got 2.5)"
+    )
+    assert error(None, ["train.batch_size=abc"]).startswith(
+        "config: train.batch_size: Input should be a valid integer"
+    )
 
 
 def test_file_errors(tmp_path):
     assert error(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: config file not found"
-    assert error(write(tmp_path, "data:\n  path: [a\n")).startswith(f"{tmp_path / 'config.yaml'}:3: invalid YAML")
-    assert error(write(tmp_path, "- a\n- b\n")).endswith("top level must be a mapping of sections (model, data, train, ...)")
+    assert error(write(tmp_path, "data:\n  path: [a\n")).startswith(
+        f"{tmp_path / 'config.yaml'}:3: invalid YAML"
+    )
+    assert error(write(tmp_path, "- a\n- b\n")).endswith(
+        "top level must be a mapping of sections (model, data, train, ...)"
+    )
     assert error(None, ["train.lr"]) == "override 'train.lr' must look like key=value (e.g. train.lr=1e-4)"
     assert error(None, ["out_dir=x", "out_dir.y=1"]) == "override 'out_dir.y=1': 'out_dir' is not a section"
 

@@ -58,15 +58,20 @@ def test_chunk_documents_by_heading_then_by_tokens(tmp_path):
     doc.write_text("# One\nw0 w1 w2 w3 w4 w5 w6 w7 w8 w9\n# Two\nx y\n")
     chunks = chunk_documents(find_documents([doc]), word_spans, size=4, overlap=1)
     assert [(c.id, c.heading, c.text) for c in chunks] == [
-        ("guide.md#0", "One", "w0 w1 w2 w3"), ("guide.md#1", "One", "w3 w4 w5 w6"), ("guide.md#2", "One", "w6 w7 w8 w9"),
-        ("guide.md#3", "Two", "x y")]
+        ("guide.md#0", "One", "w0 w1 w2 w3"),
+        ("guide.md#1", "One", "w3 w4 w5 w6"),
+        ("guide.md#2", "One", "w6 w7 w8 w9"),
+        ("guide.md#3", "Two", "x y"),
+    ]
 
 
 def test_reads_html_rst_and_finds_documents_in_folders(tmp_path):
     (tmp_path / "site").mkdir()
     page = tmp_path / "site" / "index.html"
-    page.write_text("<html><head><title>t</title><script>var x = 1;</script></head><body>"
-                    "<h1>Guide</h1><p>Run <b>make test</b>.</p><h2>More</h2><p>Then serve.</p></body></html>")
+    page.write_text(
+        "<html><head><title>t</title><script>var x = 1;</script></head><body>"
+        "<h1>Guide</h1><p>Run <b>make test</b>.</p><h2>More</h2><p>Then serve.</p></body></html>"
+    )
     assert sections(read_document(page)) == [("Guide", "Run make test."), ("Guide > More", "Then serve.")]
     (tmp_path / "site" / "notes.rst").write_text("Title\n=====\nbody\n")
     (tmp_path / "site" / "image.png").write_bytes(b"\x89PNG")

@@ -46,18 +46,29 @@ def one_line_error(kind: type, call) -> str:
 
 @pytest.mark.parametrize("server", [[(200, "34 million dollars"), (200, "again")]], indirect=True)
 def test_chat_returns_text_usage_latency_and_sends_only_the_settings_given(server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-this-server")  # never sent: the key comes from api_key_env only
+    monkeypatch.setenv(
+        "OPENAI_API_KEY", "sk-not-for-this-server"
+    )  # never sent: the key comes from api_key_env only
     with ChatClient(server.url, "gen-1", max_retries=0) as client:
         reply = client.chat(MESSAGES, max_tokens=16)
         client.chat(MESSAGES, max_tokens=8, temperature=0.7, top_p=0.9, stop=["\n\n"], seed=3)
-    assert (reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens, reply.retries) == \
-        ("34 million dollars", "stop", 6, 3, 0)
+    assert (reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens, reply.retries) == (
+        "34 million dollars",
+        "stop",
+        6,
+        3,
+        0,
+    )
     assert reply.latency_s > 0
     first, second = server.requests
     assert first["path"] == "/v1/chat/completions" and first["auth"] is None
     assert first["body"] == {"model": "gen-1", "messages": MESSAGES, "max_tokens": 16, "temperature": 0.0}
-    assert {k: second["body"][k] for k in ("temperature", "top_p", "stop", "seed")} == \
-        {"temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "seed": 3}
+    assert {k: second["body"][k] for k in ("temperature", "top_p", "stop", "seed")} == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "stop": ["\n\n"],
+        "seed": 3,
+    }
 
 
 @pytest.mark.parametrize("server", [[(500, "overloaded"), (429, "slow down"), (200, "ok")]], indirect=True)
@@ -68,14 +79,20 @@ def test_retries_500_and_429_then_succeeds(server):
 
 @pytest.mark.parametrize("server", [[(503, "down"), (503, "down"), (200, "never asked")]], indirect=True)
 def test_a_server_error_through_every_retry_is_endpoint_failed(server):
-    msg = one_line_error(EndpointFailed, lambda: ChatClient(server.url, "m", max_retries=1, where="eval.judge")
-                         .chat(MESSAGES, max_tokens=4))
-    assert msg == (f"eval.judge: {server.url}/chat/completions failed 2 times (HTTP 503: down; is the server up? "
-                   "raise eval.judge.max_retries)")
+    msg = one_line_error(
+        EndpointFailed,
+        lambda: ChatClient(server.url, "m", max_retries=1, where="eval.judge").chat(MESSAGES, max_tokens=4),
+    )
+    assert msg == (
+        f"eval.judge: {server.url}/chat/completions failed 2 times (HTTP 503: down; is the server up? "
+        "raise eval.judge.max_retries)"
+    )
     assert len(server.requests) == 2
 
 
-@pytest.mark.parametrize("server", [[("stall", 0.6), (200, "in time"), ("stall", 0.6), ("stall", 0.6)]], indirect=True)
+@pytest.mark.parametrize(
+    "server", [[("stall", 0.6), (200, "in time"), ("stall", 0.6), ("stall", 0.6)]], indirect=True
+)
 def test_a_timeout_is_retried_then_endpoint_failed(server):
     client = ChatClient(server.url, "m", timeout_s=0.2, max_retries=1, where="synth")
     assert client.chat(MESSAGES, max_tokens=4).text == "in time"
@@ -88,8 +105,12 @@ def test_a_timeout_is_retried_then_endpoint_failed(server):
 @pytest.mark.parametrize("server", [[(200, "hi"), (401, "bad key")]], indirect=True)
 def test_key_from_the_env_var_and_a_missing_one(server, monkeypatch):
     monkeypatch.delenv("TS_TEST_NO_SUCH_KEY", raising=False)
-    msg = one_line_error(UserError, lambda: ChatClient(server.url, "m", api_key_env="TS_TEST_NO_SUCH_KEY", where="synth"))
-    assert msg.startswith("synth.api_key_env: environment variable TS_TEST_NO_SUCH_KEY is not set or empty (export ")
+    msg = one_line_error(
+        UserError, lambda: ChatClient(server.url, "m", api_key_env="TS_TEST_NO_SUCH_KEY", where="synth")
+    )
+    assert msg.startswith(
+        "synth.api_key_env: environment variable TS_TEST_NO_SUCH_KEY is not set or empty (export "
+    )
     monkeypatch.setenv("TS_TEST_KEY", "sk-test")
     client = ChatClient(server.url, "m", api_key_env="TS_TEST_KEY", max_retries=3)
     client.chat(MESSAGES, max_tokens=4)
@@ -104,23 +125,33 @@ def test_unreachable_endpoint_is_one_line():
         port = s.getsockname()[1]
     client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=1, where="eval.judge")
     msg = one_line_error(UserError, lambda: client.chat(MESSAGES, max_tokens=4))
-    assert msg.startswith(f"eval.judge.base_url: cannot connect to http://127.0.0.1:{port}/v1/chat/completions (")
+    assert msg.startswith(
+        f"eval.judge.base_url: cannot connect to http://127.0.0.1:{port}/v1/chat/completions ("
+    )
     assert msg.endswith("; is the server running?)")
 
 
-@pytest.mark.parametrize("server", [[(404, "The model 'gpt-9' does not exist"), (200, b"<html>welcome</html>")]],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "server", [[(404, "The model 'gpt-9' does not exist"), (200, b"<html>welcome</html>")]], indirect=True
+)
 def test_unknown_model_and_a_reply_that_is_not_a_chat_completion(server):
     client = ChatClient(server.url, "gpt-9", max_retries=2)
     msg = one_line_error(UserError, lambda: client.chat(MESSAGES, max_tokens=4))
-    assert msg == (f"endpoint: {server.url}/chat/completions answered HTTP 404 (The model 'gpt-9' does not exist; "
-                   "is 'gpt-9' served there? check endpoint.model and endpoint.base_url)")
+    assert msg == (
+        f"endpoint: {server.url}/chat/completions answered HTTP 404 (The model 'gpt-9' does not exist; "
+        "is 'gpt-9' served there? check endpoint.model and endpoint.base_url)"
+    )
     assert len(server.requests) == 1  # a 404 is not retried
     msg = one_line_error(UserError, lambda: client.chat(MESSAGES, max_tokens=4))
-    assert msg.startswith(f"endpoint.base_url: {server.url}/chat/completions did not answer with a chat completion (")
+    assert msg.startswith(
+        f"endpoint.base_url: {server.url}/chat/completions did not answer with a chat completion ("
+    )
 
 
 def test_without_the_openai_package_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "openai", None)  # import openai -> ImportError
     msg = one_line_error(UserError, lambda: ChatClient("http://127.0.0.1:9/v1", "m", where="eval.judge"))
-    assert msg == "eval.judge: OpenAI-compatible endpoints need the `openai` package (pip install 'tunesmith[eval]')"
+    assert (
+        msg
+        == "eval.judge: OpenAI-compatible endpoints need the `openai` package (pip install 'tunesmith[eval]')"
+    )

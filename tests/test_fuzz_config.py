@@ -12,7 +12,8 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tunesmith.config import Config, UserError, _known_keys, load_config, parse_overrides
+from tunesmith.config import Config, UserError, load_config, parse_overrides
+from tunesmith.config.load import _known_keys
 
 FUZZ = settings(max_examples=60, deadline=None)
 KEYS = _known_keys(Config)
@@ -25,10 +26,41 @@ KEY = st.one_of(
 )
 # Values: YAML that PyYAML turns into every type, plus text it chokes on in its constructors or its composer
 VALUE = st.one_of(
-    st.sampled_from(["1", "-1", "0", "1e-4", "1.0e-4", "true", "null", "~", "", "[1]", "[0.9, 0.99]", "{a: b}", "{}",
-                     "[{path: a, weight: 2}]", "[{path: a, wieght: 2}]", "all-linear", ".nan", "-.inf", "1e400",
-                     "2024-01-01", "2024-01-01 25:00:00", "!!int 0x", "!!float x", "!!binary zz", "&a [*a]",
-                     "!!python/object:os.system", "{[1]: 2}", "'unclosed", "a: b: c", "\x00", "- a\n- b"]),
+    st.sampled_from(
+        [
+            "1",
+            "-1",
+            "0",
+            "1e-4",
+            "1.0e-4",
+            "true",
+            "null",
+            "~",
+            "",
+            "[1]",
+            "[0.9, 0.99]",
+            "{a: b}",
+            "{}",
+            "[{path: a, weight: 2}]",
+            "[{path: a, wieght: 2}]",
+            "all-linear",
+            ".nan",
+            "-.inf",
+            "1e400",
+            "2024-01-01",
+            "2024-01-01 25:00:00",
+            "!!int 0x",
+            "!!float x",
+            "!!binary zz",
+            "&a [*a]",
+            "!!python/object:os.system",
+            "{[1]: 2}",
+            "'unclosed",
+            "a: b: c",
+            "\x00",
+            "- a\n- b",
+        ]
+    ),
     st.sampled_from([2, 50, 600]).map(lambda n: "[" * n),  # 600: deeper than the stack allows
     st.text(max_size=20),
 )
@@ -62,8 +94,18 @@ def test_overrides_give_a_config_or_one_line_error(overrides):
 
 
 @settings(FUZZ)
-@given(st.sampled_from(["lora.target_modules=5", "data.sources=[{path: 1}]", "train.betas=[1]", "eval.judge={}",
-                        "data.sources=[{path: a, weight: -1}]", "data.fields={a: 1}"]))
+@given(
+    st.sampled_from(
+        [
+            "lora.target_modules=5",
+            "data.sources=[{path: 1}]",
+            "train.betas=[1]",
+            "eval.judge={}",
+            "data.sources=[{path: a, weight: -1}]",
+            "data.fields={a: 1}",
+        ]
+    )
+)
 def test_value_errors_name_the_key_the_user_wrote(override):
     # Was 'lora.target_modules.str: ... (got None)' and 'data.sources.path ... (got None)': pydantic's union
     # members and list positions were read as keys, and the value looked up along them.
@@ -83,19 +125,35 @@ def test_known_wrong_keys_and_values_read_well():
             return _one_line(e)
         raise AssertionError("no error")
 
-    assert error("lora.target_modules=5") == "config: lora.target_modules: Input should be a valid string (got 5)"
-    assert error("data.sources=[{path: 1}]") == "config: data.sources[0].path: Input should be a valid string (got 1)"
+    assert (
+        error("lora.target_modules=5")
+        == "config: lora.target_modules: Input should be a valid string (got 5)"
+    )
+    assert (
+        error("data.sources=[{path: 1}]")
+        == "config: data.sources[0].path: Input should be a valid string (got 1)"
+    )
     assert error("train.betas=[1]") == "config: train.betas[1]: Field required"
-    assert error("data.sources=[{path: a, wieght: 2}]") == \
-        "config: unknown key 'data.sources[0].wieght' — did you mean 'data.sources.weight'?"
-    assert error("train.lr=2024-01-01 25:00:00") == \
-        "override 'train.lr=2024-01-01 25:00:00': value is not valid YAML (ValueError)"
+    assert (
+        error("data.sources=[{path: a, wieght: 2}]")
+        == "config: unknown key 'data.sources[0].wieght' — did you mean 'data.sources.weight'?"
+    )
+    assert (
+        error("train.lr=2024-01-01 25:00:00")
+        == "override 'train.lr=2024-01-01 25:00:00': value is not valid YAML (ValueError)"
+    )
     assert error("train.lr\nx=1") == "config: unknown key 'train.lr\\nx' — did you mean 'train.lr'?"
-    assert load_config(None, ["lora=false"]).lora is None  # as `lora: null`; `lora=true` is LoRA with defaults
+    assert (
+        load_config(None, ["lora=false"]).lora is None
+    )  # as `lora: null`; `lora=true` is LoRA with defaults
 
 
 @settings(FUZZ)
-@given(st.one_of(st.binary(max_size=60), st.builds(lambda k, v: f"{k.replace('.', ': {')}: {v}".encode(), KEY, VALUE)))
+@given(
+    st.one_of(
+        st.binary(max_size=60), st.builds(lambda k, v: f"{k.replace('.', ': {')}: {v}".encode(), KEY, VALUE)
+    )
+)
 @example(b"data: {path: a\x00b}")  # a ReaderError has no `problem`: its str() is several lines
 @example(b"train: {lr: 2024-01-01 25:00:00}")  # ValueError
 @example(b"data: {path: caf\xe9}")  # latin-1 in a config file: UnicodeDecodeError

@@ -33,13 +33,23 @@ LINE_END = re.compile(rb"\r\n|\r|\n")
 FIELDS = ["question", "answer", "instruction", "input", "output", "text", "messages", "role", "content"]
 
 # JSON values of every type, nested; strings may hold lone surrogates (what a "\ud800" escape decodes to)
-TEXT = st.text(max_size=12) | st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2)
+TEXT = st.text(max_size=12) | st.text(
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2
+)
 SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | TEXT
-VALUE = st.recursive(SCALAR, lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3), max_leaves=6)
-MESSAGE = st.dictionaries(st.sampled_from(["role", "content", "x"]),
-                          st.sampled_from(["user", "assistant", "system", "bot", "hi", " "]) | VALUE, max_size=3)
-RECORD = st.dictionaries(st.sampled_from(FIELDS) | TEXT,
-                         st.sampled_from(["What?", "It is.", " ", ""]) | VALUE | st.lists(MESSAGE, max_size=3), max_size=5)
+VALUE = st.recursive(
+    SCALAR, lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3), max_leaves=6
+)
+MESSAGE = st.dictionaries(
+    st.sampled_from(["role", "content", "x"]),
+    st.sampled_from(["user", "assistant", "system", "bot", "hi", " "]) | VALUE,
+    max_size=3,
+)
+RECORD = st.dictionaries(
+    st.sampled_from(FIELDS) | TEXT,
+    st.sampled_from(["What?", "It is.", " ", ""]) | VALUE | st.lists(MESSAGE, max_size=3),
+    max_size=5,
+)
 
 
 def _encode_line(rec: dict, how: str) -> bytes:
@@ -56,9 +66,13 @@ LINE = st.one_of(
     st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),  # random bytes
     st.sampled_from([b"", b"  ", b"\t", b"\xef\xbb\xbf", b"[1, 2]", b"null", b"{", b'"x"', b"\xff\xfe"]),
     st.integers(1000, 5000).map(lambda n: b"[" * n),  # deeper than json's recursion limit
-    st.integers(100_000, 300_000).map(lambda n: b'{"question": "' + b"q" * n + b'", "answer": "a"}'),  # long line
+    st.integers(100_000, 300_000).map(
+        lambda n: b'{"question": "' + b"q" * n + b'", "answer": "a"}'
+    ),  # long line
 )
-FILE = st.tuples(st.lists(st.tuples(LINE, st.sampled_from([b"\n", b"\r\n", b"\r"])), max_size=8), st.booleans())
+FILE = st.tuples(
+    st.lists(st.tuples(LINE, st.sampled_from([b"\n", b"\r\n", b"\r"])), max_size=8), st.booleans()
+)
 
 
 def _file_bytes(lines: list[tuple[bytes, bytes]], bom: bool) -> bytes:
@@ -110,12 +124,24 @@ def _read_all(path: Path, fmt: str, policy: str) -> tuple[list, Rejects]:
 
 
 @FUZZ
-@given(FILE, st.sampled_from(["a.jsonl", "a.jsonl.gz", "a.json"]), st.sampled_from(["qa", "alpaca", "chat", "text"]))
-@example(([(b'{"question": "q", "answer": "a"}', b"\r")] * 3, False), "a.jsonl", "qa")  # CR ends: 3 rows, not 1
+@given(
+    FILE,
+    st.sampled_from(["a.jsonl", "a.jsonl.gz", "a.json"]),
+    st.sampled_from(["qa", "alpaca", "chat", "text"]),
+)
+@example(
+    ([(b'{"question": "q", "answer": "a"}', b"\r")] * 3, False), "a.jsonl", "qa"
+)  # CR ends: 3 rows, not 1
 @example(([(b"[" * 3000, b"\n")], False), "a.jsonl", "qa")  # RecursionError inside json
-@example(([(b'{"question": "\\ud800", "answer": "a"}', b"\n")], False), "a.jsonl", "qa")  # lone surrogate escape
-@example(([(b'{"question": "q", "answer": "a"}', b"\n"), (b"\xef\xbb\xbf", b"\n")], True), "a.json", "qa")  # .json as jsonl
-@example(([(b"\x1c", b"\n")], False), "a.jsonl", "qa")  # unicode whitespace only: blank, and then no rows at all
+@example(
+    ([(b'{"question": "\\ud800", "answer": "a"}', b"\n")], False), "a.jsonl", "qa"
+)  # lone surrogate escape
+@example(
+    ([(b'{"question": "q", "answer": "a"}', b"\n"), (b"\xef\xbb\xbf", b"\n")], True), "a.json", "qa"
+)  # .json as jsonl
+@example(
+    ([(b"\x1c", b"\n")], False), "a.jsonl", "qa"
+)  # unicode whitespace only: blank, and then no rows at all
 def test_jsonl_and_json_readers_lose_no_row(lines, name, fmt):
     data = _file_bytes(*lines)
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,14 +165,29 @@ def test_jsonl_and_json_readers_lose_no_row(lines, name, fmt):
             _assert_one_line(e, path)
 
 
-ROWS = st.lists(st.lists(st.text(st.characters(codec="utf-8"), max_size=20), min_size=1, max_size=4), max_size=6)
+ROWS = st.lists(
+    st.lists(st.text(st.characters(codec="utf-8"), max_size=20), min_size=1, max_size=4), max_size=6
+)
 
 
 @FUZZ
-@given(st.lists(st.sampled_from(["question", "answer", "text", "id", "a,b", 'q"x', "line\nbreak"]), min_size=1, max_size=4),
-       ROWS, st.sampled_from(["\r\n", "\n", "\r"]), st.integers(-1, 40), st.booleans())
-@example(["question", "answer", "answer"], [["q", "a1", "a2"]], "\n", -1, False)  # duplicate column lost a value
-@example(["line\nbreak", "line\nbreak"], [], "\n", -1, False)  # a duplicate name with a line break: a 2-line message
+@given(
+    st.lists(
+        st.sampled_from(["question", "answer", "text", "id", "a,b", 'q"x', "line\nbreak"]),
+        min_size=1,
+        max_size=4,
+    ),
+    ROWS,
+    st.sampled_from(["\r\n", "\n", "\r"]),
+    st.integers(-1, 40),
+    st.booleans(),
+)
+@example(
+    ["question", "answer", "answer"], [["q", "a1", "a2"]], "\n", -1, False
+)  # duplicate column lost a value
+@example(
+    ["line\nbreak", "line\nbreak"], [], "\n", -1, False
+)  # a duplicate name with a line break: a 2-line message
 @example(["text"], [['"unclosed'], ["next"]], "\n", -1, True)  # raw quote: rows merged into one, silently
 @example(["question", "answer"], [["q", "x" * 200_000]], "\n", -1, False)  # over csv's 128 KiB field limit
 def test_csv_reader_loses_no_row(header, rows, end, corrupt_at, raw_quote):
@@ -174,7 +215,9 @@ def test_csv_reader_loses_no_row(header, rows, end, corrupt_at, raw_quote):
 
 
 @FUZZ
-@given(st.binary(max_size=300), st.sampled_from(["a.csv", "a.parquet", "a.json", "a.jsonl.gz", "a.txt", "a.md"]))
+@given(
+    st.binary(max_size=300), st.sampled_from(["a.csv", "a.parquet", "a.json", "a.jsonl.gz", "a.txt", "a.md"])
+)
 @example(b"\x1f\x8b\x08\x00junk", "a.jsonl.gz")  # a corrupt gzip stream: zlib.error / EOFError
 @example(b"PAR1\x00\x00PAR1", "a.parquet")  # pyarrow's multi-line error text
 @example(b"\xef\xbb\xbf", "a.txt")  # a BOM and nothing else: an empty document
@@ -195,8 +238,18 @@ def test_random_bytes_give_rows_or_one_line_error(data, name):
 
 
 @FUZZ
-@given(st.lists(st.fixed_dictionaries({"question": st.none() | st.text(max_size=10) | st.integers(),
-                                       "answer": st.none() | st.text(max_size=10)}), max_size=8), st.integers(1, 3))
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "question": st.none() | st.text(max_size=10) | st.integers(),
+                "answer": st.none() | st.text(max_size=10),
+            }
+        ),
+        max_size=8,
+    ),
+    st.integers(1, 3),
+)
 def test_parquet_reader_yields_every_row(records, batch):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -206,7 +259,15 @@ def test_parquet_reader_yields_every_row(records, batch):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "a.parquet"
         q = [r["question"] if not isinstance(r["question"], int) else str(r["question"]) for r in records]
-        pq.write_table(pa.table({"question": pa.array(q, pa.string()), "answer": pa.array([r["answer"] for r in records], pa.string())}), path)
+        pq.write_table(
+            pa.table(
+                {
+                    "question": pa.array(q, pa.string()),
+                    "answer": pa.array([r["answer"] for r in records], pa.string()),
+                }
+            ),
+            path,
+        )
         assert len(list(read_parquet(path, batch_rows=batch))) == len(records)
         try:
             examples, rejects = _read_all(path, "qa", "skip")
@@ -222,7 +283,9 @@ _TOK = tiny.tokenizer()
 @FUZZ
 @given(RECORD, st.sampled_from(["qa", "alpaca", "chat", "text"]))
 @example({"question": "q\ud800", "answer": "a"}, "qa")  # the tokenizer and the cache writer failed far away
-@example({"messages": [{"role": "user\nx", "content": "c"}]}, "chat")  # a role with a line break in the message
+@example(
+    {"messages": [{"role": "user\nx", "content": "c"}]}, "chat"
+)  # a role with a line break in the message
 @example({"question": "q", "answer": "a", "\udc80": "x"}, "qa")  # a surrogate in an extra column's name
 def test_to_example_validates_or_reports_and_what_it_keeps_renders(record, fmt):
     row = Row("f.jsonl:7", record)
@@ -240,7 +303,9 @@ def test_to_example_validates_or_reports_and_what_it_keeps_renders(record, fmt):
         with tempfile.TemporaryDirectory() as tmp:
             r = Rejects("skip", tmp)
             r.items = rejects.items
-            assert json.loads(r.write().read_text(encoding="utf-8"))["where"] == "f.jsonl:7"  # lone surrogates too
+            assert (
+                json.loads(r.write().read_text(encoding="utf-8"))["where"] == "f.jsonl:7"
+            )  # lone surrogates too
         return
     template = get_template("chat" if fmt == "chat" else fmt, fmt)
     render([ex], template, _TOK, 64, "prompt_left", Rejects("skip"))  # what to_example keeps can be tokenized

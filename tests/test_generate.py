@@ -10,8 +10,13 @@ from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import render, render_prompt
 from tunesmith.generate import TextDelta, cut_at_stop, generate, stream
 
-PROMPTS = ["What was the revenue of Acme?", "hello", "The quick brown fox jumps over the lazy dog. Fine-tuning",
-           "How many employees", "user assistant system hello world the answer is 42"]
+PROMPTS = [
+    "What was the revenue of Acme?",
+    "hello",
+    "The quick brown fox jumps over the lazy dog. Fine-tuning",
+    "How many employees",
+    "user assistant system hello world the answer is 42",
+]
 
 
 def _ids(tok, texts=PROMPTS):
@@ -20,9 +25,15 @@ def _ids(tok, texts=PROMPTS):
 
 def _hf_single(model, tok, ids, n):
     """Reference: plain HF greedy generate on one unpadded prompt, no EOS stopping."""
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("build", [tiny.gpt_neox, tiny.llama])
@@ -40,7 +51,9 @@ def test_left_padded_batch_equals_single_prompts(build):
         assert c.prompt_tokens == len(p) and c.finish_reason == "length"
         assert c.text == tok.decode(c.ids, skip_special_tokens=True)
     # batch size 2 (other groupings, other padding) gives the same answers in input order
-    assert [c.ids for c in generate(model, tok, prompts, cfg.model_copy(update={"batch_size": 2}))] == [c.ids for c in batched]
+    assert [c.ids for c in generate(model, tok, prompts, cfg.model_copy(update={"batch_size": 2}))] == [
+        c.ids for c in batched
+    ]
 
 
 def test_stops_at_tokenizer_eos_and_model_eos():
@@ -154,14 +167,20 @@ def test_template_round_trip_prompt_ids_match_training():
     tok = tiny.tokenizer()
     rejects = Rejects("fail")
     qa = Example(where="t:1", fields={"question": "What was the revenue of Acme?", "answer": "$34 million."})
-    chat = Example(where="t:2", messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
+    chat = Example(
+        where="t:2",
+        messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}],
+    )
     for ex, template in ((qa, get_template("qa", "qa")), (chat, get_template("chat", "chat"))):
         (sample,) = render([ex], template, tok, max_length=512, truncation="prompt_left", rejects=rejects)
         n_prompt = next(i for i, label in enumerate(sample["labels"]) if label != -100)
         assert render_prompt(ex, template, tok) == sample["input_ids"][:n_prompt]
         # and a served request (no answer yet) renders the same prompt
-        request = Example(where="request", fields={"question": ex.fields["question"]}) if ex.fields else \
-            Example(where="request", messages=ex.messages[:1])
+        request = (
+            Example(where="request", fields={"question": ex.fields["question"]})
+            if ex.fields
+            else Example(where="request", messages=ex.messages[:1])
+        )
         assert render_prompt(request, template, tok) == sample["input_ids"][:n_prompt]
 
 
@@ -173,8 +192,9 @@ def test_peft_wrapped_model_generates_like_merged():
     base = tiny.gpt_neox()
     base.generation_config.eos_token_id = None
     torch.manual_seed(1)
-    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["query_key_value", "dense_4h_to_h"],
-                                           init_lora_weights=False)).eval()
+    peft = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["query_key_value", "dense_4h_to_h"], init_lora_weights=False)
+    ).eval()
     prompts = _ids(tok)
     cfg = GenerateConfig(max_new_tokens=8)
     wrapped = [c.ids for c in generate(peft, tok, prompts, cfg)]
@@ -219,20 +239,45 @@ def test_generate_command_prompt_and_jsonl(tmp_path, monkeypatch, capsys):
 
     config, overrides, model, tok = _saved_model(tmp_path)
     template = get_template("qa", "qa")
-    want = generate(model, tok, [prompt_ids(template, tok, [{"role": "user", "content": q}]) for q in ("What was the revenue?", "hello")],
-                    GenerateConfig(max_new_tokens=6))
-    assert _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--prompt", "What was the revenue?")[:2] == (0, want[0].text + "\n")
+    want = generate(
+        model,
+        tok,
+        [
+            prompt_ids(template, tok, [{"role": "user", "content": q}])
+            for q in ("What was the revenue?", "hello")
+        ],
+        GenerateConfig(max_new_tokens=6),
+    )
+    assert _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--prompt", "What was the revenue?")[
+        :2
+    ] == (0, want[0].text + "\n")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"question": "What was the revenue?"}\n{"prompt": "hello"}\n')
-    assert _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--input", str(src), "--output", str(out))[0] == 0
+    assert (
+        _run_cli(
+            monkeypatch, capsys, "generate", config, *overrides, "--input", str(src), "--output", str(out)
+        )[0]
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["answer"] for r in rows] == [w.text for w in want]
-    assert rows[1] == {"prompt": "hello", "answer": want[1].text, "finish_reason": want[1].finish_reason,
-                       "prompt_tokens": want[1].prompt_tokens, "completion_tokens": len(want[1].ids)}
+    assert rows[1] == {
+        "prompt": "hello",
+        "answer": want[1].text,
+        "finish_reason": want[1].finish_reason,
+        "prompt_tokens": want[1].prompt_tokens,
+        "completion_tokens": len(want[1].ids),
+    }
     src.write_text('{"nothing": 1}\n')
     code, _, err = _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--input", str(src))
-    assert code == 2 and err.startswith(f"error: {src}:1: row needs 'prompt'") and len(err.strip().splitlines()) == 1
-    code, _, err = _run_cli(monkeypatch, capsys, "generate", config, *overrides, "--prompt", "a", "--input", str(src))
+    assert (
+        code == 2
+        and err.startswith(f"error: {src}:1: row needs 'prompt'")
+        and len(err.strip().splitlines()) == 1
+    )
+    code, _, err = _run_cli(
+        monkeypatch, capsys, "generate", config, *overrides, "--prompt", "a", "--input", str(src)
+    )
     assert (code, err.strip()) == (2, "error: generate: give exactly one of --prompt or --input")
 
 
@@ -244,22 +289,37 @@ def test_chat_command_keeps_history_until_reset(tmp_path, monkeypatch, capsys):
     cfg = GenerateConfig(max_new_tokens=6)
 
     def answer(*turns):
-        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)
+        ]
         return generate(model, tok, [prompt_ids(template, tok, messages)], cfg)[0].text
 
     first = answer("hello")
     second = answer("hello", first, "what else")
     # history changes the answer, so the test can see whether it was kept (and whether /reset dropped it)
     assert second != answer("what else") != answer("hello", first, "what else", second, "what else")
-    code, out, _ = _run_cli(monkeypatch, capsys, "chat", config, *overrides, "data.format=chat",
-                            stdin="hello\nwhat else\n\n/reset\nwhat else\n/exit\nnever read\n")
+    code, out, _ = _run_cli(
+        monkeypatch,
+        capsys,
+        "chat",
+        config,
+        *overrides,
+        "data.format=chat",
+        stdin="hello\nwhat else\n\n/reset\nwhat else\n/exit\nnever read\n",
+    )
     assert code == 0
-    assert out == (f"you> model> {first}\nyou> model> {second}\nyou> you> you> model> {answer('what else')}\nyou> ")
+    assert out == (
+        f"you> model> {first}\nyou> model> {second}\nyou> you> you> model> {answer('what else')}\nyou> "
+    )
     # a string template answers each question on its own, and end of input leaves like /exit
     code, out, _ = _run_cli(monkeypatch, capsys, "chat", config, *overrides, stdin="hello\nhello\n")
-    qa = generate(model, tok, [prompt_ids(get_template("qa", "qa"), tok, [{"role": "user", "content": "hello"}])], cfg)[0].text
-    assert code == 0 and out == (f"string template: each question is answered on its own (no history)\n"
-                                 f"you> model> {qa}\nyou> model> {qa}\nyou> ")
+    qa = generate(
+        model, tok, [prompt_ids(get_template("qa", "qa"), tok, [{"role": "user", "content": "hello"}])], cfg
+    )[0].text
+    assert code == 0 and out == (
+        f"string template: each question is answered on its own (no history)\n"
+        f"you> model> {qa}\nyou> model> {qa}\nyou> "
+    )
 
 
 def test_a_vanishing_temperature_decodes_greedily():

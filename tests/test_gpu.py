@@ -15,9 +15,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _cfg(tmp_path, *over):
     model_dir = tiny.save_model_dir(tmp_path / "m", arch="llama")
     data = tiny.write_qa(tmp_path / "qa.jsonl")
-    return load_config(None, [f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}",
-                              "data.test_size=4", "data.max_length=64", "train.batch_size=8", "train.log_every=1",
-                              "train.scheduler=constant", *over])
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            f"out_dir={tmp_path / 'run'}",
+            "data.test_size=4",
+            "data.max_length=64",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.scheduler=constant",
+            *over,
+        ],
+    )
 
 
 def _losses(tmp_path):
@@ -42,8 +53,19 @@ def test_qlora_trains_adapters_only(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    train(_cfg(tmp_path, "train.max_steps=20", "train.lr=3e-3", "lora.quantize=4bit", "lora.r=8", "lora.dropout=0.0"))
+    train(
+        _cfg(
+            tmp_path,
+            "train.max_steps=20",
+            "train.lr=3e-3",
+            "lora.quantize=4bit",
+            "lora.r=8",
+            "lora.dropout=0.0",
+        )
+    )
     losses = _losses(tmp_path)
     assert losses[-1] < losses[0]
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), tmp_path / "run" / "final")
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m"), tmp_path / "run" / "final"
+    )
     assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)

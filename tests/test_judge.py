@@ -38,23 +38,35 @@ def cfg_for(srv: FakeChatServer, **extra) -> JudgeConfig:
     return JudgeConfig(base_url=srv.url, model="judge-1", timeout_s=extra.pop("timeout_s", 5.0), **extra)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('{"score": 4, "reason": "close"}', {"score": 4, "reason": "close"}),
-    ('Sure!\n```json\n{"score": 5, "reason": "exact"}\n```\nHope this helps.', {"score": 5, "reason": "exact"}),
-    ('Here: {"reason": "wrong number", "score": "2"} trailing words {', {"score": 2, "reason": "wrong number"}),
-    ("<think>score 1? no</think>Score: 3\nReason: partly right", {"score": 3, "reason": "partly right"}),
-    ("**Score:** 4/5", {"score": 4, "reason": ""}),
-    ('{"score": 7, "reason": "out of range"}', None),
-    ('{"score": 4.5}', None),
-    ("Score: 10", None),
-    ("I cannot grade this.", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"score": 4, "reason": "close"}', {"score": 4, "reason": "close"}),
+        (
+            'Sure!\n```json\n{"score": 5, "reason": "exact"}\n```\nHope this helps.',
+            {"score": 5, "reason": "exact"},
+        ),
+        (
+            'Here: {"reason": "wrong number", "score": "2"} trailing words {',
+            {"score": 2, "reason": "wrong number"},
+        ),
+        ("<think>score 1? no</think>Score: 3\nReason: partly right", {"score": 3, "reason": "partly right"}),
+        ("**Score:** 4/5", {"score": 4, "reason": ""}),
+        ('{"score": 7, "reason": "out of range"}', None),
+        ('{"score": 4.5}', None),
+        ("Score: 10", None),
+        ("I cannot grade this.", None),
+    ],
+)
 def test_parse_judgement(text, expected):
     assert parse_judgement(text) == expected
 
 
-@pytest.mark.parametrize("server", [[(200, '{"score": 5, "reason": "exact"}'),
-                                     (200, '```json\n{"score": 2, "reason": "off"}\n```')]], indirect=True)
+@pytest.mark.parametrize(
+    "server",
+    [[(200, '{"score": 5, "reason": "exact"}'), (200, '```json\n{"score": 2, "reason": "off"}\n```')]],
+    indirect=True,
+)
 def test_judge_scores_and_caches(server, tmp_path):
     cache = tmp_path / "judge_cache.jsonl"
     items = [ITEM, {**ITEM, "answer": "12 million"}]
@@ -71,16 +83,20 @@ def test_judge_scores_and_caches(server, tmp_path):
     assert judge_summary([*got, None]) == {"judge_score": 3.5, "judge_failed": 1}
 
 
-@pytest.mark.parametrize("server", [[(200, "garbage, no score"), (500, "boom"), "stall",
-                                     (200, 'Verdict {"score": 4, "reason": "ok"}')]], indirect=True)
+@pytest.mark.parametrize(
+    "server",
+    [[(200, "garbage, no score"), (500, "boom"), "stall", (200, 'Verdict {"score": 4, "reason": "ok"}')]],
+    indirect=True,
+)
 def test_judge_retries_malformed_5xx_and_timeouts(server, tmp_path):
     got = judge(cfg_for(server, max_retries=3, timeout_s=0.3), [ITEM], tmp_path / "c.jsonl", backoff_s=0.01)
     assert got == [{"score": 4, "reason": "ok"}]
     assert len(server.requests) == 4
 
 
-@pytest.mark.parametrize("server", [[(200, "nope"), (200, "still nope"), (200, '{"score": 3, "reason": "r"}')]],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "server", [[(200, "nope"), (200, "still nope"), (200, '{"score": 3, "reason": "r"}')]], indirect=True
+)
 def test_judge_gives_none_after_malformed_retries_and_does_not_cache_it(server, tmp_path):
     cache = tmp_path / "c.jsonl"
     assert judge(cfg_for(server, max_retries=1), [ITEM], cache, backoff_s=0.01) == [None]

@@ -17,8 +17,16 @@ from tunesmith.config import LmEvalConfig, UserError
 from tunesmith.eval.lm_eval import model_args, run_lm_eval
 
 DOCS = [
-    {"question": "What was the revenue of Acme in Q3 2020?", "choices": ["$34 million", "1,200 employees", "42 percent"], "label": 0},
-    {"question": "How many employees does the company have?", "choices": ["$34 million", "1,200 employees"], "label": 1},
+    {
+        "question": "What was the revenue of Acme in Q3 2020?",
+        "choices": ["$34 million", "1,200 employees", "42 percent"],
+        "label": 0,
+    },
+    {
+        "question": "How many employees does the company have?",
+        "choices": ["$34 million", "1,200 employees"],
+        "label": 1,
+    },
     {"question": "What is the margin?", "choices": ["42 percent", "the lazy dog"], "label": 0},
     {"question": "Who jumps over the lazy dog?", "choices": ["The quick brown fox", "EBITDA"], "label": 0},
 ]
@@ -85,8 +93,11 @@ def loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 def test_run_lm_eval_matches_our_own_loglikelihoods(tmp_path):
     model_dir = tiny.save_model_dir(tmp_path / "tiny-llama", arch="llama")
-    cfg = LmEvalConfig(tasks=["tunesmith_tiny_mc", "tunesmith_tiny_ll"], include_path=str(write_tasks(tmp_path)),
-                       batch_size=2)
+    cfg = LmEvalConfig(
+        tasks=["tunesmith_tiny_mc", "tunesmith_tiny_ll"],
+        include_path=str(write_tasks(tmp_path)),
+        batch_size=2,
+    )
     got = run_lm_eval(str(model_dir), cfg, "cpu", tmp_path / "eval")
 
     assert set(got) == {"tunesmith_tiny_mc", "tunesmith_tiny_ll"}
@@ -118,14 +129,21 @@ def test_limit(tmp_path):
     cfg = LmEvalConfig(tasks=["tunesmith_tiny_mc"], include_path=str(tasks), limit=2, batch_size=4)
     got = run_lm_eval(str(model_dir), cfg, "cpu", tmp_path / "eval")
     assert got["tunesmith_tiny_mc"]["acc"] in (0.0, 0.5, 1.0)  # 2 examples
-    assert json.loads((tmp_path / "eval" / "lm_eval.json").read_text())["n-samples"]["tunesmith_tiny_mc"]["effective"] == 2
+    assert (
+        json.loads((tmp_path / "eval" / "lm_eval.json").read_text())["n-samples"]["tunesmith_tiny_mc"][
+            "effective"
+        ]
+        == 2
+    )
 
 
 @pytest.mark.slow  # an unknown name makes lm-eval index its ~15k built-in task yamls (~15-20 s here)
 def test_unknown_task_is_a_user_error(tmp_path):
     tasks = write_tasks(tmp_path)
     with pytest.raises(UserError, match=r"unknown task\(s\) no_such_task_xyz \(not built into lm-eval or in"):
-        run_lm_eval("/unused", LmEvalConfig(tasks=["no_such_task_xyz"], include_path=str(tasks)), "cpu", tmp_path)
+        run_lm_eval(
+            "/unused", LmEvalConfig(tasks=["no_such_task_xyz"], include_path=str(tasks)), "cpu", tmp_path
+        )
 
 
 def test_model_args_for_full_model_and_adapter(tmp_path):

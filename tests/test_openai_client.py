@@ -47,8 +47,12 @@ def test_openai_client_end_to_end():
     cfg = Config(generate=GenerateConfig(max_new_tokens=12), serve=ServeConfig(max_wait_ms=5))
     app = create_app(cfg, {"tiny-chat": lm})
     messages = [{"role": "user", "content": "What was the revenue of Acme?"}]
-    want_chat = generate(lm.model, lm.tokenizer, [prompt_ids(lm.template, lm.tokenizer, messages)], cfg.generate)[0]
-    want_text = generate(lm.model, lm.tokenizer, [lm.tokenizer("hello world")["input_ids"]], GenerateConfig(max_new_tokens=7))[0]
+    want_chat = generate(
+        lm.model, lm.tokenizer, [prompt_ids(lm.template, lm.tokenizer, messages)], cfg.generate
+    )[0]
+    want_text = generate(
+        lm.model, lm.tokenizer, [lm.tokenizer("hello world")["input_ids"]], GenerateConfig(max_new_tokens=7)
+    )[0]
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny-chat"]

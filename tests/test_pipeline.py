@@ -21,11 +21,19 @@ BAD_ROWS = [
     (b'{"question": "What was the revenue?"}', "answer", "missing field 'answer'"),
     (b'{"question": "What was the revenue?", "answer": ""}', "answer", "field 'answer' is empty"),
     (b'{"question": " \\t\\n", "answer": "x"}', "question", "field 'question' is empty"),
-    (b'{"question": "What was the revenue?", "answer": 42}', "answer", "field 'answer' must be a string (got int)"),
+    (
+        b'{"question": "What was the revenue?", "answer": 42}',
+        "answer",
+        "field 'answer' must be a string (got int)",
+    ),
     (b'{"question": "What was the revenue?", "answer": null}', "answer", "missing field 'answer'"),
     (b'{"question": "What was", "answer" "x"}', None, "invalid JSON (Expecting ':' delimiter at column 35)"),
     (b'"just a string"', None, "row is not a JSON object (got str)"),
-    (b'{"question": "caf\xe9?", "answer": "x"}', None, "invalid UTF-8 (byte 0xe9 at column 18, file offset {offset})"),
+    (
+        b'{"question": "caf\xe9?", "answer": "x"}',
+        None,
+        "invalid UTF-8 (byte 0xe9 at column 18, file offset {offset})",
+    ),
 ]
 
 
@@ -39,13 +47,22 @@ def write_jsonl(path, rows: list[dict]):
 
 
 def qa_rows(n):
-    return [{"question": f"What was the revenue of company {i}?", "answer": f"It was {i} million."} for i in range(n)]
+    return [
+        {"question": f"What was the revenue of company {i}?", "answer": f"It was {i} million."}
+        for i in range(n)
+    ]
 
 
 def test_build_renders_both_splits_with_masks(tok, tmp_path):
     f = write_jsonl(tmp_path / "qa.jsonl", qa_rows(10))
     p = build(cfg_for(f, tmp_path / "run", "data.test_size=2"), tok, None)
-    assert (len(p.train), len(p.test), len(p.train_examples), len(p.test_examples), p.rejected) == (8, 2, 8, 2, 0)
+    assert (len(p.train), len(p.test), len(p.train_examples), len(p.test_examples), p.rejected) == (
+        8,
+        2,
+        8,
+        2,
+        0,
+    )
     assert sorted(s["where"] for s in p.train + p.test) == sorted(f"{f}:{i}" for i in range(1, 11))
     s = p.train[0]
     ex = next(e for e in p.train_examples if e.where == s["where"])
@@ -68,7 +85,9 @@ def test_each_bad_row_kind_fails_with_place_field_and_cause(tok, tmp_path, line,
 
 def test_skip_writes_every_bad_row_and_keeps_the_good_ones(tok, tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_bytes(b"\n".join([GOOD] + [line for line, _, _ in BAD_ROWS] + [GOOD.replace(b"42", b"43")]) + b"\n")
+    f.write_bytes(
+        b"\n".join([GOOD] + [line for line, _, _ in BAD_ROWS] + [GOOD.replace(b"42", b"43")]) + b"\n"
+    )
     run = tmp_path / "run"
     p = build(cfg_for(f, run, "data.on_bad_row=skip", "data.test_size=0"), tok, run)
     assert [s["where"] for s in p.train] == [f"{f}:1", f"{f}:{len(BAD_ROWS) + 2}"]
@@ -77,7 +96,8 @@ def test_skip_writes_every_bad_row_and_keeps_the_good_ones(tok, tmp_path):
     starts = [len(GOOD) + 1 + sum(len(x) + 1 for x, _, _ in BAD_ROWS[:i]) for i in range(len(BAD_ROWS))]
     assert [(r["where"], r["field"], r["cause"]) for r in lines] == [
         (f"{f}:{i}", field, cause.format(offset=start + 17))
-        for i, ((_, field, cause), start) in enumerate(zip(BAD_ROWS, starts), start=2)]
+        for i, ((_, field, cause), start) in enumerate(zip(BAD_ROWS, starts), start=2)
+    ]
     assert lines[0]["row"] == {"question": "What was the revenue?"}  # the row itself is kept for the user
 
 
@@ -93,8 +113,13 @@ def test_nothing_left_to_train_on_is_an_error(tok, tmp_path):
 
 def test_field_mapping_end_to_end(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What was the revenue?", "completion": "42 percent."}])
-    p = build(cfg_for(f, tmp_path / "run", "data.fields={question: prompt, answer: completion}", "data.test_size=0"),
-              tok, None)
+    p = build(
+        cfg_for(
+            f, tmp_path / "run", "data.fields={question: prompt, answer: completion}", "data.test_size=0"
+        ),
+        tok,
+        None,
+    )
     assert p.train_examples[0].fields == {"question": "What was the revenue?", "answer": "42 percent."}
     with pytest.raises(UserError, match="missing field 'question'"):  # without the mapping
         build(cfg_for(f, tmp_path / "run", "data.test_size=0"), tok, None)
@@ -104,7 +129,9 @@ def test_dedupe_drops_normalized_duplicates_and_reports_them(tok, tmp_path):
     rows = qa_rows(4) + [{"question": "WHAT was the revenue of company 1", "answer": "it was 1 million"}]
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     run = tmp_path / "run"
-    p = build(cfg_for(f, run, "data.dedupe=true", "data.test_size=0"), tok, run)  # policy fail: still no raise
+    p = build(
+        cfg_for(f, run, "data.dedupe=true", "data.test_size=0"), tok, run
+    )  # policy fail: still no raise
     assert len(p.train) == 4 and p.rejected == 1
     [r] = [json.loads(x) for x in (run / "data_rejects.jsonl").read_text().splitlines()]
     assert (r["where"], r["cause"]) == (f"{f}:5", f"duplicate of {f}:2")
@@ -122,8 +149,18 @@ def test_text_files_become_blocks_where_every_token_learns(tok, tmp_path):
     d = tmp_path / "docs"
     d.mkdir()
     (d / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 5)
-    p = build(cfg_for(d, tmp_path / "run", "data.format=text", "data.template=text", "data.max_length=16",
-                      "data.test_size=0"), tok, None)
+    p = build(
+        cfg_for(
+            d,
+            tmp_path / "run",
+            "data.format=text",
+            "data.template=text",
+            "data.max_length=16",
+            "data.test_size=0",
+        ),
+        tok,
+        None,
+    )
     n = len(tok((d / "a.txt").read_text())["input_ids"]) + 1  # + EOS
     assert [len(s["input_ids"]) for s in p.train] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
     assert all(s["labels"] == s["input_ids"] for s in p.train)
@@ -131,9 +168,21 @@ def test_text_files_become_blocks_where_every_token_learns(tok, tmp_path):
 
 def test_chat_rows_flow_through_and_only_assistant_tokens_learn(tok, tmp_path):
     conv = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the answer is 42"}]
-    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}, {"messages": [{"role": "user", "content": "hi"}]}])
-    p = build(cfg_for(f, tmp_path / "run", "data.format=chat", "data.template=chat", "data.test_size=0",
-                      "data.on_bad_row=skip"), tok, tmp_path / "run")
+    f = write_jsonl(
+        tmp_path / "chat.jsonl", [{"messages": conv}, {"messages": [{"role": "user", "content": "hi"}]}]
+    )
+    p = build(
+        cfg_for(
+            f,
+            tmp_path / "run",
+            "data.format=chat",
+            "data.template=chat",
+            "data.test_size=0",
+            "data.on_bad_row=skip",
+        ),
+        tok,
+        tmp_path / "run",
+    )
     assert p.rejected == 1 and [s["where"] for s in p.train] == [f"{f}:1"]
     s = p.train[0]
     learned = [t for t, lab in zip(s["input_ids"], s["labels"], strict=True) if lab != IGNORE]
@@ -151,9 +200,17 @@ def test_cache_is_reused_and_invalidated(tok, tmp_path):
     stamp = meta.stat().st_mtime_ns
     again = build(cfg, tok, run)
     assert meta.stat().st_mtime_ns == stamp  # read back, not rebuilt
-    assert (again.train, again.test, again.train_examples, again.test_examples) == \
-        (first.train, first.test, first.train_examples, first.test_examples)
-    assert (again.data_hash, again.template_hash, again.template) == (first.data_hash, first.template_hash, first.template)
+    assert (again.train, again.test, again.train_examples, again.test_examples) == (
+        first.train,
+        first.test,
+        first.train_examples,
+        first.test_examples,
+    )
+    assert (again.data_hash, again.template_hash, again.template) == (
+        first.data_hash,
+        first.template_hash,
+        first.template,
+    )
     key = json.loads(meta.read_text())["key"]
     build(cfg_for(f, run, "data.test_size=3", "data.max_length=64"), tok, run)  # a config change
     key2 = json.loads(meta.read_text())["key"]
@@ -212,7 +269,10 @@ def test_inspect_report_png_and_print(tok, tmp_path):
 
 # ---- issue 16: no step may leave an empty split; each says which file and which step emptied it
 
-@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("e.json", b"[]"), ("e.csv", b"question,answer\n")])
+
+@pytest.mark.parametrize(
+    "name,content", [("e.jsonl", b""), ("e.json", b"[]"), ("e.csv", b"question,answer\n")]
+)
 def test_empty_data_file_is_an_error_naming_it(tok, tmp_path, name, content):
     f = tmp_path / name
     f.write_bytes(content)
@@ -226,7 +286,11 @@ def test_empty_text_file_and_empty_test_path_are_errors(tok, tmp_path):
     t = tmp_path / "empty.txt"
     t.write_bytes(b"")
     with pytest.raises(UserError, match=rf"^{t}: field 'text' is empty"):
-        build(cfg_for(t, tmp_path / "run", "data.format=text", "data.template=text", "data.test_size=0"), tok, None)
+        build(
+            cfg_for(t, tmp_path / "run", "data.format=text", "data.template=text", "data.test_size=0"),
+            tok,
+            None,
+        )
     f = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
     e = tmp_path / "test.jsonl"
     e.write_bytes(b"\n")
@@ -245,7 +309,10 @@ def test_all_rows_skipped_names_the_count_and_the_report(tok, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(UserError) as e:
         build(cfg_for(f, run, "data.on_bad_row=skip"), tok, run)
-    assert str(e.value) == f"{f}: all {len(BAD_ROWS)} rows were skipped as bad (see {run / 'data_rejects.jsonl'})"
+    assert (
+        str(e.value)
+        == f"{f}: all {len(BAD_ROWS)} rows were skipped as bad (see {run / 'data_rejects.jsonl'})"
+    )
     assert len((run / "data_rejects.jsonl").read_text().splitlines()) == len(BAD_ROWS)
 
 
@@ -256,10 +323,14 @@ def test_split_that_leaves_no_test_examples_is_an_error(tok, tmp_path, n, same):
     with pytest.raises(UserError) as e:
         build(cfg_for(f, tmp_path / "run", "data.test_size=0.1"), tok, None)
     same_text = ", all with the same prompt" if same else ""
-    assert str(e.value) == (f"{f}: data.test_size=0.1 of {n} example{'s' if n > 1 else ''}{same_text} leaves 0 test examples "
-                            "(use a larger file, a count such as data.test_size=1, or data.test_size=0 to train "
-                            "without a held-out split)")
-    assert len(build(cfg_for(f, tmp_path / "run", "data.test_size=0"), tok, None).train) == n  # the way out works
+    assert str(e.value) == (
+        f"{f}: data.test_size=0.1 of {n} example{'s' if n > 1 else ''}{same_text} leaves 0 test examples "
+        "(use a larger file, a count such as data.test_size=1, or data.test_size=0 to train "
+        "without a held-out split)"
+    )
+    assert (
+        len(build(cfg_for(f, tmp_path / "run", "data.test_size=0"), tok, None).train) == n
+    )  # the way out works
 
 
 def test_rendering_that_drops_every_example_is_an_error(tok, tmp_path):
@@ -267,10 +338,22 @@ def test_rendering_that_drops_every_example_is_an_error(tok, tmp_path):
     run = tmp_path / "run"
     # truncation=right at 4 tokens cuts every answer away: each row is skipped, and nothing is left
     with pytest.raises(UserError) as e:
-        build(cfg_for(f, run, "data.on_bad_row=skip", "data.truncation=right", "data.max_length=4", "data.test_size=1"),
-              tok, run)
-    assert str(e.value) == (f"{f}: all 5 training examples were skipped while rendering (nothing left of them within "
-                            f"data.max_length) (see {run / 'data_rejects.jsonl'})")
+        build(
+            cfg_for(
+                f,
+                run,
+                "data.on_bad_row=skip",
+                "data.truncation=right",
+                "data.max_length=4",
+                "data.test_size=1",
+            ),
+            tok,
+            run,
+        )
+    assert str(e.value) == (
+        f"{f}: all 5 training examples were skipped while rendering (nothing left of them within "
+        f"data.max_length) (see {run / 'data_rejects.jsonl'})"
+    )
 
 
 def test_cli_empty_data_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys, model_dir):
@@ -284,8 +367,19 @@ def test_cli_empty_data_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {format: qa}\n")
     for command in (["data", "inspect"], ["train"]):
-        monkeypatch.setattr(sys, "argv", ["tunesmith", *command, str(cfg), f"model.name={model_dir}", f"data.path={data}",
-                                          f"out_dir={tmp_path / 'run'}", "train.max_steps=1"])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "tunesmith",
+                *command,
+                str(cfg),
+                f"model.name={model_dir}",
+                f"data.path={data}",
+                f"out_dir={tmp_path / 'run'}",
+                "train.max_steps=1",
+            ],
+        )
         with pytest.raises(SystemExit) as e:
             cli.main()
         err = capsys.readouterr().err

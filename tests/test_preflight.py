@@ -31,8 +31,16 @@ def run(monkeypatch, capsys, *argv):
 def cli_args(tmp_path, model_dir, data, *over):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {format: qa}\n")
-    return [str(cfg), f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}", "data.test_size=4",
-            "data.max_length=64", "train.max_steps=1", *over]
+    return [
+        str(cfg),
+        f"model.name={model_dir}",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'run'}",
+        "data.test_size=4",
+        "data.max_length=64",
+        "train.max_steps=1",
+        *over,
+    ]
 
 
 def checked(cfg, tok=None):
@@ -43,8 +51,17 @@ def checked(cfg, tok=None):
 
 
 def cfg_for(tmp_path, model_dir, data, *over):
-    return load_config(None, [f"model.name={model_dir}", f"data.path={data}", "data.test_size=4", "data.max_length=64",
-                              f"out_dir={tmp_path / 'run'}", *over])
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            "data.test_size=4",
+            "data.max_length=64",
+            f"out_dir={tmp_path / 'run'}",
+            *over,
+        ],
+    )
 
 
 def test_model_dir_without_tokenizer_stops_train_in_one_line(tmp_path, monkeypatch, capsys, qa_file):
@@ -73,14 +90,25 @@ def test_tokenizer_larger_than_the_embedding_fails_inspect_and_plan(tmp_path, mo
     for command in (["data", "inspect"], ["plan"]):
         code, _, err = run(monkeypatch, capsys, *command, *cli_args(tmp_path, model_dir, qa_file))
         assert code == 2, (command, err)
-        assert "the tokenizer has 402 tokens but the model's embedding has vocab_size=400 rows (eos = id 400" in err
+        assert (
+            "the tokenizer has 402 tokens but the model's embedding has vocab_size=400 rows (eos = id 400"
+            in err
+        )
         assert len(err.strip().splitlines()) == 1
 
 
 def test_max_length_beyond_the_context_fails(tmp_path, monkeypatch, capsys, model_dir, qa_file):
-    code, _, err = run(monkeypatch, capsys, "data", "inspect", *cli_args(tmp_path, model_dir, qa_file, "data.max_length=1024"))
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "data",
+        "inspect",
+        *cli_args(tmp_path, model_dir, qa_file, "data.max_length=1024"),
+    )
     assert code == 2
-    assert "data.max_length=1024 exceeds the context" in err and "at most 512" in err  # tiny models: 512 positions
+    assert (
+        "data.max_length=1024 exceeds the context" in err and "at most 512" in err
+    )  # tiny models: 512 positions
 
 
 def test_chat_template_missing_is_an_error(tmp_path, model_dir, qa_file):
@@ -96,34 +124,48 @@ def test_examples_without_label_tokens_are_an_error(tmp_path, model_dir, qa_file
     cfg = cfg_for(tmp_path, model_dir, qa_file)
     report, data = checked(cfg)
     assert report.errors == []
-    data.train[3]["labels"] = [IGNORE] * len(data.train[3]["labels"])  # e.g. a sample whose answer was masked too
+    data.train[3]["labels"] = [IGNORE] * len(
+        data.train[3]["labels"]
+    )  # e.g. a sample whose answer was masked too
     report = pf.preflight(cfg, tiny.tokenizer(), data, load_config_only(cfg.model))
-    assert report.errors[0].startswith(f"{data.train[3]['where']}: no token of this example carries loss (1 of ")
+    assert report.errors[0].startswith(
+        f"{data.train[3]['where']}: no token of this example carries loss (1 of "
+    )
 
 
 def ascii_tokenizer(unk: bool) -> PreTrainedTokenizerFast:
     """A WordPiece-like BPE (whitespace pre-tokenizer, no byte fallback) that knows printable ASCII only."""
     tk = Tokenizer(models.BPE(unk_token="<unk>" if unk else None))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                  initial_alphabet=list(string.printable), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        initial_alphabet=list(string.printable),
+        show_progress=False,
+    )
     tk.train_from_iterator(tiny.CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>" if unk else None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>" if unk else None
+    )
 
 
 def test_text_the_tokenizer_cannot_encode_leaves_nothing_to_learn(tmp_path, model_dir):
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": "日本語の文書 " * (i + 1)}) + "\n" for i in range(12)))
     cfg = cfg_for(tmp_path, model_dir, data, "data.format=text")
-    report, prepared = checked(cfg, ascii_tokenizer(unk=False))  # unknown characters are dropped: each doc is [EOS]
+    report, prepared = checked(
+        cfg, ascii_tokenizer(unk=False)
+    )  # unknown characters are dropped: each doc is [EOS]
     assert all(len(s["input_ids"]) == 1 for s in prepared.train)
     assert report.errors[0].startswith(f"{data}: none of the 8 training examples has a token to learn")
     assert any("does not reproduce 8 of 8 sampled texts" in e for e in report.errors)  # the round trip agrees
 
 
 def test_roundtrip_few_lost_characters_warn_many_fail(tmp_path, model_dir):
-    rows = [{"question": f"What was the revenue in Q{i}?", "answer": f"The revenue was {i} million."} for i in range(40)]
+    rows = [
+        {"question": f"What was the revenue in Q{i}?", "answer": f"The revenue was {i} million."}
+        for i in range(40)
+    ]
     rows[0]["answer"] = "The revenue was ¥34 million."  # one character the vocabulary lacks: <unk>
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -131,23 +173,32 @@ def test_roundtrip_few_lost_characters_warn_many_fail(tmp_path, model_dir):
     report, _ = checked(cfg_for(tmp_path, model_dir, data, "data.test_size=0"), tok)
     assert report.errors == []
     (warning,) = [w for w in report.warnings if "does not reproduce" in w]
-    assert f"1 of 80 sampled texts (1%; first: {data}:1 field 'answer': 'The revenue was ¥34 million.' -> " in warning
+    assert (
+        f"1 of 80 sampled texts (1%; first: {data}:1 field 'answer': 'The revenue was ¥34 million.' -> "
+        in warning
+    )
     data.write_text("".join(json.dumps({**r, "answer": r["answer"] + " ¥"}) + "\n" for r in rows))
-    report, _ = checked(cfg_for(tmp_path, model_dir, data, "data.test_size=0", f"out_dir={tmp_path / 'b'}"), tok)
+    report, _ = checked(
+        cfg_for(tmp_path, model_dir, data, "data.test_size=0", f"out_dir={tmp_path / 'b'}"), tok
+    )
     assert any("does not reproduce 40 of 80 sampled texts (50%" in e for e in report.errors)
 
 
 def test_truncation_warning_says_how_far_max_length_must_grow(tmp_path, model_dir, qa_file):
     cfg = cfg_for(tmp_path, model_dir, qa_file, "data.max_length=20")
     report, data = checked(cfg)
-    full = render_all(data.train_examples, data.template, tiny.tokenizer(), 1 << 20, "prompt_left", Rejects("skip"))
+    full = render_all(
+        data.train_examples, data.template, tiny.tokenizer(), 1 << 20, "prompt_left", Rejects("skip")
+    )
     longest = max(len(s["input_ids"]) for s in full)
     cut = sum(len(s["input_ids"]) > 20 for s in full)
     assert cut > 0.03 * len(data.train) and longest > 20
     (warning,) = [w for w in report.warnings if "are cut at" in w]
     assert warning.startswith(f"{cut} of {len(data.train)} training examples")
     assert f"data.max_length={longest} (+{longest - 20}) would keep them whole" in warning
-    report, _ = checked(cfg_for(tmp_path, model_dir, qa_file, f"data.max_length={longest}", f"out_dir={tmp_path / 'b'}"))
+    report, _ = checked(
+        cfg_for(tmp_path, model_dir, qa_file, f"data.max_length={longest}", f"out_dir={tmp_path / 'b'}")
+    )
     assert not [w for w in report.warnings if "are cut at" in w]
 
 
@@ -164,7 +215,10 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_measured_factor():
 
 
 def test_preflight_measures_the_bf16_factor_on_an_emulating_cpu(tmp_path, model_dir, qa_file, monkeypatch):
-    speeds = {False: 103e9, True: 13.6e9}  # fp32 Linear vs bf16-autocast Linear on an AVX2-only CPU (issue 16)
+    speeds = {
+        False: 103e9,
+        True: 13.6e9,
+    }  # fp32 Linear vs bf16-autocast Linear on an AVX2-only CPU (issue 16)
     monkeypatch.setattr(pf, "fast_bf16", lambda dev: False)
     monkeypatch.setattr(pf, "calibrated_peak_flops", lambda dev, bf16=False: speeds[bf16])
     report, _ = checked(cfg_for(tmp_path, model_dir, qa_file, "train.precision=bf16"))
@@ -185,8 +239,14 @@ def test_streamed_corpus_checks_only_what_it_has(tmp_path, model_dir):
     assert report.errors == []
 
 
-def test_plan_json_keeps_stdout_for_json_and_warns_on_stderr(tmp_path, monkeypatch, capsys, model_dir, qa_file):
-    code, out, err = run(monkeypatch, capsys, "plan", "--json", *cli_args(tmp_path, model_dir, qa_file, "data.max_length=20"))
+def test_plan_json_keeps_stdout_for_json_and_warns_on_stderr(
+    tmp_path, monkeypatch, capsys, model_dir, qa_file
+):
+    code, out, err = run(
+        monkeypatch, capsys, "plan", "--json", *cli_args(tmp_path, model_dir, qa_file, "data.max_length=20")
+    )
     assert code in (0, None), err
     assert json.loads(out)["run"]["seq_len"] == 20
-    assert [line for line in err.splitlines() if "are cut at data.max_length=20" in line][0].startswith("warning: ")
+    assert [line for line in err.splitlines() if "are cut at data.max_length=20" in line][0].startswith(
+        "warning: "
+    )

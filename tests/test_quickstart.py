@@ -17,10 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_reduced_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    small = [f"out_dir={out}", "data.limit=16", "train.max_steps=3", "train.epochs=1", "eval.limit=4", "eval.probe=4",
-             "eval.max_new_tokens=12", "data.test_size=8"]
-    proc = subprocess.run(["bash", "scripts/quickstart.sh", *small], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    small = [
+        f"out_dir={out}",
+        "data.limit=16",
+        "train.max_steps=3",
+        "train.epochs=1",
+        "eval.limit=4",
+        "eval.probe=4",
+        "eval.max_new_tokens=12",
+        "data.test_size=8",
+    ]
+    proc = subprocess.run(
+        ["bash", "scripts/quickstart.sh", *small],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in ("== inspect", "== plan", "== train", "== compare", "time per step"):
         assert step in proc.stdout
@@ -42,15 +56,32 @@ def test_course_config_runs_through_a_local_pythia_stand_in(tmp_path):
 
     torch.manual_seed(0)
     # pythia-70m's class and layout (rotary_pct 0.25, untied head, parallel residual), narrower to stay fast.
-    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=256, rotary_pct=0.25,
-                 max_position_embeddings=2048, tie_word_embeddings=False, use_parallel_residual=True)
+    shape = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+    )
     model_dir = tmp_path / "pythia-standin"
     GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=400, **shape)).save_pretrained(model_dir)
     tiny.tokenizer().save_pretrained(model_dir)
     data = tiny.write_qa(tmp_path / "lamini_docs.jsonl", n=24)  # the lamini_docs schema: question / answer
-    cfg = load_config(ROOT / "configs" / "pythia70m-lamini-docs.yaml",
-                      [f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}", "train.max_steps=4",
-                       "train.eval_every=2", "train.save_every=2", "data.test_size=4"])
+    cfg = load_config(
+        ROOT / "configs" / "pythia70m-lamini-docs.yaml",
+        [
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            f"out_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.save_every=2",
+            "data.test_size=4",
+        ],
+    )
     assert cfg.train.lr == 1e-5 and cfg.data.template == "qa"
     result = train(cfg)
     assert result["steps"] == 4 and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -45,12 +45,18 @@ def bos_tokenizer():
 def test_encode_batch_equals_wrapper(make, add_special_tokens):
     tok = make()
     assert _plain_backend(tok) is not None  # the direct path is the one under test
-    assert encode_batch(tok, TEXTS, add_special_tokens) == tok(TEXTS, add_special_tokens=add_special_tokens)["input_ids"]
+    assert (
+        encode_batch(tok, TEXTS, add_special_tokens)
+        == tok(TEXTS, add_special_tokens=add_special_tokens)["input_ids"]
+    )
 
 
 def test_bos_only_with_special_tokens():
     tok = bos_tokenizer()
-    with_bos, without = encode_batch(tok, ["The revenue"], True)[0], encode_batch(tok, ["The revenue"], False)[0]
+    with_bos, without = (
+        encode_batch(tok, ["The revenue"], True)[0],
+        encode_batch(tok, ["The revenue"], False)[0],
+    )
     assert with_bos == [tok.bos_token_id] + without
 
 
@@ -96,25 +102,62 @@ def test_encode_batch_equals_wrapper_on_smollm2():
 
 # --- prompt_ids: the template's fixed text encoded once, values encoded alone, ids exact -------------------
 
+
 def _whitespace_bpe(pre: str = "bytelevel", normalizer: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on text full of line breaks and runs of spaces, so that merges like
     "\\n\\n", "\\n " and " ?" exist and a wrong split point changes the ids (the tiny tokenizer has few)."""
-    corpus = ["### Question:\n\nWhat  was it?\n \n### Answer:\n 42  units\t\tdone. It's 7 'quoted'\n\n\n"] * 50
+    corpus = [
+        "### Question:\n\nWhat  was it?\n \n### Answer:\n 42  units\t\tdone. It's 7 'quoted'\n\n\n"
+    ] * 50
     tok = Tokenizer(models.BPE())
     level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level]) if pre == "digits" else level
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
+        if pre == "digits"
+        else level
+    )
     if normalizer:
         tok.normalizer = normalizers.NFC()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<eos>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=["<eos>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-TOKENIZERS = {"tiny": tiny.tokenizer, "bos": bos_tokenizer, "whitespace": _whitespace_bpe,
-              "digits": lambda: _whitespace_bpe("digits"), "nfc": lambda: _whitespace_bpe(normalizer=True)}
-PIECES = ["What", "was", " ", "  ", "\n", "\n\n", "\t", "?", "'s", "42", "7", "é", "e\u0301", "\u0301", "日本",
-          "🙂", "<eos>", "<|im_start|>", "{", "}", " x"]
+TOKENIZERS = {
+    "tiny": tiny.tokenizer,
+    "bos": bos_tokenizer,
+    "whitespace": _whitespace_bpe,
+    "digits": lambda: _whitespace_bpe("digits"),
+    "nfc": lambda: _whitespace_bpe(normalizer=True),
+}
+PIECES = [
+    "What",
+    "was",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "?",
+    "'s",
+    "42",
+    "7",
+    "é",
+    "e\u0301",
+    "\u0301",
+    "日本",
+    "🙂",
+    "<eos>",
+    "<|im_start|>",
+    "{",
+    "}",
+    " x",
+]
 
 
 def _fuzz_examples(n: int, seed: int) -> list[Example]:
@@ -123,13 +166,32 @@ def _fuzz_examples(n: int, seed: int) -> list[Example]:
     def value() -> str:
         return "".join(rng.choices(PIECES, k=rng.randint(1, 6)))
 
-    return [Example(f"f.jsonl:{i}", {"question": value(), "answer": "a", "instruction": value(),
-                                     "input": value() if i % 3 else "", "output": "o"}) for i in range(n)]
+    return [
+        Example(
+            f"f.jsonl:{i}",
+            {
+                "question": value(),
+                "answer": "a",
+                "instruction": value(),
+                "input": value() if i % 3 else "",
+                "output": "o",
+            },
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("name", list(TOKENIZERS))
-@pytest.mark.parametrize("template", [("qa", "qa"), ("alpaca", "alpaca"), ("Context:\n{input}\nQ:\n{question}\n", "qa"),
-                                      ("{question}\n\nA:\n", "qa"), ("Q: {question} A:", "qa")])
+@pytest.mark.parametrize(
+    "template",
+    [
+        ("qa", "qa"),
+        ("alpaca", "alpaca"),
+        ("Context:\n{input}\nQ:\n{question}\n", "qa"),
+        ("{question}\n\nA:\n", "qa"),
+        ("Q: {question} A:", "qa"),
+    ],
+)
 def test_prompt_ids_equal_encoding_the_whole_prompt(name, template):
     tok = TOKENIZERS[name]()
     t = get_template(*template)
@@ -147,7 +209,9 @@ def test_builtin_templates_are_split_for_byte_level_tokenizers():
         for fmt in (BUILTIN["qa"], ALPACA_INPUT, ALPACA_NO_INPUT):
             plan = _split_plan(fmt, backend, specials)
             assert plan is not None and plan.fits({"question": "Why?", "instruction": "Do it.", "input": "x"})
-            assert not plan.fits({"question": " Why?", "instruction": " Do it.", "input": "x"})  # leading space
+            assert not plan.fits(
+                {"question": " Why?", "instruction": " Do it.", "input": "x"}
+            )  # leading space
 
 
 def test_split_points_off_pre_token_boundaries_are_refused():

@@ -31,7 +31,9 @@ def test_eos_learned_when_pad_equals_eos():
     tok.pad_token = tok.eos_token  # the common pythia/llama setup
     [s] = render([qa()], get_template("qa", "qa"), tok, 512, "right", Rejects("fail", None))
     assert s["labels"][-1] == tok.eos_token_id == tok.pad_token_id
-    batch = collate_padded([s, {**s, "input_ids": s["input_ids"][:3], "labels": s["labels"][:3]}], [[0], [1]], tok.pad_token_id)
+    batch = collate_padded(
+        [s, {**s, "input_ids": s["input_ids"][:3], "labels": s["labels"][:3]}], [[0], [1]], tok.pad_token_id
+    )
     # padding is masked by position: the real EOS of row 0 keeps its label, row 1's pads do not.
     assert batch["labels"][0, len(s["labels"]) - 1] == tok.eos_token_id
     assert (batch["labels"][1, 3:] == IGNORE).all() and (batch["attention_mask"][1, 3:] == 0).all()
@@ -53,7 +55,9 @@ def test_truncate_response_longer_than_max():
 
 def test_no_response_survives_is_a_bad_row(tok, tmp_path):
     long_q = "What was the revenue? " * 20
-    with pytest.raises(UserError, match=r"t.jsonl:1: .*no response token survives truncation at data.max_length=8"):
+    with pytest.raises(
+        UserError, match=r"t.jsonl:1: .*no response token survives truncation at data.max_length=8"
+    ):
         render([qa(q=long_q)], get_template("qa", "qa"), tok, 8, "right", Rejects("fail", None))
     rej = Rejects("skip", tmp_path)
     assert render([qa(q=long_q)], get_template("qa", "qa"), tok, 8, "right", rej) == []
@@ -78,8 +82,11 @@ def test_user_template_and_missing_field(tok):
 
 @pytest.mark.parametrize(
     "fields,msg",
-    [({"question": "q"}, "missing field 'answer'"), ({"question": "q", "answer": "  "}, "field 'answer' is empty"),
-     ({"question": "q", "answer": 3}, "field 'answer' must be a string")],
+    [
+        ({"question": "q"}, "missing field 'answer'"),
+        ({"question": "q", "answer": "  "}, "field 'answer' is empty"),
+        ({"question": "q", "answer": 3}, "field 'answer' must be a string"),
+    ],
 )
 def test_field_validation(fields, msg):
     with pytest.raises(UserError, match=f"x.jsonl:7: {msg}"):
@@ -87,8 +94,12 @@ def test_field_validation(fields, msg):
 
 
 def test_chat_loss_only_on_assistant_turns(tok):
-    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the answer"},
-            {"role": "user", "content": "world"}, {"role": "assistant", "content": "is 42"}]
+    msgs = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "the answer"},
+        {"role": "user", "content": "world"},
+        {"role": "assistant", "content": "is 42"},
+    ]
     ex = to_example(Row("c:1", {"messages": msgs}), "chat", Rejects("fail", None))
     [s] = render([ex], get_template("chat", "chat"), tok, 512, "prompt_left", Rejects("fail", None))
     learned = tok.decode([i for i, lab in zip(s["input_ids"], s["labels"]) if lab != IGNORE])
@@ -135,13 +146,18 @@ def test_epoch_batches_deterministic_and_complete():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_equals_one_by_one(tok, arch, attn):
     model = (tiny.gpt_neox if arch == "gpt_neox" else tiny.llama)(attn_implementation=attn)
-    texts = [("What was the revenue?", "It was 42 percent."), ("How many employees?", "1,200 employees."),
-             ("hello", "world the answer is 42")]
+    texts = [
+        ("What was the revenue?", "It was 42 percent."),
+        ("How many employees?", "1,200 employees."),
+        ("hello", "world the answer is 42"),
+    ]
     exs = [qa(q, a, f"t:{i}") for i, (q, a) in enumerate(texts)]
     samples = render(exs, get_template("qa", "qa"), tok, 512, "right", Rejects("fail", None))
     batch = collate_packed(samples, [[0, 1, 2]], tok.pad_token_id)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         t = 0
         for s in samples:
             n = len(s["input_ids"])
@@ -153,7 +169,14 @@ def test_packed_equals_one_by_one(tok, arch, attn):
 def test_packing_without_position_restart_leaks(tok):
     # Guard that the parity test above can fail: plain positions let sample 2 attend to sample 1.
     model = tiny.llama()
-    samples = render([qa(where="a"), qa("hello", "world", "b")], get_template("qa", "qa"), tok, 512, "right", Rejects("fail", None))
+    samples = render(
+        [qa(where="a"), qa("hello", "world", "b")],
+        get_template("qa", "qa"),
+        tok,
+        512,
+        "right",
+        Rejects("fail", None),
+    )
     batch = collate_packed(samples, [[0, 1]], tok.pad_token_id)
     n0 = len(samples[0]["input_ids"])
     with torch.no_grad():

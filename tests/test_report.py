@@ -38,16 +38,28 @@ class Collector(HTMLParser):
         self.text.append(data)
 
 
-def example(i: int, base_score: float, tuned_score: float, base_answer: str = "b", tuned_answer: str = "t") -> dict:
-    return {"prompt": f"Q{i}?", "question": f"question {i}", "reference": "ref words here",
-            "base": {"answer": base_answer, "metrics": {"rouge_l": base_score}, "buckets": ["too_long"] if i % 2 else []},
-            "tuned": {"answer": tuned_answer, "metrics": {"rouge_l": tuned_score}, "buckets": []}}
+def example(
+    i: int, base_score: float, tuned_score: float, base_answer: str = "b", tuned_answer: str = "t"
+) -> dict:
+    return {
+        "prompt": f"Q{i}?",
+        "question": f"question {i}",
+        "reference": "ref words here",
+        "base": {
+            "answer": base_answer,
+            "metrics": {"rouge_l": base_score},
+            "buckets": ["too_long"] if i % 2 else [],
+        },
+        "tuned": {"answer": tuned_answer, "metrics": {"rouge_l": tuned_score}, "buckets": []},
+    }
 
 
-METRICS = {"base": {"rouge_l": 0.2, "loss": 2.0, "answer_words": 30, "n": 4},
-           "tuned": {"rouge_l": 0.5, "loss": 2.5, "answer_words": 12, "n": 4},
-           "delta": {"rouge_l": 0.3, "loss": 0.5, "answer_words": -18, "n": 0},
-           "notes": ["embedding similarity skipped: eval.embedding_model is null"]}
+METRICS = {
+    "base": {"rouge_l": 0.2, "loss": 2.0, "answer_words": 30, "n": 4},
+    "tuned": {"rouge_l": 0.5, "loss": 2.5, "answer_words": 12, "n": 4},
+    "delta": {"rouge_l": 0.3, "loss": 0.5, "answer_words": -18, "n": 0},
+    "notes": ["embedding similarity skipped: eval.embedding_model is null"],
+}
 
 
 def terminal_table(metrics: dict) -> tuple[dict[str, list[str]], str]:
@@ -85,8 +97,12 @@ def test_write_report_is_self_contained(tmp_path):
     lines = [{"step": s, "split": "train", "loss": 3.0 - 0.1 * s, "lr": 1e-4} for s in range(1, 11)]
     lines += [{"step": 5, "split": "eval", "loss": 2.7}, {"step": 10, "split": "eval", "loss": 2.4}]
     log.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 11, "spl')  # torn last line
-    rows = [example(0, 0.1, 0.9, base_answer="<script>alert(1)</script> & co"), example(1, 0.5, 0.6),
-            example(2, 0.7, 0.2, tuned_answer="worse <b>answer</b>"), example(3, 0.4, 0.4)]
+    rows = [
+        example(0, 0.1, 0.9, base_answer="<script>alert(1)</script> & co"),
+        example(1, 0.5, 0.6),
+        example(2, 0.7, 0.2, tuned_answer="worse <b>answer</b>"),
+        example(3, 0.4, 0.4),
+    ]
     path = write_report(tmp_path / "eval", METRICS, rows, log, title="base vs tuned <run>")
 
     assert path == tmp_path / "eval" / "report.html"
@@ -114,7 +130,9 @@ def test_write_report_is_self_contained(tmp_path):
 
 def test_report_for_a_single_model_has_no_deltas(tmp_path, capsys):
     metrics = {"tuned": {"rouge_l": 0.5, "exact_match": 0.25}, "notes": []}
-    rows = [{k: v for k, v in example(i, 0.0, s).items() if k != "base"} for i, s in enumerate([0.9, 0.1, 0.5])]
+    rows = [
+        {k: v for k, v in example(i, 0.0, s).items() if k != "base"} for i, s in enumerate([0.9, 0.1, 0.5])
+    ]
     path = write_report(tmp_path, metrics, rows, None, title="eval")
     html_text = path.read_text()
     parse(path)

@@ -24,10 +24,14 @@ def refused(tmp_path, model_dir, qa_file, *over) -> str:
     """Train FIRST, then resume with `over`: the UserError's message; the run dir is left as it was."""
     run = tmp_path / "run"
     train(cfg_for(tmp_path, model_dir, qa_file, *FIRST))
-    before = {p.name: p.read_bytes() for p in (run / "config.yaml", run / "manifest.json", run / "metrics.jsonl")}
+    before = {
+        p.name: p.read_bytes() for p in (run / "config.yaml", run / "manifest.json", run / "metrics.jsonl")
+    }
     with pytest.raises(UserError) as e:
         train(cfg_for(tmp_path, model_dir, qa_file, *FIRST, "train.resume=auto", *over))
-    after = {p.name: p.read_bytes() for p in (run / "config.yaml", run / "manifest.json", run / "metrics.jsonl")}
+    after = {
+        p.name: p.read_bytes() for p in (run / "config.yaml", run / "manifest.json", run / "metrics.jsonl")
+    }
     assert after == before  # a refused resume writes nothing
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{run}: cannot resume: ")
@@ -70,14 +74,32 @@ def test_tokenizer_change_refuses(tmp_path, model_dir, qa_file):
 def test_allowed_change_continues_and_is_recorded(tmp_path, model_dir, qa_file):
     run = tmp_path / "run"
     train(cfg_for(tmp_path, model_dir, qa_file, *FIRST))
-    result = train(cfg_for(tmp_path, model_dir, qa_file, *FIRST, "train.resume=auto", "train.lr=1e-3",
-                           "train.max_steps=4", "train.resume_changed=allow"))
+    result = train(
+        cfg_for(
+            tmp_path,
+            model_dir,
+            qa_file,
+            *FIRST,
+            "train.resume=auto",
+            "train.lr=1e-3",
+            "train.max_steps=4",
+            "train.resume_changed=allow",
+        )
+    )
     assert result["steps"] == 4
     first, second = manifest(run)["segments"]
-    assert (first["started_at_step"], first["ended_at_step"], first["status"], first["changed"]) == (0, 2, "finished", [])
+    assert (first["started_at_step"], first["ended_at_step"], first["status"], first["changed"]) == (
+        0,
+        2,
+        "finished",
+        [],
+    )
     assert (second["started_at_step"], second["ended_at_step"], second["status"]) == (2, 4, "finished")
     assert second["resumed_from"].endswith("step-2") and second["allowed"] is True
-    assert second["changed"] == [{"key": "train.lr", "old": 0.003, "new": 0.001}, {"key": "train.max_steps", "old": 2, "new": 4}]
+    assert second["changed"] == [
+        {"key": "train.lr", "old": 0.003, "new": 0.001},
+        {"key": "train.max_steps", "old": 2, "new": 4},
+    ]
     assert {"versions", "started", "ended", "git_rev"} <= second.keys()
     assert manifest(run)["fingerprint"]["train.lr"] == 0.001  # the next resume compares with this segment
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -87,19 +109,53 @@ def test_allowed_change_continues_and_is_recorded(tmp_path, model_dir, qa_file):
 def test_logging_and_saving_keys_may_change_on_resume(tmp_path, model_dir, qa_file):
     run = tmp_path / "run"
     train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=2", "train.save_every=1"))
-    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=2", "train.resume=auto", "train.save_every=2",
-                  "train.keep_last=1", "train.log_every=5", "train.eval_every=1", "model.attn_implementation=eager"))
+    train(
+        cfg_for(
+            tmp_path,
+            model_dir,
+            qa_file,
+            "train.max_steps=2",
+            "train.resume=auto",
+            "train.save_every=2",
+            "train.keep_last=1",
+            "train.log_every=5",
+            "train.eval_every=1",
+            "model.attn_implementation=eager",
+        )
+    )
     assert [s["changed"] for s in manifest(run)["segments"]] == [[], []]
 
 
 def test_fingerprint_compares_what_changes_the_optimisation():
     from tunesmith.config import Config
 
-    fp = fingerprint(Config().model_dump(mode="json"), 1, {"data_hash": "a", "template_hash": "b", "tokenizer_hash": "c"})
-    for key in ("train.lr", "train.betas", "train.eps", "train.weight_decay", "train.scheduler", "train.warmup_steps",
-                "train.batch_size", "train.grad_accum", "train.epochs", "train.max_steps", "train.label_smoothing",
-                "train.max_grad_norm", "train.precision", "train.seed", "data.max_length", "data.packing",
-                "data.truncation", "model.name", "model.dtype", "lora", "world_size", "data_hash"):
+    fp = fingerprint(
+        Config().model_dump(mode="json"), 1, {"data_hash": "a", "template_hash": "b", "tokenizer_hash": "c"}
+    )
+    for key in (
+        "train.lr",
+        "train.betas",
+        "train.eps",
+        "train.weight_decay",
+        "train.scheduler",
+        "train.warmup_steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.epochs",
+        "train.max_steps",
+        "train.label_smoothing",
+        "train.max_grad_norm",
+        "train.precision",
+        "train.seed",
+        "data.max_length",
+        "data.packing",
+        "data.truncation",
+        "model.name",
+        "model.dtype",
+        "lora",
+        "world_size",
+        "data_hash",
+    ):
         assert key in fp, key
     assert not RESUME_FREE & fp.keys()
     assert not any(k.startswith(("eval.", "serve.", "generate.", "synth.", "plan.")) for k in fp)
@@ -109,7 +165,10 @@ def test_run_of_an_older_tunesmith_is_compared_through_its_config(tmp_path, mode
     run = tmp_path / "run"
     train(cfg_for(tmp_path, model_dir, qa_file, *FIRST))
     old = manifest(run)  # as written before fingerprints and segments existed
-    legacy = {k: old[k] for k in ("model", "lora", "seed", "data_hash", "template_hash", "tokenizer_hash", "versions")}
+    legacy = {
+        k: old[k]
+        for k in ("model", "lora", "seed", "data_hash", "template_hash", "tokenizer_hash", "versions")
+    }
     (run / "manifest.json").write_text(json.dumps(legacy))
     for ckpt in checkpoint.checkpoints(run):
         (ckpt / "fingerprint.json").unlink()
@@ -129,7 +188,9 @@ def test_fresh_run_over_a_finished_run_of_another_config_refuses(tmp_path, model
     with pytest.raises(UserError) as e:
         train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.lr=1e-3"))
     msg = str(e.value)
-    assert msg.startswith(f"{run}: holds a finished run of another config: train.lr 0.003 -> 0.001 (set train.overwrite=true")
+    assert msg.startswith(
+        f"{run}: holds a finished run of another config: train.lr 0.003 -> 0.001 (set train.overwrite=true"
+    )
     assert "\n" not in msg and (run / "final" / "model.safetensors").read_bytes() == old_final
 
     train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.lr=1e-3", "train.overwrite=true"))
@@ -144,8 +205,13 @@ def test_fresh_run_of_the_same_config_keeps_the_old_run(tmp_path, model_dir, qa_
     for _ in range(2):
         train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=2", "train.save_every=1"))
     [previous] = run.glob("previous-*")
-    assert {"final", "checkpoints", "metrics.jsonl", "manifest.json", "config.yaml"} <= {p.name for p in previous.iterdir()}
-    assert [p.name for p in checkpoint.checkpoints(run)] == ["step-1", "step-2"]  # none of the old run's mixed in
+    assert {"final", "checkpoints", "metrics.jsonl", "manifest.json", "config.yaml"} <= {
+        p.name for p in previous.iterdir()
+    }
+    assert [p.name for p in checkpoint.checkpoints(run)] == [
+        "step-1",
+        "step-2",
+    ]  # none of the old run's mixed in
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
 
@@ -157,7 +223,9 @@ def test_resume_rewinds_the_log_to_the_checkpoint(tmp_path, model_dir, qa_file):
     checkpoint.checkpoints(run)[-1].rename(run / "checkpoints" / ".tmp-step-4")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "spl')
-    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=4", "train.save_every=2", "train.resume=auto"))
+    train(
+        cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=4", "train.save_every=2", "train.resume=auto")
+    )
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
     aside = (run / "metrics.rewound.jsonl").read_text().splitlines()
@@ -168,5 +236,11 @@ def test_allowed_change_the_checkpoint_cannot_hold_is_an_error(tmp_path, model_d
     lora = ("lora.r=4", "lora.dropout=0.0")
     train(cfg_for(tmp_path, model_dir, qa_file, *FIRST, *lora, "lora.target_modules=[query_key_value]"))
     # more adapted modules than the checkpoint has tensors for: they must not silently start from scratch
-    with pytest.raises(UserError, match=r"step-2: checkpoint does not match the model \(\d+ trainable tensors missing"):
-        train(cfg_for(tmp_path, model_dir, qa_file, *FIRST, *lora, "train.resume=auto", "train.resume_changed=allow"))
+    with pytest.raises(
+        UserError, match=r"step-2: checkpoint does not match the model \(\d+ trainable tensors missing"
+    ):
+        train(
+            cfg_for(
+                tmp_path, model_dir, qa_file, *FIRST, *lora, "train.resume=auto", "train.resume_changed=allow"
+            )
+        )

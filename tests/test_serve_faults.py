@@ -38,7 +38,9 @@ def _model(step_s: float = 0.0, **over) -> LoadedModel:
 
 def _app(lm: LoadedModel, **serve):
     serve = {"max_wait_ms": 5, "max_tokens_cap": 400, **serve}
-    return create_app(Config(generate=GenerateConfig(max_new_tokens=8), serve=ServeConfig(**serve)), {"tiny": lm})
+    return create_app(
+        Config(generate=GenerateConfig(max_new_tokens=8), serve=ServeConfig(**serve)), {"tiny": lm}
+    )
 
 
 def _until(check, what: str, limit_s: float = 30) -> None:
@@ -94,7 +96,10 @@ def test_hanging_up_frees_the_row_streaming_or_not():
         # the server still answers, and answers right
         r = http.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
         ids = lm.tokenizer("hi")["input_ids"]
-        assert r.json()["choices"][0]["text"] == generate(lm.model, lm.tokenizer, [ids], GenerateConfig(max_new_tokens=3))[0].text
+        assert (
+            r.json()["choices"][0]["text"]
+            == generate(lm.model, lm.tokenizer, [ids], GenerateConfig(max_new_tokens=3))[0].text
+        )
     _until(lambda: _idle(sched) and _live_jobs(sched) == 0, "idle with no job left alive")
 
 
@@ -104,13 +109,25 @@ def test_more_streams_than_batch_rows_all_finish_with_the_right_answers():
     sched = app.state.scheduler
     questions = [f"What was the revenue of company {i}?" for i in range(7)]
     limits = [3 + i % 4 for i in range(7)]
-    want = [generate(lm.model, lm.tokenizer, [prompt_ids(QA, lm.tokenizer, [{"role": "user", "content": q}])],
-                     GenerateConfig(max_new_tokens=n))[0] for q, n in zip(questions, limits, strict=True)]
+    want = [
+        generate(
+            lm.model,
+            lm.tokenizer,
+            [prompt_ids(QA, lm.tokenizer, [{"role": "user", "content": q}])],
+            GenerateConfig(max_new_tokens=n),
+        )[0]
+        for q, n in zip(questions, limits, strict=True)
+    ]
     got: dict[int, tuple[str, str | None]] = {}
     start = threading.Barrier(len(questions))
 
     def ask(i: int, url: str) -> None:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": questions[i]}], "max_tokens": limits[i], "stream": True}
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": questions[i]}],
+            "max_tokens": limits[i],
+            "stream": True,
+        }
         with httpx.Client(timeout=60) as http:
             start.wait()
             with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -143,19 +160,33 @@ def test_max_tokens_past_the_context_is_a_clear_400_and_the_default_is_capped():
                 body = {"model": "tiny", "messages": messages, field: 32 - n["chat"] + 1, "stream": stream}
                 r = http.post(url + "/v1/chat/completions", json=body)
                 err = r.json()["error"]
-                assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == field, r.text
+                assert (
+                    r.status_code == 400
+                    and err["code"] == "context_length_exceeded"
+                    and err["param"] == field
+                ), r.text
                 assert f"({field}) were asked for (ask for at most {32 - n['chat']}" in err["message"]
-            r = http.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 32 - n["text"] + 1,
-                                                        "stream": stream})
+            r = http.post(
+                url + "/v1/completions",
+                json={"model": "tiny", "prompt": prompt, "max_tokens": 32 - n["text"] + 1, "stream": stream},
+            )
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-            r = http.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 32 - n["text"],
-                                                        "stream": stream})
+            r = http.post(
+                url + "/v1/completions",
+                json={"model": "tiny", "prompt": prompt, "max_tokens": 32 - n["text"], "stream": stream},
+            )
             assert r.status_code == 200
     # no max_tokens: the config's default (here 30) shrinks to the room left, and finish_reason says so
-    app = create_app(Config(generate=GenerateConfig(max_new_tokens=30), serve=ServeConfig(max_wait_ms=5)), {"tiny": lm})
+    app = create_app(
+        Config(generate=GenerateConfig(max_new_tokens=30), serve=ServeConfig(max_wait_ms=5)), {"tiny": lm}
+    )
     with running_server(app) as url, httpx.Client(timeout=30) as http:
         body = http.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt}).json()
-        assert body["usage"] == {"prompt_tokens": n["text"], "completion_tokens": 32 - n["text"], "total_tokens": 32}
+        assert body["usage"] == {
+            "prompt_tokens": n["text"],
+            "completion_tokens": 32 - n["text"],
+            "total_tokens": 32,
+        }
         assert body["choices"][0]["finish_reason"] == "length"
 
 
@@ -171,12 +202,24 @@ def test_soak_leaves_memory_flat():
     lm = _model()
     app = _app(lm, max_batch_size=4)
     sched = app.state.scheduler
-    bodies = [("/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 2}),
-              ("/v1/completions", {"model": "tiny", "prompt": "hi there", "max_tokens": 2, "stream": True}),
-              ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
-              ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "yo"}], "max_tokens": 2,
-                                        "stream": True}),
-              ("/v1/completions", {"model": "nope", "prompt": "hi"})]  # errors must not leak either
+    bodies = [
+        ("/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 2}),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi there", "max_tokens": 2, "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "yo"}],
+                "max_tokens": 2,
+                "stream": True,
+            },
+        ),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}),
+    ]  # errors must not leak either
 
     def hammer(url: str, n: int) -> None:
         statuses: list[int] = []  # list.append is atomic: the four threads share it
@@ -231,7 +274,11 @@ def test_a_model_failing_mid_answer_is_reported_and_the_server_lives_on():
         err = r.json()["error"]
         assert r.status_code == 500 and err["type"] == "server_error" and "device fell over" in err["message"]
         with http.stream("POST", url + "/v1/chat/completions", json={**chat, "stream": True}) as r:
-            events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+            events = [
+                json.loads(ln[6:])
+                for ln in r.iter_lines()
+                if ln.startswith("data: ") and ln != "data: [DONE]"
+            ]
         # the 200 went out with the first piece: the failure arrives as a last event, and no [DONE] pretends success
         assert r.status_code == 200 and "device fell over" in events[-1]["error"]["message"]
         assert all("error" not in e for e in events[:-1])

@@ -29,6 +29,7 @@ def no_network(monkeypatch) -> list[str]:
         def call(*args, **kwargs):
             tried.append(what)
             raise OSError(f"{what}: no network in this test")
+
         return call
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
@@ -43,9 +44,15 @@ def write_lines(path, lines: list[bytes]):
 
 
 def test_jsonl_where_is_file_and_line_blank_lines_ignored(tmp_path):
-    f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q1", "answer": "a1"}', b"", b'{"question": "q2", "answer": "a2"}'])
+    f = write_lines(
+        tmp_path / "a.jsonl",
+        [b'{"question": "q1", "answer": "a1"}', b"", b'{"question": "q2", "answer": "a2"}'],
+    )
     out, rej = rows(f)
-    assert out == [(f"{f}:1", {"question": "q1", "answer": "a1"}), (f"{f}:3", {"question": "q2", "answer": "a2"})]
+    assert out == [
+        (f"{f}:1", {"question": "q1", "answer": "a1"}),
+        (f"{f}:3", {"question": "q2", "answer": "a2"}),
+    ]
     assert rej.count == 0
 
 
@@ -56,21 +63,28 @@ def test_jsonl_bom_on_first_line_is_accepted(tmp_path):
 
 
 def test_invalid_json_fails_with_place_message_and_column(tmp_path):
-    f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q", "answer": "a"}', b'{"question": "q" "answer": "a"}'])
+    f = write_lines(
+        tmp_path / "a.jsonl", [b'{"question": "q", "answer": "a"}', b'{"question": "q" "answer": "a"}']
+    )
     with pytest.raises(UserError) as e:
         rows(f, policy="fail")
-    assert str(e.value) == (f"{f}:2: invalid JSON (Expecting ',' delimiter at column 18) "
-                            "(use data.on_bad_row=skip to skip and report such rows)")
+    assert str(e.value) == (
+        f"{f}:2: invalid JSON (Expecting ',' delimiter at column 18) "
+        "(use data.on_bad_row=skip to skip and report such rows)"
+    )
 
 
 def test_bad_rows_skipped_and_reported_each_with_cause(tmp_path):
-    f = write_lines(tmp_path / "a.jsonl", [
-        b'{"question": "ok1", "answer": "a"}',
-        b'{"question": oops}',                      # invalid JSON
-        b'["not", "an", "object"]',                 # not an object
-        b'{"question": "caf\xe9", "answer": "a"}',  # latin-1 byte: invalid UTF-8
-        b'{"question": "ok2", "answer": "a"}',
-    ])
+    f = write_lines(
+        tmp_path / "a.jsonl",
+        [
+            b'{"question": "ok1", "answer": "a"}',
+            b'{"question": oops}',  # invalid JSON
+            b'["not", "an", "object"]',  # not an object
+            b'{"question": "caf\xe9", "answer": "a"}',  # latin-1 byte: invalid UTF-8
+            b'{"question": "ok2", "answer": "a"}',
+        ],
+    )
     out, rej = rows(f)
     assert [w for w, _ in out] == [f"{f}:1", f"{f}:5"]
     assert [(i["where"], i["cause"]) for i in rej.items] == [
@@ -88,8 +102,18 @@ def test_rejects_write_lists_every_skipped_row(tmp_path):
     assert path == tmp_path / "run" / "data_rejects.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines == [
-        {"where": "f.jsonl:3", "field": "answer", "cause": "field 'answer' is empty", "row": {"question": "q", "answer": " "}},
-        {"where": "f.jsonl:9", "field": None, "cause": "invalid JSON (Expecting value at column 1)", "row": None},
+        {
+            "where": "f.jsonl:3",
+            "field": "answer",
+            "cause": "field 'answer' is empty",
+            "row": {"question": "q", "answer": " "},
+        },
+        {
+            "where": "f.jsonl:9",
+            "field": None,
+            "cause": "invalid JSON (Expecting value at column 1)",
+            "row": None,
+        },
     ]
     assert rej.count == 2
     assert Rejects("skip", None).write() is None
@@ -114,7 +138,10 @@ def test_json_list_items_and_errors(tmp_path):
     f.write_text(json.dumps([{"question": "q1", "answer": "a1"}, 7, {"question": "q2", "answer": "a2"}]))
     out, rej = rows(f)
     assert [w for w, _ in out] == [f"{f}:item 1", f"{f}:item 3"]
-    assert rej.items[0]["where"] == f"{f}:item 2" and rej.items[0]["cause"] == "row is not a JSON object (got int)"
+    assert (
+        rej.items[0]["where"] == f"{f}:item 2"
+        and rej.items[0]["cause"] == "row is not a JSON object (got int)"
+    )
     g = tmp_path / "b.json"
     g.write_text('{"question": "q"}')
     with pytest.raises(UserError, match="must hold a list of objects"):
@@ -136,12 +163,17 @@ def test_csv_rows_counted_from_one_after_header(tmp_path):
         w = csv.writer(fh)
         w.writerow(["question", "answer"])
         w.writerow(["q1", "line one\nline two"])  # one row spanning two lines
-        w.writerow(["q2", "a2", "extra"])           # too many values
+        w.writerow(["q2", "a2", "extra"])  # too many values
         w.writerow(["q3", "a3"])
     out, rej = rows(f)
-    assert out == [(f"{f}:row 1", {"question": "q1", "answer": "line one\nline two"}),
-                   (f"{f}:row 3", {"question": "q3", "answer": "a3"})]
-    assert rej.items[0]["where"] == f"{f}:row 2" and rej.items[0]["cause"] == "row has 3 values, the header has 2 (line 4)"
+    assert out == [
+        (f"{f}:row 1", {"question": "q1", "answer": "line one\nline two"}),
+        (f"{f}:row 3", {"question": "q3", "answer": "a3"}),
+    ]
+    assert (
+        rej.items[0]["where"] == f"{f}:row 2"
+        and rej.items[0]["cause"] == "row has 3 values, the header has 2 (line 4)"
+    )
 
 
 def test_csv_invalid_utf8_names_row_and_field(tmp_path):
@@ -149,8 +181,11 @@ def test_csv_invalid_utf8_names_row_and_field(tmp_path):
     f.write_bytes(b"question,answer\nq1,a1\nq2,caf\xe9\nq3,a3\n")
     out, rej = rows(f)
     assert [w for w, _ in out] == [f"{f}:row 1", f"{f}:row 3"]
-    assert (rej.items[0]["where"], rej.items[0]["field"], rej.items[0]["cause"]) == \
-        (f"{f}:row 2", "answer", "field 'answer' is not valid UTF-8 (byte 0xe9 at line 3)")
+    assert (rej.items[0]["where"], rej.items[0]["field"], rej.items[0]["cause"]) == (
+        f"{f}:row 2",
+        "answer",
+        "field 'answer' is not valid UTF-8 (byte 0xe9 at line 3)",
+    )
 
 
 def test_parquet_rows(tmp_path):
@@ -163,7 +198,9 @@ def test_parquet_rows(tmp_path):
     assert rows(f)[0] == expected
     from tunesmith.data.sources import read_parquet
 
-    assert [(r.where, r.fields) for r in read_parquet(f, batch_rows=2)] == expected  # across two record batches
+    assert [
+        (r.where, r.fields) for r in read_parquet(f, batch_rows=2)
+    ] == expected  # across two record batches
 
 
 def test_directory_and_glob_are_sorted_and_skip_hidden_and_other_suffixes(tmp_path):
@@ -192,8 +229,14 @@ def test_text_files_one_row_per_file(tmp_path):
     (d / "a.txt").write_text("first document")
     (d / "bad.txt").write_bytes(b"line one\nline \xff two\n")
     out, rej = rows(d, format="text", template="text")
-    assert out == [(str(d / "a.txt"), {"text": "first document"}), (str(d / "b.md"), {"text": "# Title\nbody"})]
-    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{d / 'bad.txt'}:2", "invalid UTF-8 (byte 0xff at column 6, file offset 14)")
+    assert out == [
+        (str(d / "a.txt"), {"text": "first document"}),
+        (str(d / "b.md"), {"text": "# Title\nbody"}),
+    ]
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (
+        f"{d / 'bad.txt'}:2",
+        "invalid UTF-8 (byte 0xff at column 6, file offset 14)",
+    )
 
 
 def test_field_mapping_and_text_field(tmp_path):
@@ -217,7 +260,11 @@ def test_hub_id_offline_fails_fast_with_way_out(monkeypatch):
         rows("someorg/some-dataset-that-is-not-cached")
     assert tried == []  # fast because nothing waits on the network: no lookup, no connect, no download
     msg = str(e.value)
-    assert msg.startswith("someorg/some-dataset-that-is-not-cached: ") and "local copy" in msg and "\n" not in msg
+    assert (
+        msg.startswith("someorg/some-dataset-that-is-not-cached: ")
+        and "local copy" in msg
+        and "\n" not in msg
+    )
 
 
 def test_gzipped_jsonl(tmp_path):
@@ -231,6 +278,7 @@ def test_gzipped_jsonl(tmp_path):
 
 # ---- issue 16: an empty source is an error naming the file; every reader names the real line of a bad byte
 
+
 def _parquet(path, n):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -239,16 +287,19 @@ def _parquet(path, n):
     return path
 
 
-@pytest.mark.parametrize("name,content,cause", [
-    ("a.jsonl", b"", "the file has 0 bytes"),
-    ("a.jsonl", b"\n  \n\r\n", "the file holds only blank lines"),
-    ("a.json", b"[]", "the JSON list is empty"),
-    ("a.json", b"", "the file has 0 bytes"),
-    ("a.csv", b"question,answer\n", "the csv has a header but no data rows"),
-    ("a.csv", b"question,answer\n\n\n", "the csv has a header but no data rows"),
-    ("a.parquet", None, "the parquet file has 0 rows"),
-    ("a.jsonl.gz", b"", "the file holds only blank lines"),  # 20 bytes of gzip framing around nothing
-])
+@pytest.mark.parametrize(
+    "name,content,cause",
+    [
+        ("a.jsonl", b"", "the file has 0 bytes"),
+        ("a.jsonl", b"\n  \n\r\n", "the file holds only blank lines"),
+        ("a.json", b"[]", "the JSON list is empty"),
+        ("a.json", b"", "the file has 0 bytes"),
+        ("a.csv", b"question,answer\n", "the csv has a header but no data rows"),
+        ("a.csv", b"question,answer\n\n\n", "the csv has a header but no data rows"),
+        ("a.parquet", None, "the parquet file has 0 rows"),
+        ("a.jsonl.gz", b"", "the file holds only blank lines"),  # 20 bytes of gzip framing around nothing
+    ],
+)
 def test_empty_source_is_an_error_naming_the_file(tmp_path, name, content, cause):
     import gzip
 
@@ -275,7 +326,10 @@ def test_directory_of_empty_files_is_an_error_but_one_empty_file_among_others_is
 
 
 def _line_41(bad: bytes, eol: bytes = b"\n") -> bytes:
-    good = [json.dumps({"question": f"What is question {i} about?", "answer": f"Answer {i}."}).encode() for i in range(40)]
+    good = [
+        json.dumps({"question": f"What is question {i} about?", "answer": f"Answer {i}."}).encode()
+        for i in range(40)
+    ]
     return eol.join([*good, b'{"question": "caf' + bad + b'", "answer": "a"}', *good[:3]]) + eol
 
 
@@ -303,24 +357,39 @@ def test_invalid_utf8_in_a_json_array_csv_and_text_file_names_the_line(tmp_path)
     data = b"[\r" + b",\r".join([*items, b'{"question": "caf\xe9"}']) + b"]\r"
     f.write_bytes(data)
     offset = data.index(b"\xe9")
-    with pytest.raises(UserError, match=rf"^{f}:42: invalid UTF-8 \(byte 0xe9 at column 18, file offset {offset};"):
+    with pytest.raises(
+        UserError, match=rf"^{f}:42: invalid UTF-8 \(byte 0xe9 at column 18, file offset {offset};"
+    ):
         rows(f)
     c = tmp_path / "a.csv"
-    c.write_bytes(b"question,answer\r" + b"".join(b"q%d,a\r" % i for i in range(39)) + b'"multi\rline",caf\xe9\r')
+    c.write_bytes(
+        b"question,answer\r" + b"".join(b"q%d,a\r" % i for i in range(39)) + b'"multi\rline",caf\xe9\r'
+    )
     _, rej = rows(c)
-    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{c}:row 40", "field 'answer' is not valid UTF-8 (byte 0xe9 at line 42)")
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (
+        f"{c}:row 40",
+        "field 'answer' is not valid UTF-8 (byte 0xe9 at line 42)",
+    )
     t = tmp_path / "a.txt"
     t.write_bytes(b"line\r" * 40 + b"caf\xe9\r")
     _, rej = rows(t, format="text", template="text")
-    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{t}:41", "invalid UTF-8 (byte 0xe9 at column 4, file offset 203)")
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (
+        f"{t}:41",
+        "invalid UTF-8 (byte 0xe9 at column 4, file offset 203)",
+    )
 
 
 def test_csv_unclosed_quote_and_duplicate_header_are_errors_not_merged_rows(tmp_path):
     f = tmp_path / "a.csv"
-    f.write_bytes(b'text\nfirst\n"second\nthird\nfourth\n')  # one column: the quote used to swallow the file silently
+    f.write_bytes(
+        b'text\nfirst\n"second\nthird\nfourth\n'
+    )  # one column: the quote used to swallow the file silently
     out, rej = rows(f, format="text", template="text")
     assert [w for w, _ in out] == [f"{f}:row 1"]
-    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{f}:row 2", "malformed csv at lines 3-5 (unexpected end of data)")
+    assert (rej.items[0]["where"], rej.items[0]["cause"]) == (
+        f"{f}:row 2",
+        "malformed csv at lines 3-5 (unexpected end of data)",
+    )
     g = tmp_path / "b.csv"
     g.write_bytes(b"question,answer,answer\nq,a1,a2\n")  # dict(zip()) kept a2 and dropped a1
     with pytest.raises(UserError, match=rf"^{g}:1: the header names column 'answer' twice"):
@@ -337,7 +406,10 @@ def test_long_csv_field_is_read_not_a_csv_error(tmp_path):
 def test_deep_json_and_corrupt_gzip_are_user_errors(tmp_path):
     f = write_lines(tmp_path / "a.jsonl", [b'{"question": "q"}', b"[" * 100_000])
     out, rej = rows(f)
-    assert len(out) == 1 and (rej.items[0]["where"], rej.items[0]["cause"]) == (f"{f}:2", "invalid JSON (nested too deeply)")
+    assert len(out) == 1 and (rej.items[0]["where"], rej.items[0]["cause"]) == (
+        f"{f}:2",
+        "invalid JSON (nested too deeply)",
+    )
     g = tmp_path / "a.jsonl.gz"
     import gzip
 
@@ -366,8 +438,12 @@ def test_hub_rows_that_do_not_parse_or_do_not_exist_are_user_errors(monkeypatch)
     out, _ = [], None
     with pytest.raises(UserError) as e:
         out.extend(read_rows("org/ds", DataConfig(), Rejects("skip")))
-    assert len(out) == 2 and str(e.value) == ("org/ds[train]:row 3: cannot read the hub dataset past row 2 ('utf-8' codec "
-                                              "can't decode byte 0xff in position 0: invalid start byte)")
+    assert len(out) == 2 and str(e.value) == (
+        "org/ds[train]:row 3: cannot read the hub dataset past row 2 ('utf-8' codec "
+        "can't decode byte 0xff in position 0: invalid start byte)"
+    )
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([]))
-    with pytest.raises(UserError, match=r"^org/ds\[train\]: the hub dataset has no rows \(check data.split\)$"):
+    with pytest.raises(
+        UserError, match=r"^org/ds\[train\]: the hub dataset has no rows \(check data.split\)$"
+    ):
         rows("org/ds")

@@ -42,7 +42,9 @@ def test_split_is_deterministic_and_seeded():
     assert a == split(ex, 0.2, 7, prompt_key)
     assert a[1] != split(ex, 0.2, 8, prompt_key)[1]
     assert len(a[0]) + len(a[1]) == 200
-    assert [e.where for e in a[0]] == sorted((e.where for e in a[0]), key=lambda w: int(w.split(":")[1]))  # order kept
+    assert [e.where for e in a[0]] == sorted(
+        (e.where for e in a[0]), key=lambda w: int(w.split(":")[1])
+    )  # order kept
 
 
 def test_split_fraction_is_stable_when_rows_are_added():
@@ -87,8 +89,12 @@ def test_split_edge_cases():
 
 
 def test_exact_duplicates_after_normalization():
-    ex = [qa(1, "What is X?", "It is Y."), qa(2, "what is x", "it is y"), qa(3, "What is X?", "Different."),
-          qa(4, "WHAT IS X", "IT IS Y!")]
+    ex = [
+        qa(1, "What is X?", "It is Y."),
+        qa(2, "what is x", "it is y"),
+        qa(3, "What is X?", "Different."),
+        qa(4, "WHAT IS X", "IT IS Y!"),
+    ]
     assert exact_duplicates(ex) == [Duplicate("f.jsonl:2", "f.jsonl:1"), Duplicate("f.jsonl:4", "f.jsonl:1")]
 
 
@@ -103,7 +109,12 @@ def test_near_duplicates_found_with_similarity_and_exact_ones_excluded():
     words = [f"word{i}" for i in range(20)]
     a = " ".join(words)
     b = " ".join(words[:-1] + ["changed"])  # 18 shingles each, 17 shared, union 19 -> 17/19
-    ex = [qa(1, a, "x"), qa(2, "something else entirely about cats and dogs", "x"), qa(3, b, "x"), qa(4, a, "x")]
+    ex = [
+        qa(1, a, "x"),
+        qa(2, "something else entirely about cats and dogs", "x"),
+        qa(3, b, "x"),
+        qa(4, a, "x"),
+    ]
     found = near_duplicates(ex, key=lambda e: e.fields["question"])
     assert found == [Duplicate("f.jsonl:3", "f.jsonl:1", round(17 / 19, 3))]
     assert near_duplicates(ex, key=lambda e: e.fields["question"], threshold=0.95) == []
@@ -114,15 +125,19 @@ def test_leakage_exact_and_near_only_across_splits():
     train = [qa(1, "How big is the sun?"), qa(2, words), qa(3, "How big is the sun?")]
     test = [qa(10, "how BIG is the sun"), qa(11, words + " w99"), qa(12, "Unrelated question here")]
     # 10 shingles vs 11 shingles, 10 shared -> 10/11
-    assert leakage(train, test) == [Duplicate("f.jsonl:10", "f.jsonl:1", 1.0),
-                                    Duplicate("f.jsonl:11", "f.jsonl:2", round(10 / 11, 3))]
+    assert leakage(train, test) == [
+        Duplicate("f.jsonl:10", "f.jsonl:1", 1.0),
+        Duplicate("f.jsonl:11", "f.jsonl:2", round(10 / 11, 3)),
+    ]
 
 
 def test_leakage_keeps_the_closest_train_row():
     words = " ".join(f"w{i}" for i in range(12))
     train = [qa(1, words), qa(2, words + " w99 w98")]
     # test: 11 shingles; row 1 shares 10 of 11 (10/11), row 2 shares 11 of 12 (11/12)
-    assert leakage(train, [qa(10, words + " w99")]) == [Duplicate("f.jsonl:10", "f.jsonl:2", round(11 / 12, 3))]
+    assert leakage(train, [qa(10, words + " w99")]) == [
+        Duplicate("f.jsonl:10", "f.jsonl:2", round(11 / 12, 3))
+    ]
 
 
 def test_near_duplicates_scale_without_all_pairs(monkeypatch):

@@ -75,7 +75,9 @@ def test_documents_in_a_packed_row_do_not_attend_to_each_other(tmp_path):
     batch, _ = s.next()
     model = tiny.llama()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         second = tok(docs[1])["input_ids"] + [tok.eos_token_id]
         start = len(tok(docs[0])["input_ids"]) + 1
         assert batch["position_ids"][0, start].item() == 0
@@ -95,7 +97,9 @@ def _batches(s: TextStream, n: int) -> list[torch.Tensor]:
 def test_resume_continues_at_the_exact_document(tmp_path, k):
     # two sources of uneven documents, rows that cut documents in the middle, a state taken after k batches
     a = write_jsonl(tmp_path / "a.jsonl", [" ".join(WORDS[: 1 + i % 9]) for i in range(50)])
-    b = write_jsonl(tmp_path / "b.jsonl.zst", [" ".join(reversed(WORDS[: 2 + i % 5])) for i in range(30)], zstandard.open)
+    b = write_jsonl(
+        tmp_path / "b.jsonl.zst", [" ".join(reversed(WORDS[: 2 + i % 5])) for i in range(30)], zstandard.open
+    )
     cfg = cfg_for(sources=[(str(a), 2.0), (str(b), 1.0)], max_length=7)
     whole = TextStream(cfg, word_tok(), batch_size=3, seed=5)
     reference = _batches(whole, k + 12)
@@ -111,7 +115,9 @@ def test_resume_continues_at_the_exact_document(tmp_path, k):
 def test_resume_inside_a_long_text_file_split_in_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_mod, "PIECE_BYTES", 16)  # pieces of ~16 bytes: many per document
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "one.txt").write_text("".join(f"{WORDS[i % 10]} {WORDS[(i * 3) % 10]}\n" for i in range(40)))
+    (tmp_path / "t" / "one.txt").write_text(
+        "".join(f"{WORDS[i % 10]} {WORDS[(i * 3) % 10]}\n" for i in range(40))
+    )
     (tmp_path / "t" / "two.md").write_text("j i h\ng f\n")
     cfg = cfg_for(str(tmp_path / "t"), max_length=5)
     reference = _batches(TextStream(cfg, word_tok(), batch_size=2, seed=0), 20)
@@ -125,13 +131,19 @@ def test_resume_inside_a_long_text_file_split_in_pieces(tmp_path, monkeypatch):
 def test_mixing_weights_give_the_share_of_documents(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ["a"] * 20000)
     b = write_jsonl(tmp_path / "b.jsonl", ["b"] * 20000)
-    s = TextStream(cfg_for(sources=[(str(a), 3.0), (str(b), 1.0)], max_length=64), word_tok(), batch_size=8, seed=1)
+    s = TextStream(
+        cfg_for(sources=[(str(a), 3.0), (str(b), 1.0)], max_length=64), word_tok(), batch_size=8, seed=1
+    )
     ids = torch.cat([s.next()[0]["input_ids"].flatten() for _ in range(16)])  # 8192 tokens = 4096 documents
     n_a, n_b = (ids == 2).sum().item(), (ids == 3).sum().item()
     assert n_a + n_b == 4096
     assert abs(n_a / 4096 - 0.75) < 0.02  # binomial sd = 0.0068
     # the draws depend on the seed only
-    assert [uniform(1, k) for k in range(3)] == [uniform(1, k) for k in range(3)] != [uniform(2, k) for k in range(3)]
+    assert (
+        [uniform(1, k) for k in range(3)]
+        == [uniform(1, k) for k in range(3)]
+        != [uniform(2, k) for k in range(3)]
+    )
 
 
 def test_reads_gz_zst_and_text_trees_in_file_order(tmp_path):
@@ -169,7 +181,11 @@ def test_stream_and_record_readers_resolve_paths_alike(tmp_path):
     write_jsonl(root / ".hidden.jsonl", ["j j"])
     record = DataConfig(path="unused", format="text")
     for path in (str(root), str(root / "*.jsonl")):
-        assert [f.name for f in stream_files(path)] == [f.name for f in resolve_files(path, record)] == ["a.jsonl"]
+        assert (
+            [f.name for f in stream_files(path)]
+            == [f.name for f in resolve_files(path, record)]
+            == ["a.jsonl"]
+        )
     for name in ("org/ds", "wikitext", "teknium/OpenHermes-2.5"):
         assert stream_files(name) is None and resolve_files(name, record) is None
     for name in ("missing.csv", "missing.jsonl.zst", "dir/missing.rst", "missing.json"):
@@ -230,13 +246,28 @@ def test_user_errors_for_epochs_other_sources_and_offline_hub(tmp_path):
 
 
 def test_train_streams_text_and_checkpoints_the_document_cursor(tmp_path, model_dir):
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", [f"The revenue of company {i} was {i} million." for i in range(200)])
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl", [f"The revenue of company {i} was {i} million." for i in range(200)]
+    )
     held_out = write_jsonl(tmp_path / "held_out.jsonl", ["The revenue of company 7 was 7 million."] * 4)
     from tunesmith.train.loop import train
 
-    cfg = load_config(None, [f"model.name={model_dir}", f"data.path={corpus}", "data.format=text", "data.streaming=true",
-                             f"data.test_path={held_out}", "data.max_length=32", "train.max_steps=4", "train.batch_size=2",
-                             "train.save_every=2", "train.log_every=1", f"out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.path={corpus}",
+            "data.format=text",
+            "data.streaming=true",
+            f"data.test_path={held_out}",
+            "data.max_length=32",
+            "train.max_steps=4",
+            "train.batch_size=2",
+            "train.save_every=2",
+            "train.log_every=1",
+            f"out_dir={tmp_path / 'run'}",
+        ],
+    )
     result = train(cfg)
     assert result["steps"] == 4
     cursor = json.loads((tmp_path / "run" / "checkpoints" / "step-4" / "cursor.json").read_text())
@@ -247,7 +278,9 @@ def test_train_streams_text_and_checkpoints_the_document_cursor(tmp_path, model_
 
     metrics = compare(cfg)
     assert metrics["tuned"]["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
-    assert metrics["delta"]["perplexity"] == pytest.approx(metrics["tuned"]["perplexity"] - metrics["base"]["perplexity"])
+    assert metrics["delta"]["perplexity"] == pytest.approx(
+        metrics["tuned"]["perplexity"] - metrics["base"]["perplexity"]
+    )
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
     assert (tmp_path / "run" / "eval" / "report.html").is_file()
 
@@ -291,8 +324,13 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 def _probe(path: Path, tail: int) -> dict:
     code = _MEMORY_PROBE.format(root=str(Path(__file__).parent.parent), path=str(path), tail=tail)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -300,8 +338,16 @@ def _probe(path: Path, tail: int) -> dict:
 def _write_corpus(path: Path, target_bytes: int) -> tuple[int, int]:
     """A jsonl of >= `target_bytes`: a ~1 MiB block of numbered documents written again and again (~2 s/GB);
     returns (bytes written, block size)."""
-    rows = [json.dumps({"text": f"Document {i}: the revenue of company {i} grew by {i % 97} percent in "
-                                f"quarter {i % 4 + 1}, and the margin was {(i * 7) % 31} percent."}) + "\n" for i in range(8000)]
+    rows = [
+        json.dumps(
+            {
+                "text": f"Document {i}: the revenue of company {i} grew by {i % 97} percent in "
+                f"quarter {i % 4 + 1}, and the margin was {(i * 7) % 31} percent."
+            }
+        )
+        + "\n"
+        for i in range(8000)
+    ]
     block = "".join(rows).encode()
     with open(path, "wb") as f:
         written = 0
@@ -321,8 +367,10 @@ def test_one_gigabyte_corpus_streams_with_flat_memory(tmp_path):
         on_small = _probe(small, tail=0)
     finally:
         big.unlink()
-    print(f"\npeak RSS: {on_big['peak_mb']:.0f} MB on a {size / 2**30:.2f} GiB corpus, {on_small['peak_mb']:.0f} MB on 1 MiB; "
-          f"after 5 steps {on_big['after_steps_mb']:.0f} MB; streamed {on_big['offset'] / 2**20:.1f} MiB")
+    print(
+        f"\npeak RSS: {on_big['peak_mb']:.0f} MB on a {size / 2**30:.2f} GiB corpus, {on_small['peak_mb']:.0f} MB on 1 MiB; "
+        f"after 5 steps {on_big['after_steps_mb']:.0f} MB; streamed {on_big['offset'] / 2**20:.1f} MiB"
+    )
     assert size >= 1 << 30
     assert on_big["offset"] > 1 << 20  # it streamed more than the small corpus holds
     assert on_big["peak_mb"] - on_small["peak_mb"] < 64  # memory does not grow with the corpus
@@ -332,25 +380,40 @@ def test_one_gigabyte_corpus_streams_with_flat_memory(tmp_path):
 
 # ---- issue 16: empty sources are errors; a bad byte is reported on its own line (lone CRs end lines too)
 
+
 @pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("e.jsonl", b"\n\r\n"), ("e.txt", b"")])
 def test_empty_stream_source_is_an_error_naming_it(tmp_path, name, content):
     f = tmp_path / name
     f.write_bytes(content)
     for policy in ("fail", "skip"):
-        with pytest.raises(UserError, match=rf"^{f}: no data rows \(every file is empty or holds only blank lines"):
+        with pytest.raises(
+            UserError, match=rf"^{f}: no data rows \(every file is empty or holds only blank lines"
+        ):
             TextStream(cfg_for(str(f), on_bad_row=policy), word_tok(), 1, 0).next()
 
 
 def test_stream_reports_a_bad_byte_on_line_41_with_cr_line_ends(tmp_path):
     # Was `d.jsonl:1: invalid JSON or UTF-8 (UnicodeDecodeError)`: the whole CR-ended file was one line.
-    lines = [json.dumps({"text": "a b"}).encode()] * 40 + [b'{"text": "c\xff"}', json.dumps({"text": "d"}).encode()]
+    lines = [json.dumps({"text": "a b"}).encode()] * 40 + [
+        b'{"text": "c\xff"}',
+        json.dumps({"text": "d"}).encode(),
+    ]
     data = b"\r".join(lines) + b"\r"
     f = tmp_path / "d.jsonl"
     f.write_bytes(data)
-    with pytest.raises(UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 12, file offset {data.index(b'c') + 1}\)"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 12, file offset {data.index(b'c') + 1}\)",
+    ):
         TextStream(cfg_for(str(f), max_length=200), word_tok(), 1, 0).next()
     s = TextStream(cfg_for(str(f), max_length=125, on_bad_row="skip"), word_tok(), 1, 0)
-    assert s.next()[0]["input_ids"][0].tolist() == [2, 3, 0] * 40 + [5, 0, 2, 3, 0]  # line 42 ("d") follows line 40
+    assert s.next()[0]["input_ids"][0].tolist() == [2, 3, 0] * 40 + [
+        5,
+        0,
+        2,
+        3,
+        0,
+    ]  # line 42 ("d") follows line 40
     assert [r["where"] for r in s.rejects.items] == [f"{f}:41"]
     # a resume point inside the CR-split chunk continues at the exact line
     s2 = TextStream(cfg_for(str(f), max_length=3, on_bad_row="skip"), word_tok(), 1, 0)
@@ -359,13 +422,18 @@ def test_stream_reports_a_bad_byte_on_line_41_with_cr_line_ends(tmp_path):
     state = s2.state()
     s3 = TextStream(cfg_for(str(f), max_length=3, on_bad_row="skip"), word_tok(), 1, 0)
     s3.load_state(state)
-    assert [s2.next()[0]["input_ids"][0].tolist() for _ in range(3)] == [s3.next()[0]["input_ids"][0].tolist() for _ in range(3)]
+    assert [s2.next()[0]["input_ids"][0].tolist() for _ in range(3)] == [
+        s3.next()[0]["input_ids"][0].tolist() for _ in range(3)
+    ]
 
 
 def test_stream_text_piece_names_the_line_of_the_bad_byte(tmp_path):
     f = tmp_path / "doc.txt"
     f.write_bytes(b"a b\r\n" * 40 + b"c \xff\r\nd\r\n")
-    with pytest.raises(UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 3, file offset 202; lines 1-42 are skipped\)"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 3, file offset 202; lines 1-42 are skipped\)",
+    ):
         TextStream(cfg_for(str(f), max_length=4), word_tok(), 1, 0).next()
 
 
@@ -398,16 +466,24 @@ def test_skipped_rows_are_written_once_to_the_run_report_not_once_per_epoch(tmp_
     g.write_text('{"body": "x"}\n')
     with pytest.raises(UserError) as e:
         TextStream(cfg_for(str(g), on_bad_row="skip"), word_tok(), 1, 0, out_dir=run).next()
-    assert str(e.value) == (f"{g}: no documents with text in any file (check data.text_field='text'; 1 row skipped "
-                            f"as bad) (see {run / 'data_rejects.jsonl'})")
+    assert str(e.value) == (
+        f"{g}: no documents with text in any file (check data.text_field='text'; 1 row skipped "
+        f"as bad) (see {run / 'data_rejects.jsonl'})"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
 def test_compressed_stream_names_line_41_without_a_file_offset(tmp_path, suffix):
-    data = b"".join(json.dumps({"text": "a b"}).encode() + b"\r\n" for _ in range(40)) + b'{"text": "c\xff"}\r\n'
+    data = (
+        b"".join(json.dumps({"text": "a b"}).encode() + b"\r\n" for _ in range(40)) + b'{"text": "c\xff"}\r\n'
+    )
     f = tmp_path / f"d{suffix}"
-    f.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else zstandard.ZstdCompressor().compress(data))
-    with pytest.raises(UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 12\) \(use data.on_bad_row"):
+    f.write_bytes(
+        gzip.compress(data) if suffix.endswith(".gz") else zstandard.ZstdCompressor().compress(data)
+    )
+    with pytest.raises(
+        UserError, match=rf"^{f}:41: invalid UTF-8 \(byte 0xff at column 12\) \(use data.on_bad_row"
+    ):
         TextStream(cfg_for(str(f), max_length=200), word_tok(), 1, 0).next()
 
 

@@ -23,8 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(tmp_path, model_dir, data, *over):
-    base = [f"model.name={model_dir}", f"data.path={data}", f"out_dir={tmp_path / 'run'}", "data.test_size=4",
-            "data.max_length=64", "train.lr=3e-3", "train.batch_size=4", "train.log_every=1", "train.scheduler=constant"]
+    base = [
+        f"model.name={model_dir}",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'run'}",
+        "data.test_size=4",
+        "data.max_length=64",
+        "train.lr=3e-3",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.scheduler=constant",
+    ]
     return load_config(None, base + list(over))
 
 
@@ -39,8 +48,12 @@ def test_overfits_and_writes_run_dir(tmp_path, model_dir, qa_file):
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert losses[-1] < 0.5 * losses[0]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20, 30]
-    assert {"config.yaml", "manifest.json", "plan.json", "metrics.jsonl", "loss.png", "final"} <= {p.name for p in run.iterdir()}
-    assert result["eval"]["perplexity"] == pytest.approx(torch.tensor(result["eval"]["loss"]).exp().item(), rel=1e-5)
+    assert {"config.yaml", "manifest.json", "plan.json", "metrics.jsonl", "loss.png", "final"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert result["eval"]["perplexity"] == pytest.approx(
+        torch.tensor(result["eval"]["loss"]).exp().item(), rel=1e-5
+    )
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers loads the final model
@@ -66,7 +79,13 @@ def test_lora_trains_only_adapters(tmp_path, model_dir, qa_file):
 
 def test_grad_accum_equals_big_batch(tmp_path, model_dir, qa_file):
     # Adam's first step is ~lr*sign(g): a modest lr keeps fp32 summation-order noise far below 1e-6.
-    common = ["train.max_steps=1", "train.precision=fp32", "data.packing=false", "train.max_grad_norm=null", "train.lr=1e-4"]
+    common = [
+        "train.max_steps=1",
+        "train.precision=fp32",
+        "data.packing=false",
+        "train.max_grad_norm=null",
+        "train.lr=1e-4",
+    ]
     train(cfg_for(tmp_path / "a", model_dir, qa_file, *common, "train.batch_size=2", "train.grad_accum=4"))
     train(cfg_for(tmp_path / "b", model_dir, qa_file, *common, "train.batch_size=8", "train.grad_accum=1"))
     a, b = weights(tmp_path / "a" / "run" / "final"), weights(tmp_path / "b" / "run" / "final")
@@ -78,8 +97,15 @@ def test_grad_accum_equals_big_batch(tmp_path, model_dir, qa_file):
 
 def _cli(cfg_path: Path, *over: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(cfg_path), *over], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", "train", str(cfg_path), *over],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _write_cfg(tmp_path, model_dir, data, run: Path) -> Path:
@@ -133,7 +159,9 @@ def test_sigterm_checkpoints_then_exits(tmp_path, model_dir, qa_file):
 
 
 def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file, monkeypatch):
-    cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", "train.max_grad_norm=null")
+    cfg = cfg_for(
+        tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", "train.max_grad_norm=null"
+    )
     calls = {"n": 0}
     real = loop_mod.loss_sum
 
@@ -151,7 +179,10 @@ def test_nan_loss_stops_and_names_step(tmp_path, model_dir, qa_file, monkeypatch
 
 def assert_stopped_before_the_update(run: Path, msg: str) -> None:
     """Diverged at step 3: steps 1-2 checkpointed and intact, nothing after them saved, the way out named."""
-    assert "\n" not in msg and f"last good checkpoint {run / 'checkpoints' / 'step-2'} kept, no final/ written" in msg
+    assert (
+        "\n" not in msg
+        and f"last good checkpoint {run / 'checkpoints' / 'step-2'} kept, no final/ written" in msg
+    )
     assert "train.lr too high" in msg and "train.precision=fp16" in msg
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step-1", "step-2"]
     assert not (run / "final").exists()
@@ -174,8 +205,12 @@ class _InfGrad(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("clip", ["null", "1.0"])
-def test_inf_gradient_with_finite_loss_stops_before_the_update(tmp_path, model_dir, qa_file, monkeypatch, clip):
-    cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", f"train.max_grad_norm={clip}")
+def test_inf_gradient_with_finite_loss_stops_before_the_update(
+    tmp_path, model_dir, qa_file, monkeypatch, clip
+):
+    cfg = cfg_for(
+        tmp_path, model_dir, qa_file, "train.max_steps=6", "train.save_every=1", f"train.max_grad_norm={clip}"
+    )
     calls = {"n": 0}
     real = loop_mod.loss_sum
 
@@ -186,7 +221,10 @@ def test_inf_gradient_with_finite_loss_stops_before_the_update(tmp_path, model_d
 
     monkeypatch.setattr(loop_mod, "loss_sum", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step 3 \(loss [\d.]+, batch with .*qa.jsonl:\d+") as e:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"gradient norm is (inf|nan) at step 3 \(loss [\d.]+, batch with .*qa.jsonl:\d+",
+    ) as e:
         train(cfg)
     assert_stopped_before_the_update(run, str(e.value))
 
@@ -218,7 +256,9 @@ def test_fresh_run_into_old_out_dir_starts_a_fresh_log(tmp_path, model_dir, qa_f
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
 
 
-def test_emulated_bf16_gets_a_warning_with_the_measured_factor(tmp_path, model_dir, qa_file, monkeypatch, capsys):
+def test_emulated_bf16_gets_a_warning_with_the_measured_factor(
+    tmp_path, model_dir, qa_file, monkeypatch, capsys
+):
     from tunesmith.train import preflight
 
     monkeypatch.setattr(preflight, "fast_bf16", lambda dev: False)  # a CPU without AVX512-BF16/AMX
@@ -226,7 +266,16 @@ def test_emulated_bf16_gets_a_warning_with_the_measured_factor(tmp_path, model_d
     train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=bf16"))
     assert "bf16 autocast measured 7.6x slower than fp32 here" in capsys.readouterr().err
     monkeypatch.setattr(preflight, "fast_bf16", lambda dev: True)
-    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=bf16", f"out_dir={tmp_path / 'b'}"))
+    train(
+        cfg_for(
+            tmp_path,
+            model_dir,
+            qa_file,
+            "train.max_steps=1",
+            "train.precision=bf16",
+            f"out_dir={tmp_path / 'b'}",
+        )
+    )
     assert "no native bf16" not in capsys.readouterr().err
 
 
@@ -253,9 +302,12 @@ def test_large_tensors_get_huge_pages_unless_the_user_said_no(user):
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("no transparent huge pages on this machine")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | ({"THP_MEM_ALLOC_ENABLE": user} if user else {})
-    setting, huge_kb = subprocess.run([sys.executable, "-c", HUGE], env=env, capture_output=True, text=True,
-                                      check=True).stdout.split()
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | (
+        {"THP_MEM_ALLOC_ENABLE": user} if user else {}
+    )
+    setting, huge_kb = subprocess.run(
+        [sys.executable, "-c", HUGE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     if user:
         assert setting == "0"
     else:
@@ -263,7 +315,9 @@ def test_large_tensors_get_huge_pages_unless_the_user_said_no(user):
 
 
 def _train_rows(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    return [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
 
 
 def _stopped_at_step_2_then_resumed(tmp_path, model_dir, qa_file, monkeypatch, *common) -> dict:
@@ -291,7 +345,12 @@ def test_resumed_run_counts_the_tokens_of_the_whole_run(tmp_path, model_dir, qa_
     assert resumed["steps"] == 4 and 0 < whole["tokens"] == resumed["tokens"]
     rows = _train_rows(tmp_path / "split" / "run")
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in _train_rows(tmp_path / "whole" / "run")]
-    assert json.loads((tmp_path / "split" / "run" / "checkpoints" / "step-2" / "cursor.json").read_text())["tokens"] == rows[1]["tokens"]
+    assert (
+        json.loads((tmp_path / "split" / "run" / "checkpoints" / "step-2" / "cursor.json").read_text())[
+            "tokens"
+        ]
+        == rows[1]["tokens"]
+    )
 
 
 def test_old_checkpoint_without_a_token_count_still_resumes(tmp_path, model_dir, qa_file):
@@ -323,13 +382,25 @@ def _inf_grad_from(step: int, monkeypatch, until: int | None = None) -> None:
 def test_fp16_inf_gradient_is_a_skipped_step_not_a_divergence(tmp_path, model_dir, qa_file, monkeypatch):
     # CPU autocast runs fp16 for these tiny models, so this is the real GradScaler path, not a mock
     _inf_grad_from(3, monkeypatch, until=3)
-    result = train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=5", "train.save_every=1", "train.keep_last=10", "train.precision=fp16"))
+    result = train(
+        cfg_for(
+            tmp_path,
+            model_dir,
+            qa_file,
+            "train.max_steps=5",
+            "train.save_every=1",
+            "train.keep_last=10",
+            "train.precision=fp16",
+        )
+    )
     assert result["steps"] == 5
     ckpts = tmp_path / "run" / "checkpoints"
     w2, w3, w4 = (load_file(ckpts / f"step-{s}" / "trainable.safetensors") for s in (2, 3, 4))
     assert all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 skipped: the weights did not move
     assert any(not torch.equal(w3[k], w4[k]) for k in w3)  # step 4 trained again
-    scales = [torch.load(ckpts / f"step-{s}" / "state.pt", weights_only=True)["scaler"]["scale"] for s in (2, 3)]
+    scales = [
+        torch.load(ckpts / f"step-{s}" / "state.pt", weights_only=True)["scaler"]["scale"] for s in (2, 3)
+    ]
     assert scales[1] == scales[0] / 2  # the skip halved the scale, and the checkpoint carries it
     rows = _train_rows(tmp_path / "run")
     assert [r["loss_scale"] for r in rows][1:3] == scales and not math.isfinite(rows[2]["grad_norm"])
@@ -337,8 +408,12 @@ def test_fp16_inf_gradient_is_a_skipped_step_not_a_divergence(tmp_path, model_di
 
 def test_fp16_stops_once_the_loss_scale_collapses(tmp_path, model_dir, qa_file, monkeypatch):
     _inf_grad_from(2, monkeypatch)  # every step from 2 on overflows: no loss scale helps
-    cfg = cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=60", "train.save_every=1", "train.precision=fp16")
-    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step (\d+) with the fp16 loss scale down to") as e:
+    cfg = cfg_for(
+        tmp_path, model_dir, qa_file, "train.max_steps=60", "train.save_every=1", "train.precision=fp16"
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"gradient norm is (inf|nan) at step (\d+) with the fp16 loss scale down to"
+    ) as e:
         train(cfg)
     step = int(e.value.args[0].split(" at step ")[1].split()[0])
     assert step == 2 + 29  # 2^16 halved 29 times is 1.2e-4; the 30th skip would take it below 1e-4
@@ -349,17 +424,29 @@ def test_fp16_stops_once_the_loss_scale_collapses(tmp_path, model_dir, qa_file, 
 def test_fp16_loss_scaling_keeps_small_gradients(tmp_path, model_dir, qa_file, monkeypatch):
     # A loss this small underflows to zero gradients in fp16 without loss scaling: nothing would train.
     real = loop_mod.loss_sum
-    monkeypatch.setattr(loop_mod, "loss_sum", lambda model, batch, smoothing: (lambda t, n: (t * 1e-7, n))(
-        *real(model, batch, smoothing)))
-    train(cfg_for(tmp_path, model_dir, qa_file, "train.max_steps=1", "train.precision=fp16", "train.max_grad_norm=null",
-                  "train.weight_decay=0.0"))
+    monkeypatch.setattr(
+        loop_mod,
+        "loss_sum",
+        lambda model, batch, smoothing: (lambda t, n: (t * 1e-7, n))(*real(model, batch, smoothing)),
+    )
+    train(
+        cfg_for(
+            tmp_path,
+            model_dir,
+            qa_file,
+            "train.max_steps=1",
+            "train.precision=fp16",
+            "train.max_grad_norm=null",
+            "train.weight_decay=0.0",
+        )
+    )
     moved, init = weights(tmp_path / "run" / "final"), weights(model_dir)
     layer = [k for k in moved if ".layers.0." in k and k.endswith("weight") and moved[k].ndim == 2]
     assert layer and all(not torch.equal(moved[k], init[k]) for k in layer)
 
 
 def test_cli_reports_a_divergence_in_one_line_with_exit_code_1(tmp_path, model_dir, qa_file):
-    # the CLI catches TrainingDiverged by type (config.py, no torch import), not by its class name
+    # the CLI catches TrainingDiverged by type (config/errors.py, no torch import), not by its class name
     proc = _cli(_write_cfg(tmp_path, model_dir, qa_file, tmp_path / "run"), "train.lr=1e30")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err

@@ -34,8 +34,11 @@ def split(sample):
 
 def chat(*turns, system=SYSTEM):
     roles = ["user", "assistant"] * len(turns)
-    return Example("c.jsonl:1", messages=[{"role": "system", "content": system}] * bool(system)
-                   + [{"role": r, "content": c} for r, c in zip(roles, turns)])
+    return Example(
+        "c.jsonl:1",
+        messages=[{"role": "system", "content": system}] * bool(system)
+        + [{"role": r, "content": c} for r, c in zip(roles, turns)],
+    )
 
 
 def user_content(prompt_ids, turn=-1):
@@ -77,8 +80,9 @@ def test_chat_history_is_cut_oldest_first():
     ex = chat(LONG, "It was 42 percent.", last, "The company has 1,200 employees.")
     whole, s = one(ex, CHAT, 10_000), one(ex, CHAT, 90)
     assert len(s["input_ids"]) == 90
-    assert [i for i, lab in zip(s["input_ids"], s["labels"]) if lab != IGNORE] == \
-        [i for i, lab in zip(whole["input_ids"], whole["labels"]) if lab != IGNORE]  # both answers learned whole
+    assert [i for i, lab in zip(s["input_ids"], s["labels"]) if lab != IGNORE] == [
+        i for i, lab in zip(whole["input_ids"], whole["labels"]) if lab != IGNORE
+    ]  # both answers learned whole
     text = TOK.decode(s["input_ids"])
     assert f"<|im_start|>user\n{last}<eos>\n" in text  # the newest question is intact
     first = text.split("<|im_start|>user\n")[1].split("<eos>\n")[0]
@@ -92,7 +96,9 @@ def test_alpaca_cuts_the_longest_value_and_keeps_the_fixed_text():
     assert len(s["input_ids"]) == len(whole["input_ids"]) - 30
     text = TOK.decode(split(s)[0])
     head, tail = ALPACA_INPUT.format(instruction="Summarize the call.", input="\0").split("\0")
-    assert text.startswith(head) and text.endswith(tail)  # "Below is an instruction ... ### Input:\n" kept whole
+    assert text.startswith(head) and text.endswith(
+        tail
+    )  # "Below is an instruction ... ### Input:\n" kept whole
     kept = text[len(head) : -len(tail)]
     assert LONG.endswith(kept) and len(kept) < len(LONG)
 
@@ -102,7 +108,9 @@ def test_cuts_are_recorded_with_the_part_that_lost_tokens():
     n = len(one(ex, QA, 10_000)["input_ids"])
     cuts: list[Cut] = []
     render([ex], QA, TOK, 40, "prompt_left", Rejects("fail"), cuts)  # content cut
-    render([ex], QA, TOK, 14, "prompt_left", Rejects("fail"), cuts)  # fixed text + response do not fit: token cut
+    render(
+        [ex], QA, TOK, 14, "prompt_left", Rejects("fail"), cuts
+    )  # fixed text + response do not fit: token cut
     render([ex], QA, TOK, n - 3, "right", Rejects("fail"), cuts)  # the response's end goes
     render([ex], QA, TOK, n, "prompt_left", Rejects("fail"), cuts)  # fits: no cut
     assert [(c.part, c.length) for c in cuts] == [("user content", n), ("prompt", n), ("response", n)]
@@ -112,7 +120,9 @@ def test_cuts_are_recorded_with_the_part_that_lost_tokens():
 def test_left_and_right_stay_token_cuts(side):
     ex = chat(LONG, ANSWER)
     whole = one(ex, CHAT, 10_000)["input_ids"]
-    n = 60 if side == "left" else len(whole) - 3  # left: the system prompt goes; right: the EOS and answer's end
+    n = (
+        60 if side == "left" else len(whole) - 3
+    )  # left: the system prompt goes; right: the EOS and answer's end
     assert one(ex, CHAT, n, side)["input_ids"] == (whole[-n:] if side == "left" else whole[:n])
 
 
@@ -123,12 +133,31 @@ def test_fixed_parts_that_do_not_fit_fall_back_to_the_token_cut():
     assert s["input_ids"] == whole["input_ids"][-30:] and split(s)[1] == split(whole)[1]
 
 
-WORDS = ["What", " was", " the", " revenue", " of", " Acme", "?", " 42", " percent", "\n", "  ", " employees", "."]
+WORDS = [
+    "What",
+    " was",
+    " the",
+    " revenue",
+    " of",
+    " Acme",
+    "?",
+    " 42",
+    " percent",
+    "\n",
+    "  ",
+    " employees",
+    ".",
+]
 
 
 @settings(max_examples=50, deadline=None)
-@given(q=st.lists(st.sampled_from(WORDS), min_size=1, max_size=60), a=st.lists(st.sampled_from(WORDS), min_size=1, max_size=20),
-       system=st.sampled_from(["", SYSTEM]), max_length=st.integers(2, 120), as_chat=st.booleans())
+@given(
+    q=st.lists(st.sampled_from(WORDS), min_size=1, max_size=60),
+    a=st.lists(st.sampled_from(WORDS), min_size=1, max_size=20),
+    system=st.sampled_from(["", SYSTEM]),
+    max_length=st.integers(2, 120),
+    as_chat=st.booleans(),
+)
 def test_never_longer_than_max_length_and_fixed_parts_kept_when_they_fit(q, a, system, max_length, as_chat):
     question, answer = "x" + "".join(q), "y" + "".join(a)  # non-empty values, as to_example guarantees
     if as_chat:
@@ -154,13 +183,21 @@ def test_never_longer_than_max_length_and_fixed_parts_kept_when_they_fit(q, a, s
         assert text.startswith(head) and text.endswith(tail)
         kept = text[len(head) : -len(tail)]
         assert question.endswith(kept)
-        cut = chat(kept, answer, system=system) if as_chat else Example("q:1", {"question": kept, "answer": answer})
+        cut = (
+            chat(kept, answer, system=system)
+            if as_chat
+            else Example("q:1", {"question": kept, "answer": answer})
+        )
         assert prompt == render_prompt(cut, t, TOK)
 
 
 @settings(max_examples=50, deadline=None)
-@given(lengths=st.lists(st.integers(0, 30), min_size=1, max_size=80), budget=st.integers(0, 30), guess=st.integers(-5, 100),
-       monotone=st.booleans())
+@given(
+    lengths=st.lists(st.integers(0, 30), min_size=1, max_size=80),
+    budget=st.integers(0, 30),
+    guess=st.integers(-5, 100),
+    monotone=st.booleans(),
+)
 def test_search_finds_a_fitting_boundary(lengths, budget, guess, monotone):
     # lengths[c]: the tokens left after cutting c characters; lengths[0] is the over-long example
     lengths = [max(budget + 1, lengths[0])] + (sorted(lengths[1:], reverse=True) if monotone else lengths[1:])
@@ -187,8 +224,13 @@ def test_inspect_counts_cuts_per_part_and_warns_with_the_length_needed(tmp_path)
     from tunesmith.config import load_config
     from tunesmith.data.inspect import inspect_data, print_inspect
 
-    rows = [{"question": f"What was the revenue of company {i}?", "answer": "It was 42 percent."} for i in range(30)]
-    rows += [{"question": LONG + str(i), "answer": ANSWER} for i in range(3)]  # 3 of 33 over max_length: 9% > 2%
+    rows = [
+        {"question": f"What was the revenue of company {i}?", "answer": "It was 42 percent."}
+        for i in range(30)
+    ]
+    rows += [
+        {"question": LONG + str(i), "answer": ANSWER} for i in range(3)
+    ]  # 3 of 33 over max_length: 9% > 2%
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, [f"data.path={tmp_path / 'd.jsonl'}", "data.test_size=0", "data.max_length=48"])
     report = inspect_data(cfg, TOK, None)
@@ -202,5 +244,9 @@ def test_inspect_counts_cuts_per_part_and_warns_with_the_length_needed(tmp_path)
     print_inspect(report, TOK, console)
     out = console.export_text()
     assert "warning: 3 of 33 examples" in out and "cut at max_length=48: 3 examples (9.1%" in out
-    report = inspect_data(load_config(None, [f"data.path={tmp_path / 'd.jsonl'}", "data.test_size=0", "data.max_length=4096"]), TOK, None)
+    report = inspect_data(
+        load_config(None, [f"data.path={tmp_path / 'd.jsonl'}", "data.test_size=0", "data.max_length=4096"]),
+        TOK,
+        None,
+    )
     assert report["cut"]["examples"] == 0 and report["cut"]["warning"] is None

@@ -57,8 +57,17 @@ def tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
 def gpt_neox(vocab: int = 400, seed: int = 0, **over) -> GPTNeoXForCausalLM:
     """GPT-NeoX (pythia's class): hidden 32, 2 layers, 4 heads."""
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-               max_position_embeddings=512, rotary_pct=0.25, tie_word_embeddings=False, attn_implementation="sdpa")
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     cfg.update(over)
     return GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).eval()
 
@@ -66,8 +75,16 @@ def gpt_neox(vocab: int = 400, seed: int = 0, **over) -> GPTNeoXForCausalLM:
 def llama(vocab: int = 400, seed: int = 0, **over) -> LlamaForCausalLM:
     """Llama: hidden 32, 2 layers, 4 heads, 2 KV heads."""
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=64, max_position_embeddings=512, attn_implementation="sdpa")
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
     cfg.update(over)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
@@ -87,7 +104,11 @@ def write_qa(path: Path, n: int = 40, seed: int = 0) -> Path:
     """A small QA jsonl with numeric answers (hand-readable)."""
     rows = []
     for i in range(n):
-        rows.append({"question": f"What was the revenue of company {i} in Q{i % 4 + 1}?",
-                     "answer": f"The revenue of company {i} was ${(i * 7 + seed) % 90 + 10} million."})
+        rows.append(
+            {
+                "question": f"What was the revenue of company {i} in Q{i % 4 + 1}?",
+                "answer": f"The revenue of company {i} was ${(i * 7 + seed) % 90 + 10} million.",
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

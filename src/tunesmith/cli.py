@@ -13,8 +13,12 @@ from rich.markup import escape
 
 from tunesmith.config import TrainingDiverged, UserError, describe, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune a pretrained LLM on your data: inspect, plan, train, compare, serve.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune a pretrained LLM on your data: inspect, plan, train, compare, serve.",
+)
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at and prepare the dataset.")
 app.add_typer(config_app, name="config")
@@ -44,8 +48,11 @@ def config_show(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None
 
 
 @config_app.command("get")
-def config_get(config: Path = CONFIG, key: str = typer.Argument(..., help="dotted key, e.g. out_dir"),
-               overrides: list[str] = OVERRIDES) -> None:
+def config_get(
+    config: Path = CONFIG,
+    key: str = typer.Argument(..., help="dotted key, e.g. out_dir"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
     """Print one resolved value (for scripts)."""
     values = {k: v for k, v, _ in describe(_cfg(config, overrides))}
     if key not in values:
@@ -72,8 +79,14 @@ def _preflight(cfg, tok):
     from tunesmith.train.preflight import check
 
     data = (build_heldout if cfg.data.streaming else build)(cfg, tok, cfg.out_dir)
-    check(cfg, tok, data, warn=lambda line: Console(stderr=True).print(line, style="yellow", markup=False, highlight=False,
-                                                                      soft_wrap=True))
+    check(
+        cfg,
+        tok,
+        data,
+        warn=lambda line: Console(stderr=True).print(
+            line, style="yellow", markup=False, highlight=False, soft_wrap=True
+        ),
+    )
     return data
 
 
@@ -88,9 +101,12 @@ def data_prepare(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> Non
 
 
 @app.command()
-def plan(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
-         device: str = typer.Option(None, help="device to plan for, e.g. h100-80gb"),
-         as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+def plan(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    device: str = typer.Option(None, help="device to plan for, e.g. h100-80gb"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
     """FLOPs, memory and time before training (a run dir: predicted vs measured)."""
     from tunesmith.train.run_plan import plan_for_data, plan_from_run, print_plan
 
@@ -120,13 +136,17 @@ def train(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 
     result = run_train(_cfg(config, overrides))
     if result.get("eval"):
-        console.print(f"eval loss {result['eval']['loss']:.4f}  perplexity {result['eval']['perplexity']:.2f}")
+        console.print(
+            f"eval loss {result['eval']['loss']:.4f}  perplexity {result['eval']['perplexity']:.2f}"
+        )
 
 
 @app.command()
-def export(run_dir: Path = typer.Argument(..., help="run directory"),
-           out: Path = typer.Option(None, help="output dir (default <run>/export)"),
-           merge: bool = typer.Option(False, help="merge a LoRA adapter into a full model")) -> None:
+def export(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    out: Path = typer.Option(None, help="output dir (default <run>/export)"),
+    merge: bool = typer.Option(False, help="merge a LoRA adapter into a full model"),
+) -> None:
     """Write the run's model as a plain HF dir (merged) or PEFT adapter."""
     from tunesmith.model.export import export as run_export
 
@@ -134,10 +154,13 @@ def export(run_dir: Path = typer.Argument(..., help="run directory"),
 
 
 @app.command()
-def generate(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
-             prompt: str = typer.Option(None, help="one prompt"),
-             input: Path = typer.Option(None, help="prompts.jsonl (one {\"prompt\"|\"question\"...} per line)"),
-             output: Path = typer.Option(None, help="write completions here (jsonl)")) -> None:
+def generate(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    prompt: str = typer.Option(None, help="one prompt"),
+    input: Path = typer.Option(None, help='prompts.jsonl (one {"prompt"|"question"...} per line)'),
+    output: Path = typer.Option(None, help="write completions here (jsonl)"),
+) -> None:
     """Generate with the model (batched, with the template it was trained with)."""
     from tunesmith.generate import generate as run_generate
     from tunesmith.generate import prompt_ids
@@ -149,8 +172,16 @@ def generate(config: Path = CONFIG, overrides: list[str] = OVERRIDES,
     model, tokenizer, template = _generator(cfg)
     ids = [prompt_ids(template, tokenizer, c) for c in convs]
     results = run_generate(model, tokenizer, ids, cfg.generate, progress=input is not None)
-    rows = [{"prompt": c[-1]["content"], "answer": r.text, "finish_reason": r.finish_reason,
-             "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.ids)} for c, r in zip(convs, results, strict=True)]
+    rows = [
+        {
+            "prompt": c[-1]["content"],
+            "answer": r.text,
+            "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": len(r.ids),
+        }
+        for c, r in zip(convs, results, strict=True)
+    ]
     if output:
         with open(output, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -177,7 +208,14 @@ def _read_prompts(path: Path) -> list[list[dict[str, str]]]:
 
     out = []
     for row in read_jsonl(Path(path), Rejects("fail")):  # a bad line is a UserError at its file:line
-        text = next((row.fields[k] for k in ("prompt", "question", "instruction") if isinstance(row.fields.get(k), str)), None)
+        text = next(
+            (
+                row.fields[k]
+                for k in ("prompt", "question", "instruction")
+                if isinstance(row.fields.get(k), str)
+            ),
+            None,
+        )
         if isinstance(row.fields.get("messages"), list):
             out.append(row.fields["messages"])
         elif text is not None:
@@ -242,10 +280,12 @@ def serve(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 
 
 @app.command()
-def synth(docs: list[Path] = typer.Argument(..., help="documents or folders (.md .txt .rst .html .pdf)"),
-          out: Path = typer.Option(..., help="output qa.jsonl"),
-          config: Path = typer.Option(None, help="config YAML (synth: section)"),
-          overrides: list[str] = typer.Option(None, "--set", help="dotted override, repeatable")) -> None:
+def synth(
+    docs: list[Path] = typer.Argument(..., help="documents or folders (.md .txt .rst .html .pdf)"),
+    out: Path = typer.Option(..., help="output qa.jsonl"),
+    config: Path = typer.Option(None, help="config YAML (synth: section)"),
+    overrides: list[str] = typer.Option(None, "--set", help="dotted override, repeatable"),
+) -> None:
     """Turn documents into QA pairs with an LLM."""
     from tunesmith.synth.run import synth_cli
 

@@ -31,7 +31,9 @@ class Reply:
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
-    latency_s: float  # the request that was answered, without earlier failed tries and the backoff between them
+    latency_s: (
+        float  # the request that was answered, without earlier failed tries and the backoff between them
+    )
     retries: int  # failed tries before it
 
 
@@ -53,40 +55,70 @@ def _omit(openai) -> object:
 class ChatClient:
     """Chat completions from `model` at `base_url` (".../v1"); `where` is the config section errors name."""
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout_s: float = 60.0,
-                 max_retries: int = 2, where: str = "endpoint") -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        where: str = "endpoint",
+    ) -> None:
         try:
             import openai
         except ImportError:
-            raise UserError(f"{where}: OpenAI-compatible endpoints need the `openai` package "
-                            "(pip install 'tunesmith[eval]')") from None
+            raise UserError(
+                f"{where}: OpenAI-compatible endpoints need the `openai` package "
+                "(pip install 'tunesmith[eval]')"
+            ) from None
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         if api_key_env and not key:
-            raise UserError(f"{where}.api_key_env: environment variable {api_key_env} is not set or empty "
-                            f"(export {api_key_env}=<key>, or set {where}.api_key_env: null for a server without auth)")
+            raise UserError(
+                f"{where}.api_key_env: environment variable {api_key_env} is not set or empty "
+                f"(export {api_key_env}=<key>, or set {where}.api_key_env: null for a server without auth)"
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.where, self.timeout_s, self.max_retries = model, where, timeout_s, max_retries
         self.api_key_env = api_key_env
         self._openai = openai
-        self._client = openai.OpenAI(base_url=base_url, api_key=key or _NO_KEY, timeout=timeout_s,
-                                     max_retries=max_retries)
+        self._client = openai.OpenAI(
+            base_url=base_url, api_key=key or _NO_KEY, timeout=timeout_s, max_retries=max_retries
+        )
         self._headers = {} if key else {"Authorization": _omit(openai)}
 
-    def chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float = 0.0,
-             top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None) -> Reply:
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Reply:
         """One completion of `messages`; settings left at None (or an empty stop list) are not sent."""
         openai = self._openai
         optional = {"top_p": top_p, "stop": stop or None, "seed": seed}
         try:
             raw = self._client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                extra_headers=self._headers, **{k: v for k, v in optional.items() if v is not None})
+                model=self.model,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                extra_headers=self._headers,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
             completion = raw.parse()
         except openai.APITimeoutError:  # a subclass of APIConnectionError: caught first
-            raise EndpointFailed(self._gave_up(f"no answer within {self.timeout_s:g} s", f" or {self.where}.timeout_s")) from None
+            raise EndpointFailed(
+                self._gave_up(f"no answer within {self.timeout_s:g} s", f" or {self.where}.timeout_s")
+            ) from None
         except openai.APIConnectionError as e:
-            raise UserError(f"{self.where}.base_url: cannot connect to {self.url} "
-                            f"({_clip(e.__cause__ or e)}; is the server running?)") from None
+            raise UserError(
+                f"{self.where}.base_url: cannot connect to {self.url} "
+                f"({_clip(e.__cause__ or e)}; is the server running?)"
+            ) from None
         except openai.APIStatusError as e:
             raise self._status_error(e) from None
         except openai.APIError as e:  # a 200 whose body is not a chat completion
@@ -97,13 +129,20 @@ class ChatClient:
         except (AttributeError, IndexError, TypeError):  # e.g. an HTML page, or JSON without `choices`
             raise self._not_chat(raw.http_response.text) from None
         usage = getattr(completion, "usage", None)
-        return Reply(text, choice.finish_reason, getattr(usage, "prompt_tokens", None),
-                     getattr(usage, "completion_tokens", None), raw.elapsed.total_seconds(),
-                     getattr(raw, "retries_taken", 0))
+        return Reply(
+            text,
+            choice.finish_reason,
+            getattr(usage, "prompt_tokens", None),
+            getattr(usage, "completion_tokens", None),
+            raw.elapsed.total_seconds(),
+            getattr(raw, "retries_taken", 0),
+        )
 
     def _gave_up(self, cause: str, knob: str = "") -> str:
-        return (f"{self.where}: {self.url} failed {self.max_retries + 1} times ({cause}; is the server up? "
-                f"raise {self.where}.max_retries{knob})")
+        return (
+            f"{self.where}: {self.url} failed {self.max_retries + 1} times ({cause}; is the server up? "
+            f"raise {self.where}.max_retries{knob})"
+        )
 
     def _status_error(self, e) -> UserError:
         status = e.status_code
@@ -112,8 +151,11 @@ class ChatClient:
         if status in (408, 409, 429) or status >= 500:  # the client retried these already
             return EndpointFailed(self._gave_up(f"HTTP {status}: {detail}"))
         if status in (401, 403):
-            fix = (f"check the key in {self.api_key_env}" if self.api_key_env
-                   else f"set {self.where}.api_key_env to the variable holding the key")
+            fix = (
+                f"check the key in {self.api_key_env}"
+                if self.api_key_env
+                else f"set {self.where}.api_key_env to the variable holding the key"
+            )
         elif status == 404:
             fix = f"is '{self.model}' served there? check {self.where}.model and {self.where}.base_url"
         else:
@@ -121,8 +163,10 @@ class ChatClient:
         return UserError(f"{self.where}: {self.url} answered HTTP {status} ({detail}; {fix})")
 
     def _not_chat(self, body: str) -> UserError:
-        return UserError(f"{self.where}.base_url: {self.url} did not answer with a chat completion "
-                         f"({_clip(body) or 'empty body'}; the base URL of an OpenAI-compatible server usually ends in /v1)")
+        return UserError(
+            f"{self.where}.base_url: {self.url} did not answer with a chat completion "
+            f"({_clip(body) or 'empty body'}; the base URL of an OpenAI-compatible server usually ends in /v1)"
+        )
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -86,7 +86,9 @@ class TextDelta:
         end = len(text.rstrip("\ufffd"))  # U+FFFD: a multibyte character still incomplete
         hold = 0
         for s in self.stop:  # hold back a tail that may grow into a stop string
-            hold = max([hold] + [k for k in range(1, min(len(s) - 1, end) + 1) if text[end - k : end] == s[:k]])
+            hold = max(
+                [hold] + [k for k in range(1, min(len(s) - 1, end) + 1) if text[end - k : end] == s[:k]]
+            )
         return self._send(text, end - hold)
 
     def flush(self) -> str:
@@ -103,8 +105,15 @@ class TextDelta:
 class _RowStop(StoppingCriteria):
     """Per-row stop: EOS, a stop string in the new text, or cancellation. Records where each row ended."""
 
-    def __init__(self, tokenizer, stop: list[str], eos: list[int], prompt_len: int, cancelled: Cancelled | None,
-                 limits: list[int] | None):
+    def __init__(
+        self,
+        tokenizer,
+        stop: list[str],
+        eos: list[int],
+        prompt_len: int,
+        cancelled: Cancelled | None,
+        limits: list[int] | None,
+    ):
         self.tokenizer, self.stop, self.eos = tokenizer, [s for s in stop if s], set(eos)
         self.prompt_len, self.cancelled, self.limits = prompt_len, cancelled, limits
         # a stop string spans at most ~4 tokens per character (byte-level BPE splits multibyte characters)
@@ -124,7 +133,9 @@ class _RowStop(StoppingCriteria):
                 self.ended[row] = n
                 self.limited.add(row)
             elif self.stop:
-                tail = self.tokenizer.decode(input_ids[row, -min(n, self.window):].tolist(), skip_special_tokens=True)
+                tail = self.tokenizer.decode(
+                    input_ids[row, -min(n, self.window) :].tolist(), skip_special_tokens=True
+                )
                 if any(s in tail for s in self.stop):
                     self.ended[row] = n
         done = [row in self.ended for row in range(input_ids.shape[0])]
@@ -161,12 +172,24 @@ def _sampling_args(cfg: GenerateConfig) -> dict:
     # probabilities): such a temperature decodes greedily, for every caller (serve, the CLI, synth).
     if cfg.temperature < _GREEDY_BELOW:
         return {"do_sample": False, "repetition_penalty": cfg.repetition_penalty}
-    return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "repetition_penalty": cfg.repetition_penalty}
+    return {
+        "do_sample": True,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "repetition_penalty": cfg.repetition_penalty,
+    }
 
 
-def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerateConfig, on_token: OnToken | None = None,
-                   cancelled: Cancelled | None = None, limits: list[int] | None = None) -> list[Completion]:
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    on_token: OnToken | None = None,
+    cancelled: Cancelled | None = None,
+    limits: list[int] | None = None,
+) -> list[Completion]:
     """One `model.generate` call on these prompts (left-padded, in this order).
 
     Hooks for the server: `on_token(row, id)` streams, `cancelled(row)` ends a row early, `limits[row]` is a
@@ -183,9 +206,17 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerateConf
     rows = _RowStop(tokenizer, cfg.stop, eos, width, cancelled, limits)
     streamer = _StepStreamer(on_token, rows) if on_token is not None else None
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([rows]),
-                             streamer=streamer, use_cache=True, **_sampling_args(cfg))
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([rows]),
+            streamer=streamer,
+            use_cache=True,
+            **_sampling_args(cfg),
+        )
     results = []
     for row, prompt in enumerate(prompts):
         ids = out[row, width:].tolist()
@@ -198,7 +229,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerateConf
     return results
 
 
-def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerateConfig, progress: bool = False) -> list[Completion]:
+def generate(
+    model, tokenizer, prompts: list[list[int]], cfg: GenerateConfig, progress: bool = False
+) -> list[Completion]:
     """Generate for every prompt: length-sorted batches of cfg.batch_size; results in input order."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -207,7 +240,9 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerateConfig, pr
     with torch.random.fork_rng(devices=devices):  # seeded sampling without disturbing the caller's RNG
         torch.manual_seed(cfg.seed)
         for batch in _progress(batches, progress, len(prompts), cfg.batch_size):
-            for i, c in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg), strict=True):
+            for i, c in zip(
+                batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg), strict=True
+            ):
                 results[i] = c
     return results  # type: ignore[return-value]
 
@@ -236,7 +271,9 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerateConfig) -> Iter
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
-                generate_batch(model, tokenizer, [prompt_ids], cfg, on_token, lambda row: stop.is_set() or delta.done)
+                generate_batch(
+                    model, tokenizer, [prompt_ids], cfg, on_token, lambda row: stop.is_set() or delta.done
+                )
             rest = delta.flush()
             if rest:
                 pieces.put(rest)

@@ -29,7 +29,11 @@ class Dist:
 
 def dist_info() -> Dist:
     """Read torchrun's environment; no process group is created here."""
-    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    return Dist(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
 
 
 def device(dist: Dist | None = None) -> torch.device:
@@ -108,7 +112,9 @@ def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) ->
                 return peak
     bf16 = bf16 or device.type == "cuda"
     key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:{torch.get_num_threads()}"
-    key += ":autocast-bf16" if bf16 and device.type != "cuda" else ""  # not ':bf16', the raw GEMM older versions cached
+    key += (
+        ":autocast-bf16" if bf16 and device.type != "cuda" else ""
+    )  # not ':bf16', the raw GEMM older versions cached
     cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     if (str(cache), key) not in _TIMED_HERE:
         # Timed again once per process (about a second) and the best kept: a timing taken while the machine was

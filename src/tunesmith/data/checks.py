@@ -61,7 +61,6 @@ def example_text(ex: Example) -> str:
     return "\n".join(f"{k}: {v}" for k, v in sorted(ex.fields.items()) if k in _CONTENT_FIELDS)
 
 
-
 def exact_duplicates(items: Sequence, key: Callable = example_text) -> list[Duplicate]:
     """Rows whose normalized key equals an earlier row's; each names the first occurrence."""
     first: dict[str, str] = {}
@@ -154,7 +153,9 @@ def near_duplicates(items: Sequence, key: Callable = example_text, threshold: fl
     return [Duplicate(reps[j].where, reps[i].where, round(sim, 3)) for j, (sim, i) in sorted(best.items())]
 
 
-def leakage(train: Sequence, test: Sequence, key: Callable = prompt_key, threshold: float = 0.8) -> list[Duplicate]:
+def leakage(
+    train: Sequence, test: Sequence, key: Callable = prompt_key, threshold: float = 0.8
+) -> list[Duplicate]:
     """Test rows whose prompt equals (similarity 1.0) or nearly equals a train prompt; `of` is the train row."""
     train_first: dict[str, str] = {}
     for ex in train:
@@ -178,7 +179,9 @@ def leakage(train: Sequence, test: Sequence, key: Callable = prompt_key, thresho
     return [found[t] for t in sorted(found)]
 
 
-def length_stats(lengths: Sequence[int], max_length: int, wheres: Sequence[str] | None = None, top: int = 10) -> LengthStats:
+def length_stats(
+    lengths: Sequence[int], max_length: int, wheres: Sequence[str] | None = None, top: int = 10
+) -> LengthStats:
     """Percentiles, share over max_length, a suggested max_length (p99 rounded up to 32) and the outliers.
 
     >>> length_stats([10] * 99 + [100], 64).over_max
@@ -193,9 +196,18 @@ def length_stats(lengths: Sequence[int], max_length: int, wheres: Sequence[str] 
     out_idx = [int(i) for i in np.argsort(-arr, kind="stable") if arr[i] > limit]
     outliers = [(wheres[i] if wheres is not None else f"#{i}", int(arr[i])) for i in out_idx[:top]]
     return LengthStats(
-        count=len(arr), mean=round(float(arr.mean()), 1), p50=p50, p90=p90, p99=p99, max=int(arr.max()),
-        max_length=max_length, over_max=over, n_outliers=len(out_idx), share_truncated=round(over / len(arr), 4),
-        suggested_max_length=max(32, int(math.ceil(p99 / 32) * 32)), outliers=outliers,
+        count=len(arr),
+        mean=round(float(arr.mean()), 1),
+        p50=p50,
+        p90=p90,
+        p99=p99,
+        max=int(arr.max()),
+        max_length=max_length,
+        over_max=over,
+        n_outliers=len(out_idx),
+        share_truncated=round(over / len(arr), 4),
+        suggested_max_length=max(32, int(math.ceil(p99 / 32) * 32)),
+        outliers=outliers,
     )
 
 

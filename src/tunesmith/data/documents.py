@@ -32,7 +32,22 @@ class Chunk:
 class _HtmlText(html.parser.HTMLParser):
     """HTML -> text with `#` headings (so sections split the same way as Markdown); scripts/styles dropped."""
 
-    BLOCKS = {"p", "div", "li", "br", "tr", "pre", "section", "article", "table", "ul", "ol", "dt", "dd", "blockquote"}
+    BLOCKS = {
+        "p",
+        "div",
+        "li",
+        "br",
+        "tr",
+        "pre",
+        "section",
+        "article",
+        "table",
+        "ul",
+        "ol",
+        "dt",
+        "dd",
+        "blockquote",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +101,11 @@ def find_documents(paths: list[Path]) -> list[tuple[Path, str]]:
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p)
-                if f.is_file() and f.name.lower().endswith(DOC_SUFFIXES) and not any(x.startswith(".") for x in rel.parts):
+                if (
+                    f.is_file()
+                    and f.name.lower().endswith(DOC_SUFFIXES)
+                    and not any(x.startswith(".") for x in rel.parts)
+                ):
                     out.setdefault(f, f"{p.resolve().name}/{rel.as_posix()}")
         elif p.is_file():
             if not p.name.lower().endswith(DOC_SUFFIXES):
@@ -119,8 +138,14 @@ def sections(text: str) -> list[tuple[str, str]]:
         line, nxt = lines[i], lines[i + 1] if i + 1 < len(lines) else ""
         fenced ^= bool(_FENCE.match(line))
         atx = None if fenced else _ATX.match(line)
-        under = not fenced and line.strip() and not line[0].isspace() and _UNDERLINE.match(nxt) \
-            and len(nxt.strip()) >= len(line.strip()) and not _UNDERLINE.match(line)
+        under = (
+            not fenced
+            and line.strip()
+            and not line[0].isspace()
+            and _UNDERLINE.match(nxt)
+            and len(nxt.strip()) >= len(line.strip())
+            and not _UNDERLINE.match(line)
+        )
         if atx or under:
             if body and _UNDERLINE.match(body[-1]):
                 body.pop()  # an RST overline above this title
@@ -128,7 +153,9 @@ def sections(text: str) -> list[tuple[str, str]]:
             if under:  # underline styles get levels in order of first use (the RST rule)
                 style = nxt.strip()[0]
                 styles += [] if style in styles else [style]
-            level, title = (len(atx.group(1)), atx.group(2)) if atx else (styles.index(style) + 1, line.strip())
+            level, title = (
+                (len(atx.group(1)), atx.group(2)) if atx else (styles.index(style) + 1, line.strip())
+            )
             stack = [s for s in stack if s[0] < level] + [(level, title)]
             heading = " > ".join(t for _, t in stack)
             i += 1 if atx else 2
@@ -157,7 +184,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(r"\S+", text)]
 
 
-def chunk_documents(docs: list[tuple[Path, str]], spans: Callable[[str], list[tuple[int, int]]], size: int, overlap: int) -> list[Chunk]:
+def chunk_documents(
+    docs: list[tuple[Path, str]], spans: Callable[[str], list[tuple[int, int]]], size: int, overlap: int
+) -> list[Chunk]:
     """Every (document, name) -> sections -> windows of `size` tokens (as counted by `spans`) with `overlap`."""
     chunks = []
     for path, name in docs:

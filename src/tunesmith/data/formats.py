@@ -13,7 +13,12 @@ from tunesmith.data.rejects import Rejects
 from tunesmith.data.sources import Row
 
 # The fields each format needs; the last one is the response (it carries the loss).
-REQUIRED = {"qa": ("question", "answer"), "alpaca": ("instruction", "output"), "text": ("text",), "chat": ("messages",)}
+REQUIRED = {
+    "qa": ("question", "answer"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+    "chat": ("messages",),
+}
 OPTIONAL = {"alpaca": ("input",)}
 RESPONSE_FIELD = {"qa": "answer", "alpaca": "output", "text": "text", "chat": "messages"}
 # A JSON escape such as "\ud800" decodes to half a UTF-16 pair: Python keeps it, but it is no text, and the
@@ -80,14 +85,22 @@ def get_template(name: str, fmt: str) -> Template:
         return Template(format=fmt, kind="chat", response_field=RESPONSE_FIELD[fmt])
     if name == "alpaca" or (fmt == "alpaca" and name == "qa"):
         # `qa` is the default template name; for alpaca records the Alpaca prompts are the natural default.
-        return Template(format=fmt, kind="string", prompt=ALPACA_INPUT, prompt_no_input=ALPACA_NO_INPUT, response_field=RESPONSE_FIELD[fmt])
+        return Template(
+            format=fmt,
+            kind="string",
+            prompt=ALPACA_INPUT,
+            prompt_no_input=ALPACA_NO_INPUT,
+            response_field=RESPONSE_FIELD[fmt],
+        )
     if fmt == "text" or name == "text":
         return Template(format=fmt, kind="string", prompt="", response_field="text")
     text = BUILTIN.get(name, name)
     if name not in BUILTIN and "{" not in name:
         from tunesmith.config import UserError
 
-        raise UserError(f"data.template '{name}' is neither a built-in ({', '.join([*BUILTIN, 'chat'])}) nor a string with {{field}} placeholders")
+        raise UserError(
+            f"data.template '{name}' is neither a built-in ({', '.join([*BUILTIN, 'chat'])}) nor a string with {{field}} placeholders"
+        )
     return Template(format=fmt, kind="string", prompt=text, response_field=RESPONSE_FIELD[fmt])
 
 
@@ -107,7 +120,9 @@ def to_example(row: Row, fmt: str, rejects: Rejects) -> Example | None:
         if value is None:
             value = ""
         if not isinstance(value, str):
-            rejects.bad(row.where, name, f"field '{name}' must be a string (got {type(value).__name__})", fields)
+            rejects.bad(
+                row.where, name, f"field '{name}' must be a string (got {type(value).__name__})", fields
+            )
             return None
         if name in required and not value.strip():
             rejects.bad(row.where, name, f"field '{name}' is empty", fields)
@@ -119,7 +134,9 @@ def to_example(row: Row, fmt: str, rejects: Rejects) -> Example | None:
             out[name] = value if isinstance(value, str) else str(value)
     bad = _not_text(out)
     if bad is not None:
-        rejects.bad(row.where, bad, _SURROGATE_CAUSE.format(bad.encode("utf-8", "backslashreplace").decode()), fields)
+        rejects.bad(
+            row.where, bad, _SURROGATE_CAUSE.format(bad.encode("utf-8", "backslashreplace").decode()), fields
+        )
         return None
     return Example(where=row.where, fields=out)
 
@@ -135,19 +152,40 @@ def _not_text(fields: dict[str, str]) -> str | None:
 def _chat_example(row: Row, rejects: Rejects) -> Example | None:
     messages = row.fields["messages"]
     if not isinstance(messages, list) or not messages:
-        rejects.bad(row.where, "messages", "field 'messages' must be a non-empty list of {role, content}", row.fields)
+        rejects.bad(
+            row.where, "messages", "field 'messages' must be a non-empty list of {role, content}", row.fields
+        )
         return None
     clean = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            rejects.bad(row.where, "messages", f"messages[{i}] must be an object with string 'role' and 'content'", row.fields)
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            rejects.bad(
+                row.where,
+                "messages",
+                f"messages[{i}] must be an object with string 'role' and 'content'",
+                row.fields,
+            )
             return None
         if m["role"] not in ("system", "user", "assistant"):
-            rejects.bad(row.where, "messages", f"messages[{i}].role '{m['role']}' is not system/user/assistant", row.fields)
+            rejects.bad(
+                row.where,
+                "messages",
+                f"messages[{i}].role '{m['role']}' is not system/user/assistant",
+                row.fields,
+            )
             return None
         if _not_text({"content": m["content"]}) is not None:
-            rejects.bad(row.where, "messages", f"messages[{i}].content holds an unpaired UTF-16 surrogate "
-                        "(a \\uD800-\\uDFFF escape that is not text)", row.fields)
+            rejects.bad(
+                row.where,
+                "messages",
+                f"messages[{i}].content holds an unpaired UTF-16 surrogate "
+                "(a \\uD800-\\uDFFF escape that is not text)",
+                row.fields,
+            )
             return None
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in clean):
@@ -172,7 +210,9 @@ def prompt_text(example: Example, template: Template) -> str:
     except KeyError as e:
         from tunesmith.config import UserError
 
-        raise UserError(f"{example.where}: template needs field {e} which the row does not have (data.template / data.fields)") from None
+        raise UserError(
+            f"{example.where}: template needs field {e} which the row does not have (data.template / data.fields)"
+        ) from None
 
 
 def as_messages(example: Example) -> list[dict[str, str]]:

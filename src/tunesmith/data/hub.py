@@ -19,8 +19,10 @@ from tunesmith.runtime import hub_offline
 
 def read_hub(name: str, cfg: DataConfig) -> Iterator[Row]:
     """Rows of a hub dataset via datasets.load_dataset; offline (or no network) fails fast with a UserError."""
-    way_out = ("point data.path at a local copy (a jsonl/csv/parquet file or directory, e.g. one written by "
-               "`datasets.load_dataset(...).to_json('train.jsonl')` where the hub is reachable)")
+    way_out = (
+        "point data.path at a local copy (a jsonl/csv/parquet file or directory, e.g. one written by "
+        "`datasets.load_dataset(...).to_json('train.jsonl')` where the hub is reachable)"
+    )
     if hub_offline():
         cause = "not a local file or directory, and the hub is off (HF_HUB_OFFLINE=1)"
     elif not _hub_reachable():
@@ -36,7 +38,9 @@ def read_hub(name: str, cfg: DataConfig) -> Iterator[Row]:
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise UserError(f"{name}: cannot load hub dataset ({first_line(e)}); {way_out}") from None
     except datasets.exceptions.DatasetGenerationError as e:  # its files do not parse (bad UTF-8, bad JSON...)
-        raise UserError(f"{name}: cannot read the hub dataset's files ({first_line(e.__cause__ or e)})") from None
+        raise UserError(
+            f"{name}: cannot read the hub dataset's files ({first_line(e.__cause__ or e)})"
+        ) from None
     except ValueError as e:  # e.g. unknown split
         raise UserError(f"{name}: {first_line(e)} (check data.split)") from None
     rows, n = iter(ds), 0
@@ -45,8 +49,9 @@ def read_hub(name: str, cfg: DataConfig) -> Iterator[Row]:
             rec = next(rows, None)
         # streaming parses the hub's files as it goes: bad UTF-8 or JSON (ValueErrors) and I/O surface here
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
-            raise UserError(f"{name}[{cfg.split}]:row {n + 1}: cannot read the hub dataset past row {n} "
-                            f"({first_line(e)})") from None
+            raise UserError(
+                f"{name}[{cfg.split}]:row {n + 1}: cannot read the hub dataset past row {n} ({first_line(e)})"
+            ) from None
         if rec is None:
             return
         n += 1

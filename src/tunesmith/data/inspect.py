@@ -34,11 +34,15 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
     rejects = Rejects(d.on_bad_row, out_dir)
     train_ex, test_ex = load_examples(d, rejects)
     # Full lengths first (a throwaway Rejects: only the real render below decides which rows are bad).
-    full = {name: render_all(ex, template, tokenizer, _NO_LIMIT, d.truncation, Rejects("skip"))
-            for name, ex in (("train", train_ex), ("test", test_ex))}
+    full = {
+        name: render_all(ex, template, tokenizer, _NO_LIMIT, d.truncation, Rejects("skip"))
+        for name, ex in (("train", train_ex), ("test", test_ex))
+    }
     cuts: list[Cut] = []
-    train, test = (render(ex, template, tokenizer, d.max_length, d.truncation, rejects, cuts) if ex else []
-                   for ex in (train_ex, test_ex))
+    train, test = (
+        render(ex, template, tokenizer, d.max_length, d.truncation, rejects, cuts) if ex else []
+        for ex in (train_ex, test_ex)
+    )
     rejects_path = rejects.write()
     lengths = {k: [len(s["input_ids"]) for s in v] for k, v in full.items()}
     stats = {k: length_stats(lengths[k], d.max_length, [s["where"] for s in full[k]]) for k in full}
@@ -48,9 +52,14 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
         "path": d.path,
         "format": d.format,
         "max_length": d.max_length,
-        "counts": {"train": len(train_ex), "test": len(test_ex), "train_samples": len(train),
-                   "test_samples": len(test), "train_tokens": sum(len(s["input_ids"]) for s in train),
-                   "test_tokens": sum(len(s["input_ids"]) for s in test)},
+        "counts": {
+            "train": len(train_ex),
+            "test": len(test_ex),
+            "train_samples": len(train),
+            "test_samples": len(test),
+            "train_tokens": sum(len(s["input_ids"]) for s in train),
+            "test_tokens": sum(len(s["input_ids"]) for s in test),
+        },
         "lengths": {k: asdict(v) for k, v in stats.items()},
         "histogram": histogram(all_lengths),
         "share_truncated": overall.share_truncated,
@@ -80,10 +89,19 @@ def cut_summary(cuts: list[Cut], n_examples: int, lengths: list[int], max_length
     if share > WARN_CUT_SHARE:
         lost = ", ".join(f"{part}: {n}" for part, n in parts.items() if n)
         grow = f"to {p95} (+{p95 - max_length}) to keep 95% whole, " if max_length < p95 < longest else ""
-        warning = (f"{len(cuts)} of {n_examples} examples ({share:.1%}) are cut at data.max_length={max_length} (cut in {lost}); "
-                   f"data.max_length would have to grow {grow}to {longest} (+{longest - max_length}) to keep all whole")
-    return {"examples": len(cuts), "share": round(share, 4), "parts": parts, "p95": p95, "max": longest,
-            "first": [asdict(c) for c in cuts[:5]], "warning": warning}
+        warning = (
+            f"{len(cuts)} of {n_examples} examples ({share:.1%}) are cut at data.max_length={max_length} (cut in {lost}); "
+            f"data.max_length would have to grow {grow}to {longest} (+{longest - max_length}) to keep all whole"
+        )
+    return {
+        "examples": len(cuts),
+        "share": round(share, 4),
+        "parts": parts,
+        "p95": p95,
+        "max": longest,
+        "first": [asdict(c) for c in cuts[:5]],
+        "warning": warning,
+    }
 
 
 def plot_lengths(lengths: dict[str, list[int]], max_length: int, p99: int, path: Path) -> Path:
@@ -98,9 +116,16 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, p99: int, path:
     import numpy as np
 
     everything = [n for v in lengths.values() for n in v]
-    bins = np.histogram_bin_edges(everything, bins=min(40, max(1, len(set(everything)))))  # shared by both splits
+    bins = np.histogram_bin_edges(
+        everything, bins=min(40, max(1, len(set(everything))))
+    )  # shared by both splits
     names = [name for name, v in lengths.items() if v]
-    ax.hist([lengths[n] for n in names], bins=bins, stacked=True, label=[f"{n} ({len(lengths[n])})" for n in names])
+    ax.hist(
+        [lengths[n] for n in names],
+        bins=bins,
+        stacked=True,
+        label=[f"{n} ({len(lengths[n])})" for n in names],
+    )
     ax.axvline(max_length, color="red", linestyle="--", label=f"max_length {max_length}")
     ax.axvline(p99, color="black", linestyle=":", label=f"p99 {p99}")
     ax.set_xlabel("tokens per example (before truncation)")
@@ -136,36 +161,61 @@ def print_inspect(report: dict, tokenizer, console, examples: list[dict] | None 
     from rich.table import Table
 
     c = report["counts"]
-    console.print(f"[bold]{report['path']}[/bold]  format={report['format']}  max_length={report['max_length']}")
+    console.print(
+        f"[bold]{report['path']}[/bold]  format={report['format']}  max_length={report['max_length']}"
+    )
     t = Table(title="splits (token lengths before truncation)")
     for col in ("split", "examples", "samples", "tokens", "mean", "p50", "p90", "p99", "max", "truncated"):
         t.add_column(col, justify="left" if col == "split" else "right")
     for name in ("train", "test"):
         s = report["lengths"][name]
-        t.add_row(name, str(c[name]), str(c[f"{name}_samples"]), str(c[f"{name}_tokens"]), str(s["mean"]),
-                  str(s["p50"]), str(s["p90"]), str(s["p99"]), str(s["max"]), f"{s['share_truncated']:.1%}")
+        t.add_row(
+            name,
+            str(c[name]),
+            str(c[f"{name}_samples"]),
+            str(c[f"{name}_tokens"]),
+            str(s["mean"]),
+            str(s["p50"]),
+            str(s["p90"]),
+            str(s["p99"]),
+            str(s["max"]),
+            f"{s['share_truncated']:.1%}",
+        )
     console.print(t)
     console.print(terminal_histogram(report["histogram"]))
     cut = report["cut"]
     parts = ", ".join(f"{part} {n}" for part, n in cut["parts"].items())
-    console.print(f"cut at max_length={report['max_length']}: {cut['examples']} examples ({cut['share']:.1%}; lost tokens in {parts})")
+    console.print(
+        f"cut at max_length={report['max_length']}: {cut['examples']} examples ({cut['share']:.1%}; lost tokens in {parts})"
+    )
     if cut["warning"]:
         console.print(f"[bold yellow]warning:[/] {escape(cut['warning'])}")
-    console.print(f"suggested max_length: [bold]{report['suggested_max_length']}[/bold] (p99 rounded up to 32)")
+    console.print(
+        f"suggested max_length: [bold]{report['suggested_max_length']}[/bold] (p99 rounded up to 32)"
+    )
     f = Table(title="checks")
     f.add_column("check")
     f.add_column("found", justify="right")
     f.add_column("first cases (row ← earlier row)", overflow="fold")  # paths wrap instead of being cut
-    for label, key in (("exact duplicates", "duplicates"), ("near duplicates", "near_duplicates"),
-                       ("train/test leakage", "leakage")):
+    for label, key in (
+        ("exact duplicates", "duplicates"),
+        ("near duplicates", "near_duplicates"),
+        ("train/test leakage", "leakage"),
+    ):
         items = report[key]
         cases = "\n".join(f"{x['where']} ← {x['of']} ({x['similarity']:.2f})" for x in items[:3])
         f.add_row(label, str(len(items)), cases + ("\n…" if len(items) > 3 else ""))
     outliers = report["lengths"]["train"]["outliers"]
-    f.add_row("length outliers in train (> p99 or max_length)", str(report["lengths"]["train"]["n_outliers"]),
-              "\n".join(f"{w}: {n} tokens" for w, n in outliers[:3]))
-    f.add_row("cut at max_length (part that lost tokens)", str(cut["examples"]),
-              "\n".join(f"{c['where']}: {c['part']}, {c['length']} tokens" for c in cut["first"][:3]))
+    f.add_row(
+        "length outliers in train (> p99 or max_length)",
+        str(report["lengths"]["train"]["n_outliers"]),
+        "\n".join(f"{w}: {n} tokens" for w, n in outliers[:3]),
+    )
+    f.add_row(
+        "cut at max_length (part that lost tokens)",
+        str(cut["examples"]),
+        "\n".join(f"{c['where']}: {c['part']}, {c['length']} tokens" for c in cut["first"][:3]),
+    )
     skipped = f"see {report['rejects_file']}" if report["rejects_file"] else ""
     f.add_row("rows skipped", str(report["rejected"]), skipped)
     console.print(f)
@@ -183,4 +233,6 @@ def terminal_histogram(bins: list, width: int = 40) -> str:
     top = max(n for _, _, n in bins) or 1
     pad = len(str(bins[-1][1] - 1))
     # bins hold low <= length < high: label them with inclusive ends
-    return "\n".join(f"{lo:>{pad}}-{hi - 1:<{pad}} │{'█' * round(width * n / top):<{width}} {n}" for lo, hi, n in bins)
+    return "\n".join(
+        f"{lo:>{pad}}-{hi - 1:<{pad}} │{'█' * round(width * n / top):<{width}} {n}" for lo, hi, n in bins
+    )

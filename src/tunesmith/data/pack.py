@@ -44,7 +44,9 @@ def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
     return bins
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seq_len: int, packing: bool, seed: int, epoch: int) -> list[list[list[int]]]:
+def epoch_batches(
+    lengths: list[int], batch_size: int, seq_len: int, packing: bool, seed: int, epoch: int
+) -> list[list[list[int]]]:
     """One epoch's micro-batches: a list of batches, each a list of rows, each a list of sample indices.
 
     Deterministic in (seed, epoch), so a resumed run rebuilds the same list and skips to its cursor.
@@ -76,10 +78,17 @@ def collate_packed(samples: list[dict], rows: list[list[int]], pad_id: int) -> d
             t += n
         position_ids[r, t:] = torch.arange(width - t)
     real = sum(len(samples[i]["input_ids"]) for row in rows for i in row)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": torch.tensor(real)}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "real_tokens": torch.tensor(real),
+    }
 
 
-def collate_padded(samples: list[dict], rows: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+def collate_padded(
+    samples: list[dict], rows: list[list[int]], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
     """One sample per row, padded to the longest; padding is masked by position (attention_mask, labels)."""
     seqs = [samples[row[0]] for row in rows]
     width = max(len(s["input_ids"]) for s in seqs)
@@ -95,7 +104,9 @@ def collate_padded(samples: list[dict], rows: list[list[int]], pad_id: int, side
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "real_tokens": mask.sum()}
 
 
-def collate(samples: list[dict], rows: list[list[int]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+def collate(
+    samples: list[dict], rows: list[list[int]], pad_id: int, packing: bool
+) -> dict[str, torch.Tensor]:
     """The training collator: packed when packing is on, right-padded otherwise."""
     return collate_packed(samples, rows, pad_id) if packing else collate_padded(samples, rows, pad_id)
 
@@ -108,7 +119,9 @@ class EpochStream:
     takes the micro-batches `rank, rank + world, ...` of each step.
     """
 
-    def __init__(self, samples: list[dict], batch_size: int, seq_len: int, packing: bool, seed: int, pad_id: int):
+    def __init__(
+        self, samples: list[dict], batch_size: int, seq_len: int, packing: bool, seed: int, pad_id: int
+    ):
         self.samples, self.batch_size, self.seq_len = samples, batch_size, seq_len
         self.packing, self.seed, self.pad_id = packing, seed, pad_id
         self.lengths = [len(s["input_ids"]) for s in samples]
@@ -123,7 +136,9 @@ class EpochStream:
         """The next micro-batch and the `where` of every sample in it (to name a bad batch)."""
         if self.index >= len(self._batches):
             self.epoch, self.index = self.epoch + 1, 0
-            self._batches = epoch_batches(self.lengths, self.batch_size, self.seq_len, self.packing, self.seed, self.epoch)
+            self._batches = epoch_batches(
+                self.lengths, self.batch_size, self.seq_len, self.packing, self.seed, self.epoch
+            )
         rows = self._batches[self.index]
         self.index += 1
         wheres = [self.samples[i].get("where", str(i)) for row in rows for i in row]
@@ -134,4 +149,6 @@ class EpochStream:
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.index = state["epoch"], state["index"]
-        self._batches = epoch_batches(self.lengths, self.batch_size, self.seq_len, self.packing, self.seed, self.epoch)
+        self._batches = epoch_batches(
+            self.lengths, self.batch_size, self.seq_len, self.packing, self.seed, self.epoch
+        )

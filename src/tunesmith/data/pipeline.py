@@ -27,8 +27,22 @@ from tunesmith.runtime import print0
 
 CACHE_DIR = "data"
 # Data config fields that change the samples (packing/streaming change only how they are batched/read).
-_KEY_FIELDS = ("path", "format", "template", "fields", "split", "max_length", "truncation", "test_size",
-               "test_path", "seed", "limit", "on_bad_row", "dedupe", "text_field")
+_KEY_FIELDS = (
+    "path",
+    "format",
+    "template",
+    "fields",
+    "split",
+    "max_length",
+    "truncation",
+    "test_size",
+    "test_path",
+    "seed",
+    "limit",
+    "on_bad_row",
+    "dedupe",
+    "text_field",
+)
 _FORMAT_VERSION = 2  # bump when the cache layout or the rendering rules change
 
 
@@ -65,24 +79,38 @@ def build(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared
     rejects.write()
     if rejects.count:
         print0(f"data: {rejects.summary()}")
-    prepared = Prepared(train, test, train_ex, test_ex, template, rejects.count,
-                        data_hash=data_hash(d), template_hash=template_hash(template))
+    prepared = Prepared(
+        train,
+        test,
+        train_ex,
+        test_ex,
+        template,
+        rejects.count,
+        data_hash=data_hash(d),
+        template_hash=template_hash(template),
+    )
     if cache is not None:
         save_cache(cache, key, prepared)
     return prepared
 
 
-def render_all(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str,
-               rejects: Rejects) -> list[dict]:
+def render_all(
+    examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects
+) -> list[dict]:
     """render(), also for an empty split (a fast tokenizer cannot encode an empty batch)."""
     return render(examples, template, tokenizer, max_length, truncation, rejects) if examples else []
 
 
-def _require_rendered(samples: list[dict], examples: list[Example], path: str, side: str, rejects: Rejects) -> None:
+def _require_rendered(
+    samples: list[dict], examples: list[Example], path: str, side: str, rejects: Rejects
+) -> None:
     """Raise (after writing the report) when rendering dropped every example of a non-empty split."""
     if examples and not samples:
-        raise emptied(rejects, f"{path}: all {len(examples)} {side} examples were skipped while rendering "
-                               "(nothing left of them within data.max_length)")
+        raise emptied(
+            rejects,
+            f"{path}: all {len(examples)} {side} examples were skipped while rendering "
+            "(nothing left of them within data.max_length)",
+        )
 
 
 def emptied(rejects: Rejects, message: str) -> UserError:
@@ -100,7 +128,16 @@ def build_heldout(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> 
     test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
     _require_rendered(test, test_ex, d.test_path or "", "test", rejects)
     rejects.write()
-    return Prepared([], test, [], test_ex, template, rejects.count, data_hash=data_hash(d), template_hash=template_hash(template))
+    return Prepared(
+        [],
+        test,
+        [],
+        test_ex,
+        template,
+        rejects.count,
+        data_hash=data_hash(d),
+        template_hash=template_hash(template),
+    )
 
 
 def prepare(cfg: Config, tokenizer) -> Path:
@@ -119,7 +156,10 @@ def read_examples(path: str, d: DataConfig, rejects: Rejects) -> list[Example]:
                 out.append(ex)
     if not out:  # rows were read (read_rows saw to that), and every one was bad
         n = rejects.count - before
-        raise emptied(rejects, f"{path}: " + ("its only row was" if n == 1 else f"all {n} rows were") + " skipped as bad")
+        raise emptied(
+            rejects,
+            f"{path}: " + ("its only row was" if n == 1 else f"all {n} rows were") + " skipped as bad",
+        )
     return out
 
 
@@ -212,15 +252,31 @@ def tokenizer_hash(tokenizer) -> str:
     """A hash of everything in the tokenizer that changes ids: the full fast-tokenizer JSON, specials, chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     core = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    return _hash([core, tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token,
-                  getattr(tokenizer, "chat_template", None), type(tokenizer).__name__])
+    return _hash(
+        [
+            core,
+            tokenizer.eos_token,
+            tokenizer.bos_token,
+            tokenizer.pad_token,
+            getattr(tokenizer, "chat_template", None),
+            type(tokenizer).__name__,
+        ]
+    )
 
 
 def cache_key(d: DataConfig, template: Template, tokenizer) -> str:
     """The cache key of the rendered splits."""
     conf = {k: getattr(d, k) for k in _KEY_FIELDS}
-    return _hash([_FORMAT_VERSION, conf, _file_stats(d.path, d), _file_stats(d.test_path, d),
-                  template.to_dict(), tokenizer_hash(tokenizer)])
+    return _hash(
+        [
+            _FORMAT_VERSION,
+            conf,
+            _file_stats(d.path, d),
+            _file_stats(d.test_path, d),
+            template.to_dict(),
+            tokenizer_hash(tokenizer),
+        ]
+    )
 
 
 def _save_samples(path: Path, samples: list[dict]) -> None:
@@ -234,8 +290,10 @@ def _save_samples(path: Path, samples: list[dict]) -> None:
 def _load_samples(path: Path, wheres: list[str]) -> list[dict]:
     with np.load(path, allow_pickle=False) as z:
         ids, labels, off = z["input_ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
-    return [{"input_ids": ids[off[i] : off[i + 1]], "labels": labels[off[i] : off[i + 1]], "where": w}
-            for i, w in enumerate(wheres)]
+    return [
+        {"input_ids": ids[off[i] : off[i + 1]], "labels": labels[off[i] : off[i + 1]], "where": w}
+        for i, w in enumerate(wheres)
+    ]
 
 
 def save_cache(cache: Path, key: str, p: Prepared) -> None:
@@ -247,9 +305,15 @@ def save_cache(cache: Path, key: str, p: Prepared) -> None:
         with (cache / f"{name}_examples.jsonl").open("w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-    meta = {"key": key, "rejected": p.rejected, "data_hash": p.data_hash, "template_hash": p.template_hash,
-            "template": p.template.to_dict(), "train_where": [s["where"] for s in p.train],
-            "test_where": [s["where"] for s in p.test]}
+    meta = {
+        "key": key,
+        "rejected": p.rejected,
+        "data_hash": p.data_hash,
+        "template_hash": p.template_hash,
+        "template": p.template.to_dict(),
+        "train_where": [s["where"] for s in p.train],
+        "test_where": [s["where"] for s in p.test],
+    }
     (cache / "meta.json").write_text(json.dumps(meta))
 
 
@@ -269,6 +333,10 @@ def load_cache(cache: Path, key: str, template: Template) -> Prepared | None:
     return Prepared(
         train=_load_samples(cache / "train.npz", meta["train_where"]),
         test=_load_samples(cache / "test.npz", meta["test_where"]),
-        train_examples=examples("train"), test_examples=examples("test"), template=template,
-        rejected=meta["rejected"], data_hash=meta["data_hash"], template_hash=meta["template_hash"],
+        train_examples=examples("train"),
+        test_examples=examples("test"),
+        template=template,
+        rejected=meta["rejected"],
+        data_hash=meta["data_hash"],
+        template_hash=meta["template_hash"],
     )

@@ -31,10 +31,15 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-
-
-def render(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str, rejects: Rejects,
-           cuts: list[Cut] | None = None) -> list[dict]:
+def render(
+    examples: list[Example],
+    template: Template,
+    tokenizer,
+    max_length: int,
+    truncation: str,
+    rejects: Rejects,
+    cuts: list[Cut] | None = None,
+) -> list[dict]:
     """Examples -> samples {input_ids, labels, where}; a row whose response does not survive truncation is bad.
 
     Each example cut at max_length is appended to `cuts` when given."""
@@ -75,7 +80,9 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _truncate_pair(ids: list[int], labels: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
+def _truncate_pair(
+    ids: list[int], labels: list[int], max_length: int, side: str
+) -> tuple[list[int], list[int]]:
     # The prompt is the leading run of -100 labels; for chat, later user turns stay inside the "response"
     # span (masked) so prompt_left cuts only the head of the conversation.
     n_prompt = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
@@ -84,17 +91,21 @@ def _truncate_pair(ids: list[int], labels: list[int], max_length: int, side: str
     return p + r, lp + lr
 
 
-def _cut_chat(ex: Example, ids: list[int], labels: list[int], tokenizer, max_length: int, side: str,
-              cuts: list[Cut]) -> tuple[list[int], list[int]]:
+def _cut_chat(
+    ex: Example, ids: list[int], labels: list[int], tokenizer, max_length: int, side: str, cuts: list[Cut]
+) -> tuple[list[int], list[int]]:
     """An over-long chat sample cut to max_length: user content first under prompt_left (see data/truncate.py)."""
     if side == "prompt_left":
+
         def encode(e: Example) -> list[int]:
             return _chat_template_ids(tokenizer, as_messages(e), add_generation_prompt=False)
 
         # _chat_ids may append an EOS or drop a tail after the last answer: a constant while answers stay whole
         extra = len(ids) - len(encode(ex))
         spans = slots(ex, None)
-        found = cut_content(ex, spans, encode, max_length - extra, _guess(ex, spans, len(ids) - max_length, tokenizer))
+        found = cut_content(
+            ex, spans, encode, max_length - extra, _guess(ex, spans, len(ids) - max_length, tokenizer)
+        )
         if found is not None:
             cut_ids, cut_labels = _chat_ids(found[0], tokenizer)
             if len(cut_ids) <= max_length and _learned(cut_labels) == _learned(labels):
@@ -109,14 +120,15 @@ def _learned(labels: list[int]) -> list[int]:
     return [label for label in labels if label != IGNORE]
 
 
-
 def _guess(ex: Example, spans: list[tuple[int | str, int]], over: int, tokenizer) -> int:
     """Characters to cut so that about `over` tokens go: the length of the slots' first `over` tokens, decoded.
 
     Usually exact (a value starts on a pre-token boundary), so the search only confirms it."""
     texts = [ex.messages[key]["content"] if isinstance(key, int) else ex.fields[key] for key, _ in spans]
     backend = _plain_backend(tokenizer)
-    decode = backend.decode if backend is not None else tokenizer.decode  # the Rust one skips the wrapper's overhead
+    decode = (
+        backend.decode if backend is not None else tokenizer.decode
+    )  # the Rust one skips the wrapper's overhead
     c = 0
     for (_, limit), ids in zip(spans, encode_batch(tokenizer, texts, add_special_tokens=False)):
         if over < len(ids):
@@ -125,11 +137,15 @@ def _guess(ex: Example, spans: list[tuple[int | str, int]], over: int, tokenizer
     return c
 
 
-
-
-
-def _string_samples(examples: list[Example], template: Template, tokenizer, max_length: int, truncation: str,
-                    rejects: Rejects, cuts: list[Cut]) -> list[dict]:
+def _string_samples(
+    examples: list[Example],
+    template: Template,
+    tokenizer,
+    max_length: int,
+    truncation: str,
+    rejects: Rejects,
+    cuts: list[Cut],
+) -> list[dict]:
     eos = _eos_id(tokenizer)
     field = template.response_field
     # Batched calls into the Rust tokenizer, no per-token Python loops.
@@ -155,15 +171,26 @@ def _string_samples(examples: list[Example], template: Template, tokenizer, max_
     return samples
 
 
-def _cut_string(ex: Example, template: Template, tokenizer, p: list[int], r: list[int], max_length: int, side: str,
-                cuts: list[Cut]) -> tuple[list[int], list[int]]:
+def _cut_string(
+    ex: Example,
+    template: Template,
+    tokenizer,
+    p: list[int],
+    r: list[int],
+    max_length: int,
+    side: str,
+    cuts: list[Cut],
+) -> tuple[list[int], list[int]]:
     """An over-long (prompt, response+EOS) cut to max_length: user content first under prompt_left."""
     if side == "prompt_left" and len(r) < max_length:
+
         def encode(e: Example) -> list[int]:  # exactly render_prompt's ids
             return encode_batch(tokenizer, [prompt_text(e, template)], add_special_tokens=True)[0]
 
         spans = slots(ex, template)
-        found = cut_content(ex, spans, encode, max_length - len(r), _guess(ex, spans, len(p) + len(r) - max_length, tokenizer))
+        found = cut_content(
+            ex, spans, encode, max_length - len(r), _guess(ex, spans, len(p) + len(r) - max_length, tokenizer)
+        )
         if found is not None:
             cuts.append(Cut(ex.where, CONTENT, len(p) + len(r)))
             return found[1], r
@@ -182,12 +209,19 @@ def encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[
     backend = _plain_backend(tokenizer)
     if backend is None:  # slow (Python) tokenizer, or backend state the wrapper would change per call
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: tokenizers >= 0.20, no offsets
+    encode = getattr(
+        backend, "encode_batch_fast", backend.encode_batch
+    )  # _fast: tokenizers >= 0.20, no offsets
     ids: list[list[int]] = []
     # Chunks, not one call: each Rust Encoding holds ~10 vectors per token, and 50k of them alive at once
     # cost ~25% more CPU (fresh memory) than chunks of 1000 whose memory is reused.
     for start in range(0, len(texts), _ENCODE_CHUNK):
-        ids.extend([e.ids for e in encode(texts[start : start + _ENCODE_CHUNK], add_special_tokens=add_special_tokens)])
+        ids.extend(
+            [
+                e.ids
+                for e in encode(texts[start : start + _ENCODE_CHUNK], add_special_tokens=add_special_tokens)
+            ]
+        )
     return ids
 
 
@@ -206,7 +240,9 @@ def prompt_ids(examples: list[Example], template: Template, tokenizer) -> list[l
     plans = {f: _split_plan(f, backend, specials) for f in set(formats)} if specials is not None else {}
     split = [plans.get(f) is not None and plans[f].fits(ex.fields) for ex, f in zip(examples, formats)]
     whole = [prompt_text(ex, template) for ex, s in zip(examples, split) if not s]
-    values = [ex.fields[name] for ex, f, s in zip(examples, formats, split) if s for _, name in plans[f].fields]
+    values = [
+        ex.fields[name] for ex, f, s in zip(examples, formats, split) if s for _, name in plans[f].fields
+    ]
     whole_ids = iter(encode_batch(tokenizer, whole, add_special_tokens=True))
     value_ids = iter(encode_batch(tokenizer, values, add_special_tokens=False))
     out = []
@@ -230,13 +266,21 @@ class _Plan:
     """A prompt format split at its fields: pieces[0] + value_0 + pieces[1] + ... + pieces[-1] (pieces are ids)."""
 
     def __init__(self, pieces: list[list[int]], fields: list[tuple[int, str]]):
-        self.pieces, self.fields = pieces, fields  # fields: (junction rules, name); one piece more than fields
+        self.pieces, self.fields = (
+            pieces,
+            fields,
+        )  # fields: (junction rules, name); one piece more than fields
 
     def fits(self, values: dict) -> bool:
         """Whether this row's values meet the junction rules (and exist: a missing one is reported by prompt_text)."""
         for rule, name in self.fields:
             v = values.get(name)
-            if not isinstance(v, str) or not v or (rule & _START and v[0].isspace()) or (rule & _END and v[-1].isspace()):
+            if (
+                not isinstance(v, str)
+                or not v
+                or (rule & _START and v[0].isspace())
+                or (rule & _END and v[-1].isspace())
+            ):
                 return False
         return True
 
@@ -284,14 +328,18 @@ def _special_tokens_around(backend) -> tuple[list[int], list[int]] | None:
     byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
     if len(byte_level) != 1 or not byte_level[0]["use_regex"] or byte_level[0]["add_prefix_space"]:
         return None
-    if any(p.get("type") not in ("ByteLevel", "Digits") for p in parts) or getattr(backend.model, "dropout", None):
+    if any(p.get("type") not in ("ByteLevel", "Digits") for p in parts) or getattr(
+        backend.model, "dropout", None
+    ):
         return None  # Digits only splits further (never at a line break); BPE dropout is random per call
     if backend.normalizer is not None and json.loads(backend.normalizer.__getstate__()).get("type") != "NFC":
         return None  # NFC never composes with a line break or tab; other normalizers are not checked
     for tok in backend.get_added_tokens_decoder().values():
         if tok.lstrip or tok.rstrip or any(c.isspace() for c in tok.content):
             return None  # such an added token could match across a piece boundary
-    processor = json.loads(backend.post_processor.__getstate__()) if backend.post_processor is not None else {}
+    processor = (
+        json.loads(backend.post_processor.__getstate__()) if backend.post_processor is not None else {}
+    )
     if processor.get("type", "ByteLevel") not in ("TemplateProcessing", "ByteLevel"):
         return None  # those two add the same ids around any single text
     bare = backend.encode("a", add_special_tokens=False).ids
@@ -304,7 +352,9 @@ def _plain_backend(tokenizer):
     """The Rust tokenizer when calling it equals calling the wrapper with defaults, else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None or backend.truncation is not None or backend.padding is not None:
-        return None  # the wrapper resets truncation/padding for a default call; reproduce that via the wrapper
+        return (
+            None  # the wrapper resets truncation/padding for a default call; reproduce that via the wrapper
+        )
     if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
         return None
     if hasattr(tokenizer, "_switch_to_input_mode"):
@@ -327,7 +377,9 @@ def _chat_ids(example: Example, tokenizer) -> tuple[list[int], list[int]]:
         prefix = _chat_template_ids(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _chat_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(prefix)] != prefix or full[: len(upto)] != upto:
-            raise UserError(f"{example.where}: the chat template does not render turns as prefixes of the conversation; use a string data.template")
+            raise UserError(
+                f"{example.where}: the chat template does not render turns as prefixes of the conversation; use a string data.template"
+            )
         labels[len(prefix) : len(upto)] = full[len(prefix) : len(upto)]
     eos = _eos_id(tokenizer)
     last = max((j for j, label in enumerate(labels) if label != IGNORE), default=-1)
@@ -339,8 +391,12 @@ def _chat_ids(example: Example, tokenizer) -> tuple[list[int], list[int]]:
 
 def _chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     if tokenizer.chat_template is None:
-        raise UserError("data.template=chat but the tokenizer has no chat_template (use a template string instead)")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        raise UserError(
+            "data.template=chat but the tokenizer has no chat_template (use a template string instead)"
+        )
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

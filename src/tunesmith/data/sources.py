@@ -36,7 +36,9 @@ TEXT_SUFFIXES = (".txt", ".md")
 STREAM_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 STREAM_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 # every suffix a reader takes: a missing path that ends in one is a missing file, never a hub id
-FILE_SUFFIXES = tuple(dict.fromkeys((*RECORD_SUFFIXES, *TEXT_SUFFIXES, *STREAM_JSONL_SUFFIXES, *STREAM_TEXT_SUFFIXES)))
+FILE_SUFFIXES = tuple(
+    dict.fromkeys((*RECORD_SUFFIXES, *TEXT_SUFFIXES, *STREAM_JSONL_SUFFIXES, *STREAM_TEXT_SUFFIXES))
+)
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # surrogateescape turns each undecodable byte into one lone surrogate in this range; finding one = bad UTF-8
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
@@ -79,7 +81,9 @@ def find_files(path: str, suffixes: tuple[str, ...], key: str = "data.path") -> 
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _is_data(f, suffixes, f.relative_to(p).parts))
+        files = sorted(
+            f for f in p.rglob("*") if f.is_file() and _is_data(f, suffixes, f.relative_to(p).parts)
+        )
         what = "directory holds"
     elif any(c in path for c in "*?["):
         files = sorted(Path(f) for f in globlib.glob(os.path.expanduser(path), recursive=True))
@@ -101,8 +105,11 @@ def is_hub_id(path: str) -> bool:
 
 def _is_data(f: Path, suffixes: tuple[str, ...], parts: tuple[str, ...]) -> bool:
     # hidden files/dirs (.git, .cache) and our own rejects report never count as data
-    return f.name.lower().endswith(suffixes) and not any(part.startswith(".") for part in parts) \
+    return (
+        f.name.lower().endswith(suffixes)
+        and not any(part.startswith(".") for part in parts)
         and f.name != "data_rejects.jsonl"
+    )
 
 
 def _raw_rows(path: str, cfg: DataConfig, rejects: Rejects) -> Iterator[Row]:
@@ -131,8 +138,11 @@ def _read_file(f: Path, rejects: Rejects) -> Iterator[Row]:
     return read_text_file(f, rejects)
 
 
-_EMPTY = {".csv": "the csv has a header but no data rows", ".json": "the JSON list is empty",
-          ".parquet": "the parquet file has 0 rows"}
+_EMPTY = {
+    ".csv": "the csv has a header but no data rows",
+    ".json": "the JSON list is empty",
+    ".parquet": "the parquet file has 0 rows",
+}
 
 
 def _no_rows(path: str, files: list[Path] | None, cfg: DataConfig) -> str:
@@ -142,7 +152,11 @@ def _no_rows(path: str, files: list[Path] | None, cfg: DataConfig) -> str:
         return f"{path}: none of its {len(files)} data files holds a row (all empty; check data.path)"
     f = files[0]
     kind = next((k for k in _EMPTY if f.name.lower().endswith(k)), "")
-    cause = "the file has 0 bytes" if f.stat().st_size == 0 else _EMPTY.get(kind, "the file holds only blank lines")
+    cause = (
+        "the file has 0 bytes"
+        if f.stat().st_size == 0
+        else _EMPTY.get(kind, "the file holds only blank lines")
+    )
     return f"{f}: no data rows ({cause}; check data.path)"
 
 
@@ -175,8 +189,12 @@ def decode_line(raw: bytes, path: Path, lineno: int, offset: int | None, rejects
     except UnicodeDecodeError as e:
         # offset: where the byte is in the file, for a hex editor (None for compressed files)
         at = f", file offset {offset + e.start}" if offset is not None else ""
-        rejects.bad(f"{path}:{lineno}", None, f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}{at})",
-                    {"raw": raw[:500].decode("utf-8", "replace")})
+        rejects.bad(
+            f"{path}:{lineno}",
+            None,
+            f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}{at})",
+            {"raw": raw[:500].decode("utf-8", "replace")},
+        )
         return None
     return text[1:] if lineno == 1 and text.startswith("\ufeff") else text
 
@@ -207,13 +225,17 @@ def read_jsonl(path: Path, rejects: Rejects) -> Iterator[Row]:
             for chunk in f:
                 i = chunk.find(b"\r")
                 # one loop, no call per line: a generator or a decode function per line costs ~10% of reading
-                for raw in (chunk,) if i < 0 or (i == len(chunk) - 2 and chunk[-1] == 10) else split_lines(chunk):
+                for raw in (
+                    (chunk,) if i < 0 or (i == len(chunk) - 2 and chunk[-1] == 10) else split_lines(chunk)
+                ):
                     lineno += 1
                     start, offset = offset, offset + len(raw)
                     try:
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError:
-                        text = decode_line(raw, path, lineno, None if gz else start, rejects)  # reports the byte
+                        text = decode_line(
+                            raw, path, lineno, None if gz else start, rejects
+                        )  # reports the byte
                     if lineno == 1 and text:
                         text = text.removeprefix("\ufeff")
                     if not text or text.isspace():  # blank (or reported): no stripped copy of every line
@@ -246,8 +268,10 @@ def read_json(path: Path, rejects: Rejects) -> Iterator[Row]:
         raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
     _json_bad_byte(path, data)
     if not isinstance(obj, list):
-        raise UserError(f"{path}: a .json file must hold a list of objects (got {type(obj).__name__}; "
-                        "use .jsonl for one object per line)")
+        raise UserError(
+            f"{path}: a .json file must hold a list of objects (got {type(obj).__name__}; "
+            "use .jsonl for one object per line)"
+        )
     for i, item in enumerate(obj, start=1):
         where = f"{path}:item {i}"
         if isinstance(item, dict):
@@ -261,8 +285,10 @@ def _json_bad_byte(path: Path, data: bytes) -> None:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         line, col = place(data, e.start)
-        raise UserError(f"{path}:{line}: invalid UTF-8 (byte {data[e.start]:#04x} at column {col}, file offset "
-                        f"{e.start}; re-save the file as UTF-8)") from None
+        raise UserError(
+            f"{path}:{line}: invalid UTF-8 (byte {data[e.start]:#04x} at column {col}, file offset "
+            f"{e.start}; re-save the file as UTF-8)"
+        ) from None
 
 
 def read_csv(path: Path, rejects: Rejects) -> Iterator[Row]:
@@ -305,23 +331,35 @@ def _csv_header(path: Path, reader) -> list[str]:
         raise UserError(f"{path}:{reader.line_num}: invalid UTF-8 in the header (re-save the file as UTF-8)")
     dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
     if dup is not None:  # dict(zip()) would keep only the last of the two columns
-        raise UserError(f"{path}:{reader.line_num}: the header names column '{one_line(dup)}' twice (rename one)")
+        raise UserError(
+            f"{path}:{reader.line_num}: the header names column '{one_line(dup)}' twice (rename one)"
+        )
     return header
 
 
-def _csv_row(path: Path, n: int, start: int, header: list[str], values: list[str], rejects: Rejects) -> Row | None:
+def _csv_row(
+    path: Path, n: int, start: int, header: list[str], values: list[str], rejects: Rejects
+) -> Row | None:
     where = f"{path}:row {n}"
     if len(values) != len(header):
-        rejects.bad(where, None, f"row has {len(values)} values, the header has {len(header)} (line {start})",
-                    {"raw": [_clean(v) for v in values]})
+        rejects.bad(
+            where,
+            None,
+            f"row has {len(values)} values, the header has {len(header)} (line {start})",
+            {"raw": [_clean(v) for v in values]},
+        )
         return None
     for i, (h, v) in enumerate(zip(header, values, strict=True)):
         m = _BAD_BYTE.search(v)
         if m is not None:
             # line breaks only occur inside quoted fields, so the values before the byte give its line
             line = start + sum(place(x, len(x))[0] - 1 for x in values[:i]) + place(v, m.start())[0] - 1
-            rejects.bad(where, h, f"field '{h}' is not valid UTF-8 (byte {ord(m.group()) - 0xDC00:#04x} at line {line})",
-                        dict(zip(header, (_clean(x) for x in values), strict=True)))
+            rejects.bad(
+                where,
+                h,
+                f"field '{h}' is not valid UTF-8 (byte {ord(m.group()) - 0xDC00:#04x} at line {line})",
+                dict(zip(header, (_clean(x) for x in values), strict=True)),
+            )
             return None
     return Row(where, dict(zip(header, values, strict=True)))
 
@@ -345,7 +383,9 @@ def read_parquet(path: Path, batch_rows: int = 4096) -> Iterator[Row]:
         try:
             batch = next(batches, None)
         except (pa.ArrowException, OSError) as e:  # a corrupt page: name the rows reached so far
-            raise UserError(f"{path}:row {n + 1}: cannot read the parquet file past row {n} ({first_line(e)})") from None
+            raise UserError(
+                f"{path}:row {n + 1}: cannot read the parquet file past row {n} ({first_line(e)})"
+            ) from None
         if batch is None:
             return
         for rec in batch.to_pylist():
@@ -360,7 +400,11 @@ def read_text_file(path: Path, rejects: Rejects) -> Iterator[Row]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line, col = place(data, e.start)
-        rejects.bad(f"{path}:{line}", None, f"invalid UTF-8 (byte {data[e.start]:#04x} at column {col}, "
-                    f"file offset {e.start})", {"raw": data[:500].decode("utf-8", "replace")})
+        rejects.bad(
+            f"{path}:{line}",
+            None,
+            f"invalid UTF-8 (byte {data[e.start]:#04x} at column {col}, file offset {e.start})",
+            {"raw": data[:500].decode("utf-8", "replace")},
+        )
         return
     yield Row(str(path), {"text": text.removeprefix("\ufeff")})

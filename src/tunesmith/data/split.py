@@ -36,8 +36,9 @@ def split_hash(key: str, seed: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def split(examples: list[T], test_size: float, seed: int, key: Callable[[T], str],
-          name: str = "data") -> tuple[list[T], list[T]]:
+def split(
+    examples: list[T], test_size: float, seed: int, key: Callable[[T], str], name: str = "data"
+) -> tuple[list[T], list[T]]:
     """(train, test): test_size < 1 is a fraction, >= 1 a count; order within each side is kept.
 
     Fraction: an example goes to test when hash / 2**64 < test_size (independent of the other rows).
@@ -58,8 +59,10 @@ def split(examples: list[T], test_size: float, seed: int, key: Callable[[T], str
         count = int(test_size)
         distinct = sorted(set(hashes))
         if count >= len(examples) or count >= len(distinct):
-            raise UserError(f"{name}: data.test_size={count} would leave no training examples "
-                            f"({len(examples)} examples, {len(distinct)} distinct prompts); lower it")
+            raise UserError(
+                f"{name}: data.test_size={count} would leave no training examples "
+                f"({len(examples)} examples, {len(distinct)} distinct prompts); lower it"
+            )
         # Take whole groups of the same prompt until `count` examples are in: a group never straddles the cut.
         taken, cut = 0, 0
         sizes = {}
@@ -73,10 +76,14 @@ def split(examples: list[T], test_size: float, seed: int, key: Callable[[T], str
     train = [ex for ex, h in zip(examples, hashes, strict=True) if h >= cut]
     test = [ex for ex, h in zip(examples, hashes, strict=True) if h < cut]
     if not train:
-        raise UserError(f"{name}: data.test_size={test_size:g} leaves no training examples ({len(examples)} in all); lower it")
+        raise UserError(
+            f"{name}: data.test_size={test_size:g} leaves no training examples ({len(examples)} in all); lower it"
+        )
     if not test:  # one example, or every prompt the same: a held-out split was asked for and none came out
         same = ", all with the same prompt" if len(examples) > 1 else ""
-        raise UserError(f"{name}: data.test_size={test_size:g} of {len(examples)} example{'s' if len(examples) > 1 else ''}"
-                        f"{same} leaves 0 test examples (use a larger file, a count such as data.test_size=1, "
-                        "or data.test_size=0 to train without a held-out split)")
+        raise UserError(
+            f"{name}: data.test_size={test_size:g} of {len(examples)} example{'s' if len(examples) > 1 else ''}"
+            f"{same} leaves 0 test examples (use a larger file, a count such as data.test_size=1, "
+            "or data.test_size=0 to train without a held-out split)"
+        )
     return train, test

@@ -99,7 +99,12 @@ class FileSource:
 
     def seek(self, cursor: dict) -> None:
         self.close()
-        self.file, self.offset, self.line, self.epoch = cursor["file"], cursor["offset"], cursor["line"], cursor["epoch"]
+        self.file, self.offset, self.line, self.epoch = (
+            cursor["file"],
+            cursor["offset"],
+            cursor["line"],
+            cursor["epoch"],
+        )
 
     def close(self) -> None:
         self._pending.clear()
@@ -131,12 +136,18 @@ class FileSource:
 
     def _nothing_read(self) -> str:
         if not self.seen:
-            return f"{self.path}: no data rows (every file is empty or holds only blank lines; check data.path)"
+            return (
+                f"{self.path}: no data rows (every file is empty or holds only blank lines; check data.path)"
+            )
         if not self.rejects.count:
-            return f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}')"
+            return (
+                f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}')"
+            )
         self.rejects.append()
-        return (f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}'; "
-                f"{self.rejects.count} row{'s' if self.rejects.count > 1 else ''} skipped as bad){self.rejects.note()}")
+        return (
+            f"{self.path}: no documents with text in any file (check data.text_field='{self.text_field}'; "
+            f"{self.rejects.count} row{'s' if self.rejects.count > 1 else ''} skipped as bad){self.rejects.note()}"
+        )
 
     def _open(self) -> io.BufferedIOBase:
         if self._handle is None:
@@ -158,7 +169,9 @@ class FileSource:
                 while left > 0:
                     chunk = handle.read(min(left, 1 << 20))
                     if not chunk:
-                        raise UserError(f"{f}: shorter than the checkpoint's data cursor (the file changed; resume with train.resume=never)")
+                        raise UserError(
+                            f"{f}: shorter than the checkpoint's data cursor (the file changed; resume with train.resume=never)"
+                        )
                     left -= len(chunk)
             self._handle = handle
         return self._handle
@@ -177,7 +190,9 @@ class FileSource:
 
     def _read_jsonl(self, f: io.BufferedIOBase) -> Piece | None:
         path, rejects = self.files[self.file], self._report
-        plain = not path.name.lower().endswith((".gz", ".zst"))  # a byte offset helps only in the file as stored
+        plain = not path.name.lower().endswith(
+            (".gz", ".zst")
+        )  # a byte offset helps only in the file as stored
         while True:
             start = self.offset
             raw = self._next_line(f)
@@ -193,8 +208,12 @@ class FileSource:
                 continue
             doc = obj.get(self.text_field)
             if not isinstance(doc, str) or not doc.strip():
-                rejects.bad(where, self.text_field, f"field '{self.text_field}' is missing, empty or not a string "
-                                 "(set data.text_field)", {"raw": text[:500]})
+                rejects.bad(
+                    where,
+                    self.text_field,
+                    f"field '{self.text_field}' is missing, empty or not a string (set data.text_field)",
+                    {"raw": text[:500]},
+                )
                 continue
             return Piece(doc, True, True, where)
 
@@ -215,12 +234,21 @@ class FileSource:
         try:
             text = blob.decode("utf-8-sig" if start == 0 else "utf-8")
         except UnicodeDecodeError as e:
-            bom = 3 if start == 0 and blob.startswith(b"\xef\xbb\xbf") else 0  # utf-8-sig counts after the BOM
+            bom = (
+                3 if start == 0 and blob.startswith(b"\xef\xbb\xbf") else 0
+            )  # utf-8-sig counts after the BOM
             line, col = place(blob, e.start + bom)
-            at = f", file offset {start + e.start + bom}" if not path.name.lower().endswith((".gz", ".zst")) else ""
-            self._report.bad(f"{path}:{first_line + line - 1}", None,
-                             f"invalid UTF-8 (byte {blob[e.start + bom]:#04x} at column {col}{at}; "
-                             f"lines {first_line}-{self.line} are skipped)")
+            at = (
+                f", file offset {start + e.start + bom}"
+                if not path.name.lower().endswith((".gz", ".zst"))
+                else ""
+            )
+            self._report.bad(
+                f"{path}:{first_line + line - 1}",
+                None,
+                f"invalid UTF-8 (byte {blob[e.start + bom]:#04x} at column {col}{at}; "
+                f"lines {first_line}-{self.line} are skipped)",
+            )
             text = ""  # skipped; the empty piece keeps the document's start/end marks (BOS/EOS)
         return Piece(text, start == 0, ends, f"{path}:{first_line}")
 
@@ -252,8 +280,14 @@ class HubSource:
                 text = row.fields.get(self.cfg.text_field)
                 if isinstance(text, str) and text.strip():
                     return Piece(text, True, True, row.where)
-                rejects = self.rejects if self.epoch == 0 else Rejects(self.rejects.policy)  # reported once, not per epoch
-                rejects.bad(row.where, self.cfg.text_field, f"field '{self.cfg.text_field}' is missing or empty (set data.text_field)")
+                rejects = (
+                    self.rejects if self.epoch == 0 else Rejects(self.rejects.policy)
+                )  # reported once, not per epoch
+                rejects.bad(
+                    row.where,
+                    self.cfg.text_field,
+                    f"field '{self.cfg.text_field}' is missing or empty (set data.text_field)",
+                )
             self._rows, self.offset, self.epoch = None, 0, self.epoch + 1
         raise UserError(f"{self.path}: no rows with text (check data.text_field='{self.cfg.text_field}')")
 
@@ -271,8 +305,16 @@ class Unit:
 class TextStream:
     """Endless micro-batches of packed text rows from streamed sources, with a small resumable JSON state."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 out_dir: str | Path | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        out_dir: str | Path | None = None,
+    ):
         specs = cfg.sources or [SourceConfig(path=cfg.path)]
         self.paths = [s.path for s in specs]
         total = sum(s.weight for s in specs)
@@ -280,11 +322,19 @@ class TextStream:
         # under skip, each skipped row is appended to <out_dir>/data_rejects.jsonl as it is met (no out_dir: kept here)
         self.rejects = Rejects(cfg.on_bad_row, out_dir)
         self.sources = [self._source(s.path, cfg) for s in specs]
-        self.tok, self.batch_size, self.seq_len, self.packing, self.seed = tokenizer, batch_size, cfg.max_length, cfg.packing, seed
+        self.tok, self.batch_size, self.seq_len, self.packing, self.seed = (
+            tokenizer,
+            batch_size,
+            cfg.max_length,
+            cfg.packing,
+            seed,
+        )
         self.rank, self.world = rank, world  # every rank yields the same global stream (see module docstring)
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
-            raise UserError("model tokenizer has no EOS token: streaming text needs one to separate documents")
+            raise UserError(
+                "model tokenizer has no EOS token: streaming text needs one to separate documents"
+            )
         bos = tokenizer.bos_token_id
         self.bos = bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
         self.draws, self.index = 0, 0
@@ -293,11 +343,17 @@ class TextStream:
 
     def _source(self, path: str, cfg: DataConfig) -> FileSource | HubSource:
         files = stream_files(path, "data.sources" if cfg.sources else "data.path")
-        return HubSource(path, cfg, self.rejects) if files is None else FileSource(path, files, cfg.text_field, self.rejects)
+        return (
+            HubSource(path, cfg, self.rejects)
+            if files is None
+            else FileSource(path, files, cfg.text_field, self.rejects)
+        )
 
     @property
     def batches_per_epoch(self) -> int:
-        raise UserError("train.max_steps: a streaming run (data.streaming=true) has no epoch length; set train.max_steps")
+        raise UserError(
+            "train.max_steps: a streaming run (data.streaming=true) has no epoch length; set train.max_steps"
+        )
 
     @property
     def epoch(self) -> int:
@@ -316,9 +372,17 @@ class TextStream:
                 cursors.append(self._cursor())
                 u = uniform(self.seed, self.draws)
                 self.draws += 1
-                pieces.append(self.sources[min(bisect.bisect_right(self._cum, u), len(self.sources) - 1)].read())
-            for piece, ids, cursor in zip(pieces, self._tokenize([p.text for p in pieces]), cursors, strict=True):
-                ids = ([self.bos] if piece.starts and self.bos is not None else []) + ids + ([self.eos] if piece.ends else [])
+                pieces.append(
+                    self.sources[min(bisect.bisect_right(self._cum, u), len(self.sources) - 1)].read()
+                )
+            for piece, ids, cursor in zip(
+                pieces, self._tokenize([p.text for p in pieces]), cursors, strict=True
+            ):
+                ids = (
+                    ([self.bos] if piece.starts and self.bos is not None else [])
+                    + ids
+                    + ([self.eos] if piece.ends else [])
+                )
                 if ids:
                     self.units.append(Unit(ids, piece.starts, piece.where, cursor))
                     self.buffered += len(ids)
@@ -356,10 +420,16 @@ class TextStream:
         for r in range(self.batch_size):
             self._row(input_ids[r], position_ids[r], wheres)
         if not self.packing:
-            position_ids[:] = torch.arange(self.seq_len)  # contiguous blocks: documents see their predecessors
+            position_ids[:] = torch.arange(
+                self.seq_len
+            )  # contiguous blocks: documents see their predecessors
         self.index += 1
-        batch = {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": position_ids,
-                 "real_tokens": torch.tensor(input_ids.numel())}
+        batch = {
+            "input_ids": input_ids,
+            "labels": input_ids.clone(),
+            "position_ids": position_ids,
+            "real_tokens": torch.tensor(input_ids.numel()),
+        }
         return batch, list(dict.fromkeys(wheres))
 
     def state(self) -> dict:
@@ -370,8 +440,10 @@ class TextStream:
     def load_state(self, state: dict) -> None:
         """Continue exactly where `state()` was taken."""
         if state.get("paths") != self.paths:
-            raise UserError(f"data cursor in the checkpoint is for sources {state.get('paths')}, not {self.paths} "
-                            "(resume with the same data.path/data.sources, or train.resume=never)")
+            raise UserError(
+                f"data cursor in the checkpoint is for sources {state.get('paths')}, not {self.paths} "
+                "(resume with the same data.path/data.sources, or train.resume=never)"
+            )
         for source, cursor in zip(self.sources, state["sources"], strict=True):
             source.seek(cursor)
         self.draws, self.index = state["draws"], state["index"]

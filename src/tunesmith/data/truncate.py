@@ -26,7 +26,9 @@ from tunesmith.data.formats import Example, Template, prompt_format
 WARN_CUT_SHARE = 0.03
 
 
-def truncate(prompt: list[int], response: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
+def truncate(
+    prompt: list[int], response: list[int], max_length: int, side: str
+) -> tuple[list[int], list[int]]:
     """Cut (prompt, response+eos) to max_length tokens: the token-level cut (`render` cuts user content first).
 
     right: drop from the end; left: drop from the start; prompt_left: drop prompt tokens from the left
@@ -41,7 +43,7 @@ def truncate(prompt: list[int], response: list[int], max_length: int, side: str)
         keep = max_length - len(prompt)
         return (prompt[:max_length], []) if keep <= 0 else (prompt, response[:keep])
     if side == "left":
-        return (prompt[over:], response) if over <= len(prompt) else ([], response[over - len(prompt):])
+        return (prompt[over:], response) if over <= len(prompt) else ([], response[over - len(prompt) :])
     # prompt_left
     if over <= len(prompt):
         return prompt[over:], response
@@ -92,8 +94,13 @@ def with_cut(ex: Example, slots: list[tuple[int | str, int]], c: int) -> Example
     return Example(ex.where, fields, messages)
 
 
-def cut_content(ex: Example, slots: list[tuple[int | str, int]], encode: Callable[[Example], list[int]], budget: int,
-                guess: int) -> tuple[Example, list[int]] | None:
+def cut_content(
+    ex: Example,
+    slots: list[tuple[int | str, int]],
+    encode: Callable[[Example], list[int]],
+    budget: int,
+    guess: int,
+) -> tuple[Example, list[int]] | None:
     """The example with the least user content cut whose `encode` fits `budget` tokens, and those ids; None
     when even all the content of `slots` is not enough. `guess`: the characters to cut that the search starts from."""
     total = sum(limit for _, limit in slots)

@@ -34,7 +34,7 @@ TOO_LONG_RATIO = 2.5
 def repeated_ngram_ratio(text: str, n: int = REPEAT_NGRAM) -> float:
     """1 - distinct/total word n-grams of the normalised text (0.0 when there are no n-grams)."""
     words = normalize_answer(text).split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -64,7 +64,11 @@ def buckets(pred: str, ref: str, question: str, hit_max_tokens: bool) -> list[st
     # Many datasets' references restate the question ("Revenue in Q3 was $34M."): an answer only counts as a
     # copy when it leans on the question clearly more than the reference itself does.
     overlap = question_overlap(pred, question)
-    if words >= COPY_MIN_WORDS and overlap >= COPY_OVERLAP and overlap > question_overlap(ref, question) + COPY_MARGIN:
+    if (
+        words >= COPY_MIN_WORDS
+        and overlap >= COPY_OVERLAP
+        and overlap > question_overlap(ref, question) + COPY_MARGIN
+    ):
         found.append("copies_question")
     ref_words = len(ref.split())
     if ref_words and len(pred.split()) > TOO_LONG_RATIO * ref_words:

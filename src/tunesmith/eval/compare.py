@@ -61,21 +61,41 @@ class Answers:
 
 def eval_generate_config(cfg: Config) -> GenerateConfig:
     """cfg.generate, greedy, with the eval answer cap and batch size: identical for every model compared."""
-    return cfg.generate.model_copy(update={"max_new_tokens": cfg.eval.max_new_tokens, "temperature": 0.0,
-                                           "batch_size": cfg.eval.batch_size})
+    return cfg.generate.model_copy(
+        update={
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "temperature": 0.0,
+            "batch_size": cfg.eval.batch_size,
+        }
+    )
 
 
 def answer(model, tok, test: Questions, probe: Questions, cfg: Config, label: str) -> Answers:
     """Greedy answers to the test questions and the probe in one batched pass, then answer-token loss."""
     dev = next(model.parameters()).device
-    print0(f"{label}: answering {len(test.prompts)} test questions" + (f" + {len(probe.prompts)} probe" if probe.prompts else ""))
+    print0(
+        f"{label}: answering {len(test.prompts)} test questions"
+        + (f" + {len(probe.prompts)} probe" if probe.prompts else "")
+    )
     t0 = time.time()
     out = generate(model, tok, test.prompts + probe.prompts, eval_generate_config(cfg), progress=True)
     seconds = time.time() - t0
     pad = pad_id(tok)
-    loss = evaluate_loss(model, test.samples, cfg.eval.batch_size, cfg.data.max_length, pad, cfg.data.packing, dev,
-                         autocast_dtype(cfg.train.precision, dev)) if test.samples else {}
-    return Answers(out[: len(test.prompts)], out[len(test.prompts):], loss, seconds)
+    loss = (
+        evaluate_loss(
+            model,
+            test.samples,
+            cfg.eval.batch_size,
+            cfg.data.max_length,
+            pad,
+            cfg.data.packing,
+            dev,
+            autocast_dtype(cfg.train.precision, dev),
+        )
+        if test.samples
+        else {}
+    )
+    return Answers(out[: len(test.prompts)], out[len(test.prompts) :], loss, seconds)
 
 
 def _release(dev: torch.device) -> None:
@@ -114,7 +134,9 @@ def with_both(cfg: Config, final: Path, dev: torch.device, fn: Callable) -> dict
     return {"base": base, "tuned": tuned}
 
 
-def answer_both(cfg: Config, final: Path, tok, test: Questions, probe: Questions, dev: torch.device) -> dict[str, Answers]:
+def answer_both(
+    cfg: Config, final: Path, tok, test: Questions, probe: Questions, dev: torch.device
+) -> dict[str, Answers]:
     """Base and tuned answers to the same prompts."""
     return with_both(cfg, final, dev, lambda model, label: answer(model, tok, test, probe, cfg, label))
 
@@ -124,18 +146,28 @@ def compare_text(cfg: Config, run: Path, final: Path, dev: torch.device) -> dict
     tok = load_tokenizer(cfg.model)
     data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run)
     if not data.test:
-        raise UserError(f"{run}: no held-out text to score (set data.test_path, or data.test_size for a non-streamed corpus)")
+        raise UserError(
+            f"{run}: no held-out text to score (set data.test_path, or data.test_size for a non-streamed corpus)"
+        )
     pad = pad_id(tok)
     amp = autocast_dtype(cfg.train.precision, dev)
 
     def score(model, label: str) -> dict:
         print0(f"{label}: perplexity over {len(data.test)} held-out blocks")
-        return evaluate_loss(model, data.test, cfg.eval.batch_size, cfg.data.max_length, pad, cfg.data.packing, dev, amp)
+        return evaluate_loss(
+            model, data.test, cfg.eval.batch_size, cfg.data.max_length, pad, cfg.data.packing, dev, amp
+        )
 
     both = with_both(cfg, final, dev, score)
-    metrics = {"base": both["base"], "tuned": both["tuned"], "delta": deltas(both["base"], both["tuned"]),
-               "notes": [f"loss/perplexity: every token of the held-out text ({cfg.data.test_path or 'test split'})"],
-               "models": {"base": cfg.model.name, "tuned": str(final)}}
+    metrics = {
+        "base": both["base"],
+        "tuned": both["tuned"],
+        "delta": deltas(both["base"], both["tuned"]),
+        "notes": [
+            f"loss/perplexity: every token of the held-out text ({cfg.data.test_path or 'test split'})"
+        ],
+        "models": {"base": cfg.model.name, "tuned": str(final)},
+    }
     write_outputs(run / EVAL_DIR, metrics, [], [], run / "metrics.jsonl", f"tunesmith compare: {run.name}")
     return metrics
 
@@ -153,18 +185,30 @@ def lm_eval_of(cfg: Config, model_path: str, out: Path, dev: torch.device) -> di
 # ---------------------------------------------------------------- scoring
 
 
-def score_test(cfg: Config, qs: Questions, completions: list[Completion], embedder, cache: Path) -> tuple[list[dict], dict]:
+def score_test(
+    cfg: Config, qs: Questions, completions: list[Completion], embedder, cache: Path
+) -> tuple[list[dict], dict]:
     """Per-example {answer, metrics, buckets, ...} and the model's summary (means, corpus BLEU, bucket counts)."""
     preds = [c.text for c in completions]
     metrics = score_examples(preds, qs.references, qs.questions, embedder)
-    rows = [{"answer": c.text, "metrics": m, "buckets": buckets(c.text, r, q, c.finish_reason == "length"),
-             "finish_reason": c.finish_reason, "completion_tokens": len(c.ids)}
-            for c, m, r, q in zip(completions, metrics, qs.references, qs.questions, strict=True)]
+    rows = [
+        {
+            "answer": c.text,
+            "metrics": m,
+            "buckets": buckets(c.text, r, q, c.finish_reason == "length"),
+            "finish_reason": c.finish_reason,
+            "completion_tokens": len(c.ids),
+        }
+        for c, m, r, q in zip(completions, metrics, qs.references, qs.questions, strict=True)
+    ]
     judged: dict = {}
     if cfg.eval.judge is not None:
         from tunesmith.eval.judge import judge, judge_summary
 
-        items = [{"question": q, "reference": r, "answer": p} for q, r, p in zip(qs.questions, qs.references, preds, strict=True)]
+        items = [
+            {"question": q, "reference": r, "answer": p}
+            for q, r, p in zip(qs.questions, qs.references, preds, strict=True)
+        ]
         results = judge(cfg.eval.judge, items, cache)
         for row, res in zip(rows, results, strict=True):
             row["metrics"]["judge_score"] = res["score"] if res else None
@@ -185,8 +229,14 @@ def score_probe(qs: Questions, completions: list[Completion]) -> tuple[list[dict
     for c, m, ref, q, value in zip(completions, metrics, qs.references, qs.questions, qs.values, strict=True):
         checkable = value is not None or bool(parse_numbers(ref))  # nothing to recall otherwise
         m["numeric_match"] = float(numeric_match(c.text, value, ref)) if checkable else None
-        rows.append({"answer": c.text, "metrics": m, "buckets": buckets(c.text, ref, q, c.finish_reason == "length"),
-                     "finish_reason": c.finish_reason})
+        rows.append(
+            {
+                "answer": c.text,
+                "metrics": m,
+                "buckets": buckets(c.text, ref, q, c.finish_reason == "length"),
+                "finish_reason": c.finish_reason,
+            }
+        )
     if not rows:
         return [], {}
     means = aggregate([r["metrics"] for r in rows])
@@ -210,17 +260,23 @@ def deltas(base: dict, tuned: dict) -> dict:
     return out
 
 
-def summarize(cfg: Config, answers: dict[str, Answers], test: Questions, probe: Questions, out: Path,
-              notes: list[str]) -> tuple[dict, list[dict], list[dict]]:
+def summarize(
+    cfg: Config, answers: dict[str, Answers], test: Questions, probe: Questions, out: Path, notes: list[str]
+) -> tuple[dict, list[dict], list[dict]]:
     """(metrics.json dict, prediction rows, probe rows) for one or two models."""
     embedder, note = load_embedder(cfg.eval.embedding_model)
     notes += [note] if note else []
     metrics: dict = {}
-    rows = [{"where": ex.where, "prompt": p, "question": q, "reference": r}
-            for ex, p, q, r in zip(test.examples, test.prompt_texts, test.questions, test.references, strict=True)]
-    probe_rows = [{"where": ex.where, "prompt": p, "question": q, "reference": r, "value": v}
-                  for ex, p, q, r, v in zip(probe.examples, probe.prompt_texts, probe.questions, probe.references,
-                                            probe.values, strict=True)]
+    rows = [
+        {"where": ex.where, "prompt": p, "question": q, "reference": r}
+        for ex, p, q, r in zip(test.examples, test.prompt_texts, test.questions, test.references, strict=True)
+    ]
+    probe_rows = [
+        {"where": ex.where, "prompt": p, "question": q, "reference": r, "value": v}
+        for ex, p, q, r, v in zip(
+            probe.examples, probe.prompt_texts, probe.questions, probe.references, probe.values, strict=True
+        )
+    ]
     for side, a in answers.items():
         per, summary = score_test(cfg, test, a.test, embedder, out / "judge_cache.jsonl")
         if a.loss:
@@ -233,20 +289,27 @@ def summarize(cfg: Config, answers: dict[str, Answers], test: Questions, probe: 
             row[side] = r
         notes.append(f"{side}: {a.seconds:.1f} s to answer {len(a.test) + len(a.probe)} questions")
     if test.samples:
-        notes.append(f"loss/perplexity: over the answer tokens of the {len(test.samples)} evaluated test examples")
+        notes.append(
+            f"loss/perplexity: over the answer tokens of the {len(test.samples)} evaluated test examples"
+        )
     if probe.examples:
-        notes.append(f"probe: the first {len(probe.examples)} training questions; probe_numeric_recall counts only "
-                     "those whose reference has a number (the row's `value` field when present)")
-    notes.append(f"generation: greedy, max_new_tokens={cfg.eval.max_new_tokens}, batch {cfg.eval.batch_size}; "
-                 "an answer that hits the cap lands in the no_eos bucket")
+        notes.append(
+            f"probe: the first {len(probe.examples)} training questions; probe_numeric_recall counts only "
+            "those whose reference has a number (the row's `value` field when present)"
+        )
+    notes.append(
+        f"generation: greedy, max_new_tokens={cfg.eval.max_new_tokens}, batch {cfg.eval.batch_size}; "
+        "an answer that hits the cap lands in the no_eos bucket"
+    )
     if "base" in metrics and "tuned" in metrics:
         metrics["delta"] = deltas(metrics["base"], metrics["tuned"])
     metrics["notes"] = notes
     return metrics, rows, probe_rows
 
 
-def write_outputs(out: Path, metrics: dict, rows: list[dict], probe_rows: list[dict], metrics_log: Path | None,
-                  title: str) -> Path:
+def write_outputs(
+    out: Path, metrics: dict, rows: list[dict], probe_rows: list[dict], metrics_log: Path | None, title: str
+) -> Path:
     """predictions.jsonl, probe_predictions.jsonl (when probed), metrics.json and report.html; returns the report path."""
     out.mkdir(parents=True, exist_ok=True)
     for name, items in (("predictions.jsonl", rows), ("probe_predictions.jsonl", probe_rows)):
@@ -276,7 +339,9 @@ def compare(cfg: Config, run_dir: Path | None = None) -> dict:
     if cfg.eval.lm_eval is not None:  # after generation: lm-eval loads each model itself
         from tunesmith.model.resolve import resolve
 
-        answers["base"].lm_eval = lm_eval_of(cfg, str(resolve(cfg.model.name, cfg.model.cache_dir)), out / "lm_eval_base", dev)
+        answers["base"].lm_eval = lm_eval_of(
+            cfg, str(resolve(cfg.model.name, cfg.model.cache_dir)), out / "lm_eval_base", dev
+        )
         answers["tuned"].lm_eval = lm_eval_of(cfg, str(final), out / "lm_eval_tuned", dev)
     notes = _adapter_note(cfg.model, final)
     metrics, rows, probe_rows = summarize(cfg, answers, test, probe, out, notes)
@@ -330,7 +395,9 @@ def evaluate(cfg: Config) -> dict:
     metrics, rows, probe_rows = summarize(cfg, answers, test, probe, out, [])
     metrics["models"] = {side: cfg.model.name}
     log = out_dir / "metrics.jsonl"
-    write_outputs(out, metrics, rows, probe_rows, log if log.is_file() else None, f"tunesmith eval: {cfg.model.name}")
+    write_outputs(
+        out, metrics, rows, probe_rows, log if log.is_file() else None, f"tunesmith eval: {cfg.model.name}"
+    )
     return metrics
 
 

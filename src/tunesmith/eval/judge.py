@@ -39,13 +39,17 @@ SYSTEM = "You are a strict, fair grader. You reply with JSON only."
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_SCORE = re.compile(r"\bscore\W{0,3}\s*(?:is\s*)?[:=]?\s*\**\s*([1-5])(?:\.0+)?(?!\.?\d)(?:\s*/\s*5)?\b", re.IGNORECASE)
+_SCORE = re.compile(
+    r"\bscore\W{0,3}\s*(?:is\s*)?[:=]?\s*\**\s*([1-5])(?:\.0+)?(?!\.?\d)(?:\s*/\s*5)?\b", re.IGNORECASE
+)
 _REASON = re.compile(r"\breason\W{0,3}\s*[:=]\s*(.+)", re.IGNORECASE)
 
 
 def judge_prompt(question: str, reference: str, answer: str) -> str:
     """The rubric prompt for one item."""
-    return RUBRIC.format(question=question.strip(), reference=reference.strip(), answer=answer.strip() or "(empty)")
+    return RUBRIC.format(
+        question=question.strip(), reference=reference.strip(), answer=answer.strip() or "(empty)"
+    )
 
 
 def _valid(obj: object) -> dict | None:
@@ -116,8 +120,14 @@ def _ask(client: ChatClient, prompt: str, attempts: int, backoff_s: float) -> di
 def judge(cfg: JudgeConfig, items: list[dict], cache_path: Path, backoff_s: float = 1.0) -> list[dict | None]:
     """Score each {question, reference, answer}: {'score': 1-5, 'reason'} or None when the judge's
     output stayed unparseable after retries. Cached results cost no request."""
-    client = ChatClient(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                        max_retries=cfg.max_retries, where="eval.judge")  # a missing key fails before any work
+    client = ChatClient(
+        cfg.base_url,
+        cfg.model,
+        api_key_env=cfg.api_key_env,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        where="eval.judge",
+    )  # a missing key fails before any work
     cache_path = Path(cache_path)
     cache = _read_cache(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,5 +151,7 @@ def judge(cfg: JudgeConfig, items: list[dict], cache_path: Path, backoff_s: floa
 def judge_summary(results: list[dict | None]) -> dict:
     """Mean judge score over the judged items and how many could not be judged."""
     scores = [r["score"] for r in results if r is not None]
-    return {"judge_score": sum(scores) / len(scores) if scores else None,
-            "judge_failed": sum(r is None for r in results)}
+    return {
+        "judge_score": sum(scores) / len(scores) if scores else None,
+        "judge_failed": sum(r is None for r in results),
+    }

@@ -20,7 +20,9 @@ def model_args(model_path: str, device: str) -> str:
     if adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         if not base:
-            raise UserError(f"{adapter}: no base_model_name_or_path (export a merged model with lora.merge=true)")
+            raise UserError(
+                f"{adapter}: no base_model_name_or_path (export a merged model with lora.merge=true)"
+            )
         return f"pretrained={base},peft={model_path},dtype={dtype}"
     return f"pretrained={model_path},dtype={dtype}"
 
@@ -42,8 +44,10 @@ def run_lm_eval(model_path: str, cfg: LmEvalConfig, device: str, out: Path) -> d
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("eval.lm_eval: the lm-eval package is not installed (pip install 'tunesmith[lm-eval]', "
-                        "or set eval.lm_eval: null)") from None
+        raise UserError(
+            "eval.lm_eval: the lm-eval package is not installed (pip install 'tunesmith[lm-eval]', "
+            "or set eval.lm_eval: null)"
+        ) from None
 
     if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
         raise UserError(f"eval.lm_eval.include_path: {cfg.include_path} is not a directory of task yamls")
@@ -57,8 +61,10 @@ def run_lm_eval(model_path: str, cfg: LmEvalConfig, device: str, out: Path) -> d
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
         where = f" or in {cfg.include_path}" if cfg.include_path else ""
-        raise UserError(f"eval.lm_eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval{where}; "
-                        f"see `lm-eval ls tasks`)")
+        raise UserError(
+            f"eval.lm_eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval{where}; "
+            f"see `lm-eval ls tasks`)"
+        )
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=model_args(model_path, device),
@@ -74,7 +80,10 @@ def run_lm_eval(model_path: str, cfg: LmEvalConfig, device: str, out: Path) -> d
     summary = {task: _metrics_of(values) for task, values in results["results"].items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    keep = {k: results[k] for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
-            if k in results}
+    keep = {
+        k: results[k]
+        for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+        if k in results
+    }
     (out / "lm_eval.json").write_text(json.dumps({"summary": summary, **keep}, indent=2, default=str))
     return summary

@@ -12,8 +12,17 @@ from tunesmith.runtime import autocast
 
 
 @torch.no_grad()
-def evaluate_loss(model, samples: list[dict], batch_size: int, seq_len: int, pad_id: int, packing: bool,
-                  device: torch.device, amp_dtype: torch.dtype | None = None, shard: tuple[int, int] = (0, 1)) -> dict:
+def evaluate_loss(
+    model,
+    samples: list[dict],
+    batch_size: int,
+    seq_len: int,
+    pad_id: int,
+    packing: bool,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
     """Mean loss and perplexity over the label (answer) tokens of `samples`; `shard`=(rank, world) splits the work."""
     was_training = model.training
     model.eval()

@@ -94,11 +94,15 @@ class Embedder:
     """A loaded sentence-transformers model and the name it was asked for."""
 
     name: str
-    model: Any  # sentence_transformers.SentenceTransformer; typed loosely so importing this module stays cheap
+    model: (
+        Any  # sentence_transformers.SentenceTransformer; typed loosely so importing this module stays cheap
+    )
 
     def encode(self, texts: list[str]) -> Any:
         """(N, D) float32 numpy array of unit-length embeddings."""
-        return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return self.model.encode(
+            texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
 
 
 def packaged_model_dir(package: str = PACKAGED_EMBEDDER) -> Path | None:
@@ -115,13 +119,18 @@ def load_embedder(name: str | None) -> tuple[Embedder | None, str | None]:
     if name is None:
         return None, "embedding similarity skipped: eval.embedding_model is null"
     if importlib.util.find_spec("sentence_transformers") is None:
-        return None, "embedding similarity skipped: sentence-transformers is not installed (pip install 'tunesmith[eval]')"
+        return (
+            None,
+            "embedding similarity skipped: sentence-transformers is not installed (pip install 'tunesmith[eval]')",
+        )
     source: str = name
     if name.replace("_", "-") == PACKAGED_EMBEDDER:
         model_dir = packaged_model_dir()
         if model_dir is None:
-            return None, (f"embedding similarity skipped: package {PACKAGED_EMBEDDER} is not installed "
-                          f"(pip install {PACKAGED_EMBEDDER}, or set eval.embedding_model)")
+            return None, (
+                f"embedding similarity skipped: package {PACKAGED_EMBEDDER} is not installed "
+                f"(pip install {PACKAGED_EMBEDDER}, or set eval.embedding_model)"
+            )
         source = str(model_dir)
     from sentence_transformers import SentenceTransformer
 
@@ -140,14 +149,23 @@ def embedding_similarity(embedder: Embedder, preds: list[str], refs: list[str]) 
     if not preds:
         return []
     emb = embedder.encode(list(preds) + list(refs))  # (2N, D), unit rows
-    p, r = emb[: len(preds)], emb[len(preds):]
+    p, r = emb[: len(preds)], emb[len(preds) :]
     return [float(x) for x in (p * r).sum(axis=1)]
 
 
 # ---------------------------------------------------------------- numbers
 
-_SCALES = {"thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "m": 1e6,
-           "billion": 1e9, "bn": 1e9, "b": 1e9, "trillion": 1e12}
+_SCALES = {
+    "thousand": 1e3,
+    "k": 1e3,
+    "million": 1e6,
+    "mn": 1e6,
+    "m": 1e6,
+    "billion": 1e9,
+    "bn": 1e9,
+    "b": 1e9,
+    "trillion": 1e12,
+}
 # A number not glued to a word or another number on its left ("Q3", "v2" and "COVID-19"'s minus are not
 # numbers/signs); an optional minus (ASCII or U+2212) before or after a currency sign; 1,234.5 or 1234.5 or
 # .5; an optional % and an optional scale word ("million") or glued abbreviation ("34m", "2.1bn").
@@ -217,8 +235,9 @@ def question_overlap(pred: str, question: str) -> float:
     return sum(w in in_question for w in words) / len(words)
 
 
-def score_examples(preds: list[str], refs: list[str], questions: list[str],
-                   embedder: Embedder | None) -> list[dict]:
+def score_examples(
+    preds: list[str], refs: list[str], questions: list[str], embedder: Embedder | None
+) -> list[dict]:
     """One dict of metrics per example; `embedding_sim` only with an embedder, `numeric_match` None
     when the reference has no number."""
     if not len(preds) == len(refs) == len(questions):

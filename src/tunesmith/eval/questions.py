@@ -51,7 +51,8 @@ def questions_for(examples: list[Example], samples: list[dict], template: Templa
     prompts = [render_prompt(ex, template, tok) for ex in examples]
     wanted = {ex.where for ex in examples}
     return Questions(
-        examples=examples, prompts=prompts,
+        examples=examples,
+        prompts=prompts,
         prompt_texts=[tok.decode(p, skip_special_tokens=False) for p in prompts],
         questions=[prompt_key(ex) for ex in examples],
         references=[reference_of(ex, template) for ex in examples],
@@ -63,9 +64,13 @@ def questions_for(examples: list[Example], samples: list[dict], template: Templa
 def eval_sets(cfg: Config, data: Prepared, template: Template, tok) -> tuple[Questions, Questions]:
     """(first eval.limit test examples, first eval.probe TRAINING examples); UserError when nothing to ask."""
     if template.format == "text":
-        raise UserError("data.format=text: raw text has no questions to answer (compare/eval need qa, alpaca or chat data)")
+        raise UserError(
+            "data.format=text: raw text has no questions to answer (compare/eval need qa, alpaca or chat data)"
+        )
     if not data.test_examples:
-        raise UserError(f"{cfg.data.path}: no test examples to evaluate on (set data.test_size > 0 or data.test_path)")
+        raise UserError(
+            f"{cfg.data.path}: no test examples to evaluate on (set data.test_size > 0 or data.test_path)"
+        )
     test = data.test_examples[: cfg.eval.limit] if cfg.eval.limit else data.test_examples
     probe = data.train_examples[: cfg.eval.probe]
     return questions_for(test, data.test, template, tok), questions_for(probe, [], template, tok)

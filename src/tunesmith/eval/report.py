@@ -234,7 +234,9 @@ def _bucket_bars(counts: dict[str, dict[str, int]], path: Path) -> str | None:
 def _score_key(examples: list[dict], sides: list[str]) -> str | None:
     """The first of EXAMPLE_SCORES that every model's per-example metrics carry."""
     for key in EXAMPLE_SCORES:
-        if examples and all(e.get(s, {}).get("metrics", {}).get(key) is not None for e in examples for s in sides):
+        if examples and all(
+            e.get(s, {}).get("metrics", {}).get(key) is not None for e in examples for s in sides
+        ):
             return key
     return None
 
@@ -268,9 +270,13 @@ def _example_table(examples: list[dict], sides: list[str], key: str) -> str:
             score = side.get("metrics", {}).get(key)
             tags = ", ".join(side.get("buckets") or [])
             meta = f"{key} {_fmt(score)}" + (f" · {tags}" if tags else "")
-            cells.append(f'<td>{esc(str(side.get("answer", "")))}<br><span class="note">{esc(meta)}</span></td>')
+            cells.append(
+                f'<td>{esc(str(side.get("answer", "")))}<br><span class="note">{esc(meta)}</span></td>'
+            )
         question = e.get("question") or e.get("prompt", "")
-        out.append(f"<tr><td>{esc(str(question))}</td><td>{esc(str(e.get('reference', '')))}</td>{''.join(cells)}</tr>")
+        out.append(
+            f"<tr><td>{esc(str(question))}</td><td>{esc(str(e.get('reference', '')))}</td>{''.join(cells)}</tr>"
+        )
     return "\n".join(out) + "</table>"
 
 
@@ -287,12 +293,16 @@ def _summary_html(metrics: dict, sides: list[str]) -> str:
     return "\n".join(out) + "</table>"
 
 
-def write_report(out_dir: Path, metrics: dict, rows: list[dict], metrics_log: Path | None, title: str) -> Path:
+def write_report(
+    out_dir: Path, metrics: dict, rows: list[dict], metrics_log: Path | None, title: str
+) -> Path:
     """Write report.html (self-contained) and its PNGs into out_dir; return the HTML path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sides = sides_of(metrics) or [s for s in SIDES if rows and s in rows[0]]
-    counts = {s: bucket_counts(r[s].get("buckets") or [] for r in rows if s in r) for s in sides} if rows else {}
+    counts = (
+        {s: bucket_counts(r[s].get("buckets") or [] for r in rows if s in r) for s in sides} if rows else {}
+    )
     plots = [
         ("Metrics", _metric_bars(summary_rows(metrics), sides, out_dir / "metrics.png")),
         ("Training and eval loss", _loss_curves(read_metrics_log(metrics_log), out_dir / "loss.png")),
@@ -300,9 +310,12 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], metrics_log: Pa
         ("Error buckets", _bucket_bars(counts, out_dir / "buckets.png")),
     ]
     esc = html.escape
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>", "<h2>Summary</h2>",
-             _summary_html(metrics, sides)]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>',
+        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
+        "<h2>Summary</h2>",
+        _summary_html(metrics, sides),
+    ]
     notes = metrics.get("notes") or []
     if notes:
         parts.append("<ul>" + "".join(f'<li class="note">{esc(str(n))}</li>' for n in notes) + "</ul>")
@@ -310,7 +323,9 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], metrics_log: Pa
         parts.append(f"<h2>{esc(heading)}</h2>")
         parts.append(f'<img alt="{esc(heading)}" src="{uri}">' if uri else '<p class="note">no data</p>')
     if counts:
-        parts.append(_summary_html({s: {f"buckets.{b}": n for b, n in c.items()} for s, c in counts.items()}, sides))
+        parts.append(
+            _summary_html({s: {f"buckets.{b}": n for b, n in c.items()} for s, c in counts.items()}, sides)
+        )
     key = _score_key(rows, sides)
     for heading, chosen in pick_examples(rows, sides):
         parts.append(f"<h2>{esc(heading)}</h2>")

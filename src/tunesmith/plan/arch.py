@@ -29,7 +29,9 @@ class Linear:
     fan_out: int
     bias: bool
     layer: int  # -1 for the LM head
-    reads_input: bool  # its input is the decoder layer's input (no grad in layer 0 when embeddings are frozen)
+    reads_input: (
+        bool  # its input is the decoder layer's input (no grad in layer 0 when embeddings are frozen)
+    )
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,23 @@ def arch_from_config(config) -> Arch:
         config = AutoConfig.for_model(**config)
     mt = config.model_type
     if mt != "gpt_neox" and mt not in _LLAMA_LIKE:
-        raise UserError(f"plan: model_type '{mt}' is not modelled (supported: gpt_neox, {', '.join(sorted(_LLAMA_LIKE))})")
+        raise UserError(
+            f"plan: model_type '{mt}' is not modelled (supported: gpt_neox, {', '.join(sorted(_LLAMA_LIKE))})"
+        )
     d, L, H, V = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size
     kv = getattr(config, "num_key_value_heads", None) or H
     hd = getattr(config, "head_dim", None) or d // H
     ff, tied = config.intermediate_size, bool(getattr(config, "tie_word_embeddings", False))
-    layer_linears = _neox_layer(config, d, H * hd, ff) if mt == "gpt_neox" else _llama_layer(config, d, H * hd, kv * hd, ff)
-    linears = [Linear(f"{prefix}.layers.{i}.{n}", a, b, bias, i, r) for i in range(L) for prefix, n, a, b, bias, r in layer_linears]
+    layer_linears = (
+        _neox_layer(config, d, H * hd, ff)
+        if mt == "gpt_neox"
+        else _llama_layer(config, d, H * hd, kv * hd, ff)
+    )
+    linears = [
+        Linear(f"{prefix}.layers.{i}.{n}", a, b, bias, i, r)
+        for i in range(L)
+        for prefix, n, a, b, bias, r in layer_linears
+    ]
     linears.append(Linear("lm_head", d, V, False, -1, False))
     norm = 2 * d if mt == "gpt_neox" else d  # LayerNorm weight+bias vs RMSNorm weight
     qk_norm = 2 * hd if mt == "qwen3" else 0
@@ -74,20 +86,27 @@ def arch_from_config(config) -> Arch:
 def _neox_layer(c, d: int, dq: int, ff: int) -> list[tuple]:
     bias = getattr(c, "attention_bias", True)
     parallel = getattr(c, "use_parallel_residual", True)  # then the MLP also reads the layer input
-    return [("gpt_neox", "attention.query_key_value", d, 3 * dq, bias, True),
-            ("gpt_neox", "attention.dense", dq, d, bias, False),
-            ("gpt_neox", "mlp.dense_h_to_4h", d, ff, True, parallel),
-            ("gpt_neox", "mlp.dense_4h_to_h", ff, d, True, False)]
+    return [
+        ("gpt_neox", "attention.query_key_value", d, 3 * dq, bias, True),
+        ("gpt_neox", "attention.dense", dq, d, bias, False),
+        ("gpt_neox", "mlp.dense_h_to_4h", d, ff, True, parallel),
+        ("gpt_neox", "mlp.dense_4h_to_h", ff, d, True, False),
+    ]
 
 
 def _llama_layer(c, d: int, dq: int, dkv: int, ff: int) -> list[tuple]:
     qkv_bias = True if c.model_type == "qwen2" else bool(getattr(c, "attention_bias", False))
     o_bias = False if c.model_type == "qwen2" else bool(getattr(c, "attention_bias", False))
     mlp_bias = bool(getattr(c, "mlp_bias", False))
-    return [("model", "self_attn.q_proj", d, dq, qkv_bias, True), ("model", "self_attn.k_proj", d, dkv, qkv_bias, True),
-            ("model", "self_attn.v_proj", d, dkv, qkv_bias, True), ("model", "self_attn.o_proj", dq, d, o_bias, False),
-            ("model", "mlp.gate_proj", d, ff, mlp_bias, False), ("model", "mlp.up_proj", d, ff, mlp_bias, False),
-            ("model", "mlp.down_proj", ff, d, mlp_bias, False)]
+    return [
+        ("model", "self_attn.q_proj", d, dq, qkv_bias, True),
+        ("model", "self_attn.k_proj", d, dkv, qkv_bias, True),
+        ("model", "self_attn.v_proj", d, dkv, qkv_bias, True),
+        ("model", "self_attn.o_proj", dq, d, o_bias, False),
+        ("model", "mlp.gate_proj", d, ff, mlp_bias, False),
+        ("model", "mlp.up_proj", d, ff, mlp_bias, False),
+        ("model", "mlp.down_proj", ff, d, mlp_bias, False),
+    ]
 
 
 def lora_targets(arch: Arch, lora: LoraConfig) -> list[Linear]:
@@ -102,7 +121,11 @@ def lora_targets(arch: Arch, lora: LoraConfig) -> list[Linear]:
 
 def param_counts(arch: Arch, lora: LoraConfig | None = None) -> dict:
     """Exact parameter counts: total, trainable, LoRA adapters, modules_to_save copies."""
-    base = arch.other_params + sum(x.fan_in * x.fan_out + (x.fan_out if x.bias else 0) for x in arch.linears if not (x.layer < 0 and arch.tied))
+    base = arch.other_params + sum(
+        x.fan_in * x.fan_out + (x.fan_out if x.bias else 0)
+        for x in arch.linears
+        if not (x.layer < 0 and arch.tied)
+    )
     if lora is None:
         return {"total": base, "trainable": base, "lora": 0, "saved_modules": 0}
     adapters = sum(lora.r * (x.fan_in + x.fan_out) for x in lora_targets(arch, lora))
@@ -111,12 +134,24 @@ def param_counts(arch: Arch, lora: LoraConfig | None = None) -> dict:
         if m in ("lm_head", "embed_tokens", "embed_in"):  # each V x d
             saved += arch.d * arch.vocab
         else:
-            raise UserError(f"plan: lora.modules_to_save '{m}' is not modelled (lm_head, embed_tokens, embed_in)")
-    return {"total": base + adapters + saved, "trainable": adapters + saved, "lora": adapters, "saved_modules": saved}
+            raise UserError(
+                f"plan: lora.modules_to_save '{m}' is not modelled (lm_head, embed_tokens, embed_in)"
+            )
+    return {
+        "total": base + adapters + saved,
+        "trainable": adapters + saved,
+        "lora": adapters,
+        "saved_modules": saved,
+    }
 
 
-def flops_per_token(model_config, seq_len: int, lora: bool | LoraConfig = False, gradient_checkpointing: bool = False,
-                    label_fraction: float = 1.0) -> dict:
+def flops_per_token(
+    model_config,
+    seq_len: int,
+    lora: bool | LoraConfig = False,
+    gradient_checkpointing: bool = False,
+    label_fraction: float = 1.0,
+) -> dict:
     """Forward, backward, recompute FLOPs per token; 'model' (for MFU) and 'hardware' (with recompute).
 
     `label_fraction`: share of tokens whose position predicts a label; the LM head runs there only.
@@ -140,6 +175,12 @@ def flops_per_token(model_config, seq_len: int, lora: bool | LoraConfig = False,
         bwd += sum(2 * v - (2 * lcfg.r * x.fan_in if x in no_dgrad else 0) for x, v in adapter.items())
         layer_fwd = fwd - mm[arch.linears[-1]]
     recompute = layer_fwd if gradient_checkpointing else 0
-    return {"forward": fwd, "backward": bwd, "recompute": recompute, "model": fwd + bwd,
-            "hardware": fwd + bwd + recompute, "attention_forward": attn,
-            "formula": "fwd = 2*sum(decoder Linear in*out) + 2*H*V*label_fraction + 4*L*T*H*hd; full: bwd = 2*fwd"}
+    return {
+        "forward": fwd,
+        "backward": bwd,
+        "recompute": recompute,
+        "model": fwd + bwd,
+        "hardware": fwd + bwd + recompute,
+        "attention_forward": attn,
+        "formula": "fwd = 2*sum(decoder Linear in*out) + 2*H*V*label_fraction + 4*L*T*H*hd; full: bwd = 2*fwd",
+    }

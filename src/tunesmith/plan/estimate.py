@@ -20,8 +20,12 @@ from tunesmith.plan.memory import (
 )
 
 
-def make_plan(cfg: Config, tokens_per_step: int | None = None, total_tokens: int | None = None,
-              label_fraction: float = 1.0) -> dict:
+def make_plan(
+    cfg: Config,
+    tokens_per_step: int | None = None,
+    total_tokens: int | None = None,
+    label_fraction: float = 1.0,
+) -> dict:
     """Parameters, FLOPs, memory, fit and time for `cfg`, from the model config alone (JSON-serialisable).
 
     `label_fraction`: share of tokens whose position predicts a label (1.0, every token, when the data is unknown).
@@ -40,22 +44,58 @@ def make_plan(cfg: Config, tokens_per_step: int | None = None, total_tokens: int
     step_s = tokens_per_step / tokens_per_s
     memory = training_memory(arch, cfg, rows, seq, prec, label_fraction)
     return {
-        "model": {"name": cfg.model.name, "model_type": arch.family, "hidden": arch.d, "layers": arch.layers,
-                  "heads": arch.heads, "kv_heads": arch.kv_heads, "vocab": arch.vocab, **param_counts(arch, cfg.lora)},
-        "run": {"micro_batch": rows, "seq_len": seq, "grad_accum": cfg.train.grad_accum, "tokens_per_step": tokens_per_step,
-                "steps": steps, "lora": cfg.lora is not None, "quantize": cfg.lora.quantize if cfg.lora else None,
-                "gradient_checkpointing": ckpt, "weight_bytes": prec.weight, "activation_bytes": prec.act,
-                "label_fraction": label_fraction},
-        "flops": {**flops, "per_step": flops["hardware"] * tokens_per_step,
-                  "total": flops["hardware"] * tokens_per_step * steps if steps else None},
-        "memory": {**memory, "device": target["name"], "usable_bytes": int(target["usable"]),
-                   "fits": memory["peak"] <= target["usable"],
-                   "max_micro_batch": max_micro_batch(arch, cfg, seq, prec, target["usable"], label_fraction)},
-        "inference": inference_memory(arch, cfg.generate.batch_size, seq + cfg.generate.max_new_tokens, prec.weight),
+        "model": {
+            "name": cfg.model.name,
+            "model_type": arch.family,
+            "hidden": arch.d,
+            "layers": arch.layers,
+            "heads": arch.heads,
+            "kv_heads": arch.kv_heads,
+            "vocab": arch.vocab,
+            **param_counts(arch, cfg.lora),
+        },
+        "run": {
+            "micro_batch": rows,
+            "seq_len": seq,
+            "grad_accum": cfg.train.grad_accum,
+            "tokens_per_step": tokens_per_step,
+            "steps": steps,
+            "lora": cfg.lora is not None,
+            "quantize": cfg.lora.quantize if cfg.lora else None,
+            "gradient_checkpointing": ckpt,
+            "weight_bytes": prec.weight,
+            "activation_bytes": prec.act,
+            "label_fraction": label_fraction,
+        },
+        "flops": {
+            **flops,
+            "per_step": flops["hardware"] * tokens_per_step,
+            "total": flops["hardware"] * tokens_per_step * steps if steps else None,
+        },
+        "memory": {
+            **memory,
+            "device": target["name"],
+            "usable_bytes": int(target["usable"]),
+            "fits": memory["peak"] <= target["usable"],
+            "max_micro_batch": max_micro_batch(arch, cfg, seq, prec, target["usable"], label_fraction),
+        },
+        "inference": inference_memory(
+            arch, cfg.generate.batch_size, seq + cfg.generate.max_new_tokens, prec.weight
+        ),
         "fit": fit_table(arch, cfg, seq, label_fraction),
-        "time": {"device": target["name"], "autocast": target["autocast"], "peak_flops": target["peak_flops"],
-                 "expected_mfu": cfg.plan.expected_mfu, "tokens_per_s": tokens_per_s, "step_s": step_s, "total_s": step_s * steps if steps else None},
+        "time": {
+            "device": target["name"],
+            "autocast": target["autocast"],
+            "peak_flops": target["peak_flops"],
+            "expected_mfu": cfg.plan.expected_mfu,
+            "tokens_per_s": tokens_per_s,
+            "step_s": step_s,
+            "total_s": step_s * steps if steps else None,
+        },
         "what_can_i_run": what_can_i_run(cfg, target),
-        "formulas": {"flops": flops_formula, "memory": "peak = weights + adapters + AdamW moments + max(activations + loss (label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], grads + optimizer temporaries)"},
+        "formulas": {
+            "flops": flops_formula,
+            "memory": "peak = weights + adapters + AdamW moments + max(activations + loss (label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], grads + optimizer temporaries)",
+        },
         "measured": None,
     }

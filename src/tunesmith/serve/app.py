@@ -45,7 +45,9 @@ from tunesmith.serve.schema import (
 def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] | None = None) -> FastAPI:
     """The app serving `models` by name; `examples` are the playground's one-click questions."""
     if not models:
-        raise UserError("serve.models: no model to serve (name one, e.g. serve.models={base: smollm2-135m-instruct})")
+        raise UserError(
+            "serve.models: no model to serve (name one, e.g. serve.models={base: smollm2-135m-instruct})"
+        )
     sched = Scheduler(models, cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
 
     @asynccontextmanager
@@ -71,7 +73,10 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         check_auth(request)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"} for n in models]}
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"} for n in models],
+        }
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request) -> dict:
@@ -88,7 +93,15 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
         if len(prompts) != 1:
             raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
         ids = lm.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
-        return await _answer(request, sched, lm, req, ids, _gen_cfg(cfg, req, lm, ids, req.max_tokens, "max_tokens"), chat=False)
+        return await _answer(
+            request,
+            sched,
+            lm,
+            req,
+            ids,
+            _gen_cfg(cfg, req, lm, ids, req.max_tokens, "max_tokens"),
+            chat=False,
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -101,8 +114,14 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
             ids = prompt_ids(lm.template, lm.tokenizer, [m.model_dump() for m in req.messages])
         except UserError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        limit, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens else (req.max_tokens, "max_tokens")
-        return await _answer(request, sched, lm, req, ids, _gen_cfg(cfg, req, lm, ids, limit, param), chat=True)
+        limit, param = (
+            (req.max_completion_tokens, "max_completion_tokens")
+            if req.max_completion_tokens
+            else (req.max_tokens, "max_tokens")
+        )
+        return await _answer(
+            request, sched, lm, req, ids, _gen_cfg(cfg, req, lm, ids, limit, param), chat=True
+        )
 
     return app
 
@@ -113,7 +132,9 @@ def _api_key(cfg: Config) -> str | None:
         return None
     key = os.environ.get(cfg.serve.api_key_env, "")
     if not key:
-        raise UserError(f"serve.api_key_env: environment variable {cfg.serve.api_key_env} is empty or unset (export it, or remove serve.api_key_env)")
+        raise UserError(
+            f"serve.api_key_env: environment variable {cfg.serve.api_key_env} is empty or unset (export it, or remove serve.api_key_env)"
+        )
     return key
 
 
@@ -126,8 +147,12 @@ def _auth_check(key: str | None):
         given = request.headers.get("authorization", "")
         # constant-time comparison: response timing must not leak how much of the key was right
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key",
-                           kind="authentication_error")
+            raise ApiError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
 
     return check
 
@@ -142,7 +167,9 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if e.status_code == 404 else None
-        return JSONResponse(ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
+        return JSONResponse(
+            ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
@@ -154,12 +181,18 @@ async def _parse(request: Request, schema: type, cap: int):
     """Body -> validated request: 413 over the size cap, 400 bad JSON, 422 wrong fields or types."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise ApiError(413, f"request body is {declared} bytes; the limit is {cap} (serve.max_request_bytes)", code="request_too_large")
+        raise ApiError(
+            413,
+            f"request body is {declared} bytes; the limit is {cap} (serve.max_request_bytes)",
+            code="request_too_large",
+        )
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > cap:
-            raise ApiError(413, f"request body is over {cap} bytes (serve.max_request_bytes)", code="request_too_large")
+            raise ApiError(
+                413, f"request body is over {cap} bytes (serve.max_request_bytes)", code="request_too_large"
+            )
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -169,8 +202,11 @@ async def _parse(request: Request, schema: type, cap: int):
     try:  # "\ud800" is valid JSON but no text: the tokenizer and the UTF-8 response could not take it
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError(400, f"request body holds a lone surrogate escape ({e.object[e.start:e.end]!r}), which is not text",
-                       code="invalid_json") from None
+        raise ApiError(
+            400,
+            f"request body holds a lone surrogate escape ({e.object[e.start : e.end]!r}), which is not text",
+            code="invalid_json",
+        ) from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -180,11 +216,18 @@ async def _parse(request: Request, schema: type, cap: int):
 
 def _model(models: dict[str, LoadedModel], name: str) -> LoadedModel:
     if name not in models:
-        raise ApiError(404, f"model '{name}' does not exist (served: {', '.join(models)})", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"model '{name}' does not exist (served: {', '.join(models)})",
+            param="model",
+            code="model_not_found",
+        )
     return models[name]
 
 
-def _gen_cfg(cfg: Config, req, lm: LoadedModel, ids: list[int], max_tokens: int | None, param: str) -> GenerateConfig:
+def _gen_cfg(
+    cfg: Config, req, lm: LoadedModel, ids: list[int], max_tokens: int | None, param: str
+) -> GenerateConfig:
     """Request settings over the config's generate section; limits checked against the model and the cap.
 
     As with OpenAI, an explicit max_tokens that does not fit in the context after the prompt is a 400
@@ -193,27 +236,46 @@ def _gen_cfg(cfg: Config, req, lm: LoadedModel, ids: list[int], max_tokens: int 
     """
     cap, ctx = cfg.serve.max_tokens_cap, lm.context_len
     if max_tokens is not None and max_tokens > cap:
-        raise ApiError(400, f"{param}={max_tokens} is over the server's cap of {cap} (serve.max_tokens_cap)", param=param)
+        raise ApiError(
+            400, f"{param}={max_tokens} is over the server's cap of {cap} (serve.max_tokens_cap)", param=param
+        )
     if not ids:
         raise ApiError(400, "the prompt renders to no tokens", param="prompt")
     if len(ids) >= ctx:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {ctx}", param="messages",
-                       code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt is {len(ids)} tokens; this model's context is {ctx}",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if max_tokens is not None and len(ids) + max_tokens > ctx:
-        raise ApiError(400, f"this model's context is {ctx} tokens, but {len(ids)} (prompt) + {max_tokens} ({param}) were "
-                            f"asked for (ask for at most {ctx - len(ids)}, or shorten the prompt)", param=param,
-                       code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"this model's context is {ctx} tokens, but {len(ids)} (prompt) + {max_tokens} ({param}) were "
+            f"asked for (ask for at most {ctx - len(ids)}, or shorten the prompt)",
+            param=param,
+            code="context_length_exceeded",
+        )
     g = cfg.generate
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop if req.stop is not None else g.stop)
     limit = min(max_tokens or min(g.max_new_tokens, cap), ctx - len(ids))
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    return g.model_copy(update={"max_new_tokens": limit, "temperature": pick(req.temperature, g.temperature),
-                                "top_p": pick(req.top_p, g.top_p), "top_k": pick(req.top_k, g.top_k),
-                                "repetition_penalty": pick(req.repetition_penalty, g.repetition_penalty),
-                                "stop": stop, "seed": pick(req.seed, g.seed)})
+    return g.model_copy(
+        update={
+            "max_new_tokens": limit,
+            "temperature": pick(req.temperature, g.temperature),
+            "top_p": pick(req.top_p, g.top_p),
+            "top_k": pick(req.top_k, g.top_k),
+            "repetition_penalty": pick(req.repetition_penalty, g.repetition_penalty),
+            "stop": stop,
+            "seed": pick(req.seed, g.seed),
+        }
+    )
 
 
-async def _answer(request: Request, sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool):
+async def _answer(
+    request: Request, sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool
+):
     rid = new_id("chatcmpl" if chat else "cmpl")
     if not req.stream:
         try:
@@ -288,7 +350,9 @@ def serve(cfg: Config) -> None:
     import uvicorn
 
     if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.api_key_env:
-        print(f"warning: serving on {cfg.serve.host} without auth (set serve.api_key_env to require a Bearer token)")
+        print(
+            f"warning: serving on {cfg.serve.host} without auth (set serve.api_key_env to require a Bearer token)"
+        )
     models = load_models(cfg, model_specs(cfg))
     app = create_app(cfg, models, example_questions(cfg))
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
@@ -328,7 +392,9 @@ def load_models(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel]:
     return {name: out[name] for name in specs}
 
 
-def _load_shared(cfg: Config, base: str, adapters: dict[str, str], plain: list[str], dev) -> dict[str, LoadedModel]:
+def _load_shared(
+    cfg: Config, base: str, adapters: dict[str, str], plain: list[str], dev
+) -> dict[str, LoadedModel]:
     from peft import PeftModel
 
     from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer
@@ -344,7 +410,11 @@ def _load_shared(cfg: Config, base: str, adapters: dict[str, str], plain: list[s
         else:
             peft.load_adapter(str(d), adapter_name=tag)
         # the adapter's own saved tokenizer when it has one, through load_tokenizer's checks like the base's
-        tok = load_tokenizer(base_cfg.model_copy(update={"name": str(d)})) if (d / "tokenizer_config.json").is_file() else base_tok
+        tok = (
+            load_tokenizer(base_cfg.model_copy(update={"name": str(d)}))
+            if (d / "tokenizer_config.json").is_file()
+            else base_tok
+        )
         stored = load_template(d) if (d / TEMPLATE_FILE).is_file() else None
         out[name] = LoadedModel(name, peft, tok, template_for(stored, cfg), adapter=tag)
     peft.eval()

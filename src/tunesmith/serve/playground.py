@@ -137,7 +137,11 @@ def example_questions(cfg: Config, limit: int = 5) -> list[str]:
     if cfg.data.format == "text":  # raw text has no questions
         return []
     preds = Path(cfg.out_dir) / "eval" / "predictions.jsonl"
-    found = _evaluated_questions(preds, Path(cfg.out_dir) / CACHE_DIR / "test_examples.jsonl", limit) if preds.is_file() else []
+    found = (
+        _evaluated_questions(preds, Path(cfg.out_dir) / CACHE_DIR / "test_examples.jsonl", limit)
+        if preds.is_file()
+        else []
+    )
     return found or _split_questions(cfg, limit)
 
 
@@ -159,7 +163,11 @@ def _evaluated_questions(preds: Path, cached: Path, limit: int) -> list[str]:
         if len(found) >= limit:
             break
         where = row.fields.get("where")
-        q = user_question(examples[where]) if isinstance(where, str) and where in examples else row.fields.get("question")
+        q = (
+            user_question(examples[where])
+            if isinstance(where, str) and where in examples
+            else row.fields.get("question")
+        )
         if isinstance(q, str) and q.strip():
             found.append(q)
     return found
@@ -169,8 +177,16 @@ def _split_questions(cfg: Config, limit: int) -> list[str]:
     try:
         rejects = Rejects("skip")
         path = cfg.data.test_path or cfg.data.path
-        examples = [e for row in read_rows(path, cfg.data, rejects) if (e := to_example(row, cfg.data.format, rejects))]
-        test = examples if cfg.data.test_path else split(examples, cfg.data.test_size, cfg.data.seed, prompt_key)[1]
+        examples = [
+            e
+            for row in read_rows(path, cfg.data, rejects)
+            if (e := to_example(row, cfg.data.format, rejects))
+        ]
+        test = (
+            examples
+            if cfg.data.test_path
+            else split(examples, cfg.data.test_size, cfg.data.seed, prompt_key)[1]
+        )
     except UserError:  # no data at hand: the playground simply shows no examples
         return []
     return [q for q in (user_question(e) for e in test[: limit * 4]) if q.strip()][:limit]

@@ -70,7 +70,9 @@ class Job:
 
     def key(self) -> str:
         """Jobs with equal keys can share a batch (everything but the token limit must match)."""
-        return self.model + json.dumps(self.cfg.model_dump(exclude={"max_new_tokens", "batch_size"}), sort_keys=True)
+        return self.model + json.dumps(
+            self.cfg.model_dump(exclude={"max_new_tokens", "batch_size"}), sort_keys=True
+        )
 
     def send(self, item: object) -> None:
         """Thread-safe hand-off to the event loop (a closed loop means nobody is listening any more)."""
@@ -100,7 +102,9 @@ class Scheduler:
         self.batches = 0  # batches run, and tokens generated (tests and the bench read them)
         self.generated_tokens = 0
         self.running = 0  # rows of the batch in flight (0: idle)
-        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # every Job still alive: a leak shows up in stats()
+        self._jobs: weakref.WeakSet[Job] = (
+            weakref.WeakSet()
+        )  # every Job still alive: a leak shows up in stats()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -146,7 +150,9 @@ class Scheduler:
         finally:
             job.cancelled.set()
 
-    async def stream(self, model: str, prompt: list[int], cfg: GenerateConfig) -> AsyncIterator[str | Completion]:
+    async def stream(
+        self, model: str, prompt: list[int], cfg: GenerateConfig
+    ) -> AsyncIterator[str | Completion]:
         """Text pieces, then the final Completion. Leaving early (client gone) frees the row."""
         job = self._submit(model, prompt, cfg, streaming=True)
         try:
@@ -173,7 +179,11 @@ class Scheduler:
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             try:
-                job = self.inbox.get(timeout=max(deadline - time.monotonic(), 0)) if self.max_wait else self.inbox.get_nowait()
+                job = (
+                    self.inbox.get(timeout=max(deadline - time.monotonic(), 0))
+                    if self.max_wait
+                    else self.inbox.get_nowait()
+                )
             except queue.Empty:
                 break
             if job is None:
@@ -194,7 +204,9 @@ class Scheduler:
                     job.send(e)
             finally:
                 self.running = 0
-            del batch  # the worker must not keep the last batch's jobs (and their futures) alive while it waits
+            del (
+                batch
+            )  # the worker must not keep the last batch's jobs (and their futures) alive while it waits
 
     def _run(self, jobs: list[Job]) -> None:
         lm = self.models[jobs[0].model]
@@ -213,8 +225,15 @@ class Scheduler:
         self.batches += 1
         with torch.random.fork_rng(devices=[]), lm.activate():
             torch.manual_seed(cfg.seed)
-            results = generate_batch(lm.model, lm.tokenizer, [j.prompt for j in jobs], cfg,
-                                     on_token if any(deltas) else None, cancelled, limits)
+            results = generate_batch(
+                lm.model,
+                lm.tokenizer,
+                [j.prompt for j in jobs],
+                cfg,
+                on_token if any(deltas) else None,
+                cancelled,
+                limits,
+            )
         self.generated_tokens += sum(len(r.ids) for r in results)
         for job, delta, result in zip(jobs, deltas, results, strict=True):
             if delta is not None and (rest := delta.flush()):

@@ -14,8 +14,14 @@ from tunesmith.generate import Completion
 class ApiError(Exception):
     """An error answered with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         # a message quoting the request may hold lone surrogates ("\ud800" is valid JSON): no UTF-8 body could carry them
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -69,21 +75,41 @@ def new_id(prefix: str) -> str:
 
 
 def usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.ids), "total_tokens": c.prompt_tokens + len(c.ids)}
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": len(c.ids),
+        "total_tokens": c.prompt_tokens + len(c.ids),
+    }
 
 
 def completion_body(rid: str, model: str, c: Completion) -> dict:
     """A /v1/completions response."""
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
-            "usage": usage(c)}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
+        "usage": usage(c),
+    }
 
 
 def chat_body(rid: str, model: str, c: Completion) -> dict:
     """A /v1/chat/completions response."""
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
-            "usage": usage(c)}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+            }
+        ],
+        "usage": usage(c),
+    }
 
 
 def chunk(rid: str, model: str, chat: bool, text: str | None, final: Completion | None = None) -> dict:
@@ -94,10 +120,22 @@ def chunk(rid: str, model: str, chat: bool, text: str | None, final: Completion 
         if text is None and final is None:
             delta = {"role": "assistant", "content": ""}
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": [choice]}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+        }
     else:
         choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
+        body = {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+        }
     if final is not None:
         body["usage"] = usage(final)
     return body

@@ -22,18 +22,28 @@ Write {n} question-answer pairs about this passage.
 - Each answer is one or two sentences copied or paraphrased from the passage, adding nothing.
 {reply}"""
 # How to reply. Strong (remote) models follow JSON; SmolLM2-135M never did in our trials, but writes Q:/A: lines.
-REPLY = {"json": "Reply with only a JSON array of {n} objects with the keys question and answer.",
-         "lines": "Reply with {n} pairs as Q: and A: lines, nothing else."}
+REPLY = {
+    "json": "Reply with only a JSON array of {n} objects with the keys question and answer.",
+    "lines": "Reply with {n} pairs as Q: and A: lines, nothing else.",
+}
 # A one-shot example turn before the real request: without it SmolLM2-135M copied the format's placeholders
 # ("Q: [Question: 1]") or looped. A richer example (3 facts about a command) was copied verbatim into 5 of
 # 8 replies; this plain one much less. Numbers: configs/docs-to-model.yaml.
-EXAMPLE = Chunk("acme/README.md#2", "acme/README.md", "acme > Install",
-                "Install acme with `pip install acme`. It needs Python 3.9 or newer. The `acme check FILE` command "
-                "validates a file and exits with code 1 when it finds an error.")
-EXAMPLE_PAIRS = [{"question": "How do you install acme?", "answer": "Install acme with pip install acme."},
-                 {"question": "What does the acme check command do?",
-                  "answer": "acme check FILE validates a file and exits with code 1 when it finds an error."},
-                 {"question": "Which Python version does acme need?", "answer": "acme needs Python 3.9 or newer."}]
+EXAMPLE = Chunk(
+    "acme/README.md#2",
+    "acme/README.md",
+    "acme > Install",
+    "Install acme with `pip install acme`. It needs Python 3.9 or newer. The `acme check FILE` command "
+    "validates a file and exits with code 1 when it finds an error.",
+)
+EXAMPLE_PAIRS = [
+    {"question": "How do you install acme?", "answer": "Install acme with pip install acme."},
+    {
+        "question": "What does the acme check command do?",
+        "answer": "acme check FILE validates a file and exits with code 1 when it finds an error.",
+    },
+    {"question": "Which Python version does acme need?", "answer": "acme needs Python 3.9 or newer."},
+]
 
 
 class Generator(Protocol):
@@ -65,19 +75,34 @@ class LocalGenerator:
         self.style = "lines"  # see REPLY: small local models write Q:/A: lines far more reliably than JSON
 
     def spans(self, text: str) -> list[tuple[int, int]]:
-        return [tuple(s) for s in self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]]
+        return [
+            tuple(s)
+            for s in self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+                "offset_mapping"
+            ]
+        ]
 
     def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]:
         from tunesmith.generate import generate
 
         if getattr(self.tok, "chat_template", None):
-            ids = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
+            ids = [
+                self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+                for c in conversations
+            ]
         else:  # a base model: plain text with a cue
-            ids = [self.tok("\n\n".join(m["content"] for m in c) + "\n\n")["input_ids"] for c in conversations]
+            ids = [
+                self.tok("\n\n".join(m["content"] for m in c) + "\n\n")["input_ids"] for c in conversations
+            ]
         # a run of blank lines is where small models start looping: no pair comes after it
         g = retry_config(self.gen, attempt)
         g = g.model_copy(update={"stop": [*g.stop, "\n\n\n"]})
-        return [drop_cut_line(c.text) if c.finish_reason == "length" else c.text for c in generate(self.model, self.tok, ids, g)]
+        return [
+            drop_cut_line(c.text) if c.finish_reason == "length" else c.text
+            for c in generate(self.model, self.tok, ids, g)
+        ]
 
 
 class RemoteGenerator:
@@ -85,10 +110,18 @@ class RemoteGenerator:
 
     def __init__(self, s: SynthConfig, gen: GenerateConfig):
         if not s.model:
-            raise UserError("synth.model: name the generator model at synth.base_url (e.g. synth.model=gpt-4o-mini)")
+            raise UserError(
+                "synth.model: name the generator model at synth.base_url (e.g. synth.model=gpt-4o-mini)"
+            )
         # HTTP retries (429, 5xx, timeouts) are the client's; synth.max_retries also bounds malformed-output retries
-        self.client = ChatClient(s.base_url, s.model, api_key_env=s.api_key_env, timeout_s=120.0,
-                                 max_retries=s.max_retries, where="synth")
+        self.client = ChatClient(
+            s.base_url,
+            s.model,
+            api_key_env=s.api_key_env,
+            timeout_s=120.0,
+            max_retries=s.max_retries,
+            where="synth",
+        )
         self.s, self.gen, self.name = s, gen, s.model
 
     def spans(self, text: str) -> list[tuple[int, int]]:
@@ -104,7 +137,9 @@ class RemoteGenerator:
     def complete(self, conversations: list[list[dict]], attempt: int) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(self.s.concurrency) as pool:  # the openai client is safe to share between threads
+        with ThreadPoolExecutor(
+            self.s.concurrency
+        ) as pool:  # the openai client is safe to share between threads
             return list(pool.map(lambda c: self._one(c, attempt), conversations))
 
 
@@ -128,7 +163,9 @@ def conversation(chunk: Chunk, n: int, style: str = "json") -> list[dict]:
     """Chat messages asking for `n` grounded pairs about `chunk` (reply style: json or Q:/A: lines), after a
     worked example (EXAMPLE, answered in the same style) so that small models see the format filled in."""
     k = min(n, len(EXAMPLE_PAIRS))
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": _user(EXAMPLE, k, style)},
-            {"role": "assistant", "content": _reply(EXAMPLE_PAIRS[:k], style)},
-            {"role": "user", "content": _user(chunk, n, style)}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": _user(EXAMPLE, k, style)},
+        {"role": "assistant", "content": _reply(EXAMPLE_PAIRS[:k], style)},
+        {"role": "user", "content": _user(chunk, n, style)},
+    ]

@@ -16,8 +16,10 @@ from tunesmith.data.documents import Chunk
 from tunesmith.data.split import normalize_text
 
 NEAR_DUPLICATE = 0.8  # Jaccard of word 3-grams above which two questions are "the same question"
-_STOPWORDS = ("a an the of to in on at for by with and or but is are was were be been it its this that these those as "
-              "from which who what when where how why do does did not no can will would should may might has have had")
+_STOPWORDS = (
+    "a an the of to in on at for by with and or but is are was were be been it its this that these those as "
+    "from which who what when where how why do does did not no can will would should may might has have had"
+)
 _STOP = frozenset(_STOPWORDS.split())
 # why a pair or a chunk's output is dropped: "malformed" (no pair parsed, after retries), then verdict's filters
 FILTERS = ("malformed", "length", "grounding", "echo", "duplicate", "leakage")
@@ -35,7 +37,9 @@ def drop_cut_line(text: str) -> str:
     return text[: text.rfind("\n")] if "\n" in text else text
 
 
-_QA_LINE = re.compile(r"^\s*(?:[-*]\s*|\d+[.)]\s*)?\**(Q|Question|A|Answer)\**\s*\d*\s*[:：]\**\s*(.*)$", re.IGNORECASE)
+_QA_LINE = re.compile(
+    r"^\s*(?:[-*]\s*|\d+[.)]\s*)?\**(Q|Question|A|Answer)\**\s*\d*\s*[:：]\**\s*(.*)$", re.IGNORECASE
+)
 
 
 def _pair(obj: object) -> dict | None:
@@ -152,7 +156,9 @@ def verdict(pair: dict, chunk: Chunk, s: SynthConfig, mine: Questions, other: Qu
     if grounding(a, chunk.heading + "\n" + chunk.text) < s.min_grounding:
         return "grounding"
     if set(content_words(a)) <= set(content_words(q)):
-        return "echo"  # the answer only restates its question ("How do you run X?" "Run X."): nothing to learn
+        return (
+            "echo"  # the answer only restates its question ("How do you run X?" "Run X."): nothing to learn
+        )
     if mine.near(q):
         return "duplicate"
     if other.near(q):

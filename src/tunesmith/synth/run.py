@@ -38,8 +38,13 @@ def held_out_chunks(chunks: list[Chunk], test_size: float, seed: int) -> set[str
 def output_paths(out: Path) -> dict[str, Path]:
     """qa.jsonl -> {train: qa.jsonl, test: qa.test.jsonl, rejected: qa.rejected.jsonl, done: qa.done.jsonl,
     report: qa.report.json}."""
-    return {"train": out, "test": out.with_suffix(".test.jsonl"), "rejected": out.with_suffix(".rejected.jsonl"),
-            "done": out.with_suffix(".done.jsonl"), "report": out.with_suffix(".report.json")}
+    return {
+        "train": out,
+        "test": out.with_suffix(".test.jsonl"),
+        "rejected": out.with_suffix(".rejected.jsonl"),
+        "done": out.with_suffix(".done.jsonl"),
+        "report": out.with_suffix(".report.json"),
+    }
 
 
 def read_appended(path: Path) -> list[dict]:
@@ -53,7 +58,9 @@ def read_appended(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-def ask(gen: Generator, chunks: list[Chunk], s: SynthConfig, report: dict) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def ask(
+    gen: Generator, chunks: list[Chunk], s: SynthConfig, report: dict
+) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """(pairs per chunk id, last output per chunk id whose output never parsed); output that does not parse is
     asked again up to synth.max_retries times."""
     parsed, pending, last = {}, list(chunks), {}
@@ -115,11 +122,30 @@ def run_synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | N
             kept[side].add(row["question"])
             done.add(row.get("chunk"))
     todo = [c for c in chunks if c.id not in done]
-    report = {"generator": gen.name, "documents": len(documents), "chunks": len(chunks), "chunks_done_before": len(chunks) - len(todo),
-              "chunks_processed": 0, "requests": 0, "retried": 0, "pairs_generated": 0, "kept": {"train": 0, "test": 0},
-              "kept_before": kept_before, "dropped": dict.fromkeys(FILTERS, 0), "examples": {k: [] for k in ("kept", *FILTERS)}}
-    size = max(cfg.generate.batch_size, s.concurrency)  # one round = one local batch or `concurrency` requests
-    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
+    report = {
+        "generator": gen.name,
+        "documents": len(documents),
+        "chunks": len(chunks),
+        "chunks_done_before": len(chunks) - len(todo),
+        "chunks_processed": 0,
+        "requests": 0,
+        "retried": 0,
+        "pairs_generated": 0,
+        "kept": {"train": 0, "test": 0},
+        "kept_before": kept_before,
+        "dropped": dict.fromkeys(FILTERS, 0),
+        "examples": {k: [] for k in ("kept", *FILTERS)},
+    }
+    size = max(
+        cfg.generate.batch_size, s.concurrency
+    )  # one round = one local batch or `concurrency` requests
+    columns = (
+        TextColumn("synth"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("chunks"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("synth", total=len(todo))
         for i in range(0, len(todo), size):
@@ -127,7 +153,9 @@ def run_synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | N
             rows = _round(gen, batch, s, report, kept, test_ids)
             for name in ("train", "test", "rejected"):
                 _append(files[name], rows[name])
-            _append(files["done"], [{"chunk": c.id} for c in batch])  # after the pairs: a kill in between redoes the chunk
+            _append(
+                files["done"], [{"chunk": c.id} for c in batch]
+            )  # after the pairs: a kill in between redoes the chunk
             report["chunks_processed"] += len(batch)
             bar.advance(task, len(batch))
     # only files that exist: a side that kept nothing has no file, and no path is shown for it
@@ -136,8 +164,14 @@ def run_synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | N
     return report
 
 
-def _round(gen: Generator, batch: list[Chunk], s: SynthConfig, report: dict, kept: dict[str, Questions],
-           test_ids: set[str]) -> dict[str, list[dict]]:
+def _round(
+    gen: Generator,
+    batch: list[Chunk],
+    s: SynthConfig,
+    report: dict,
+    kept: dict[str, Questions],
+    test_ids: set[str],
+) -> dict[str, list[dict]]:
     """One round of chunks -> the rows to append: {train, test, rejected}."""
     parsed, malformed = ask(gen, batch, s, report)
     rows: dict[str, list[dict]] = {"train": [], "test": [], "rejected": []}
@@ -162,15 +196,29 @@ def require_kept(report: dict, out: Path) -> None:
     """UserError when neither side holds a kept pair (this run's or an earlier one's): nothing to train on."""
     if sum(report["kept"].values()) + sum(report["kept_before"].values()):
         return
-    counts = [f"{k} {v}" + (" chunk(s) of unparseable output" if k == "malformed" else "") for k, v in report["dropped"].items() if v]
+    counts = [
+        f"{k} {v}" + (" chunk(s) of unparseable output" if k == "malformed" else "")
+        for k, v in report["dropped"].items()
+        if v
+    ]
     why = f"dropped: {', '.join(counts)}" if counts else "the generator wrote no pairs"
-    before = (f"; {report['chunks_done_before']} chunks were done by an earlier run: delete {report['files']['done']} to ask "
-              f"again" if report["chunks_done_before"] else "")
-    rejected = f"; every dropped pair with its reason: {report['files']['rejected']}" if "rejected" in report["files"] else ""
+    before = (
+        f"; {report['chunks_done_before']} chunks were done by an earlier run: delete {report['files']['done']} to ask "
+        f"again"
+        if report["chunks_done_before"]
+        else ""
+    )
+    rejected = (
+        f"; every dropped pair with its reason: {report['files']['rejected']}"
+        if "rejected" in report["files"]
+        else ""
+    )
     # the place is the run, not `out`: that file was never written, and no path that does not exist is shown
-    raise UserError(f"synth: 0 of {report['pairs_generated']} generated pairs kept, so no {out.name} was written "
-                    f"({why}{before}{rejected}; report: {report['files']['report']}; "
-                    f"use a stronger generator (synth.model) or loosen synth.min_grounding / synth.min_answer_chars)")
+    raise UserError(
+        f"synth: 0 of {report['pairs_generated']} generated pairs kept, so no {out.name} was written "
+        f"({why}{before}{rejected}; report: {report['files']['report']}; "
+        f"use a stronger generator (synth.model) or loosen synth.min_grounding / synth.min_answer_chars)"
+    )
 
 
 def synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | None = None) -> dict:
@@ -185,22 +233,38 @@ def synth_cli(cfg: Config, docs: list[Path], out: Path, console, generator: Gene
     from rich.table import Table
 
     r = run_synth(cfg, docs, out, generator)
-    table = Table(title=f"synth: {r['documents']} documents, {r['chunks']} chunks ({r['chunks_done_before']} done before)")
+    table = Table(
+        title=f"synth: {r['documents']} documents, {r['chunks']} chunks ({r['chunks_done_before']} done before)"
+    )
     table.add_column("")
     table.add_column("count", justify="right")
     table.add_column("example")
-    rows = [("chunks processed", r["chunks_processed"], None), ("requests (retried)", f"{r['requests']} ({r['retried']})", None),
-            ("pairs generated", r["pairs_generated"], None), ("kept train / test", f"{r['kept']['train']} / {r['kept']['test']}", "kept")]
+    rows = [
+        ("chunks processed", r["chunks_processed"], None),
+        ("requests (retried)", f"{r['requests']} ({r['retried']})", None),
+        ("pairs generated", r["pairs_generated"], None),
+        ("kept train / test", f"{r['kept']['train']} / {r['kept']['test']}", "kept"),
+    ]
     rows += [(f"dropped: {k}", v, k) for k, v in r["dropped"].items()]
     for name, count, key in rows:
         ex = r["examples"].get(key) or [{}]
-        text = ex[0].get("output") or (f"Q: {ex[0]['question']}  A: {ex[0]['answer']}" if "question" in ex[0] else "")
+        text = ex[0].get("output") or (
+            f"Q: {ex[0]['question']}  A: {ex[0]['answer']}" if "question" in ex[0] else ""
+        )
         table.add_row(name, str(count), text[:120])
     console.print(table)
     require_kept(r, Path(out))
     files = r["files"]
     # a side whose file does not exist (nothing kept, now or before) is named without a path
-    sides = [f"{r['kept'][k]} {k} pairs" + (f" -> {files[k]}" if k in files else " (none kept: no file)") for k in ("train", "test")]
+    sides = [
+        f"{r['kept'][k]} {k} pairs" + (f" -> {files[k]}" if k in files else " (none kept: no file)")
+        for k in ("train", "test")
+    ]
     rejected = f", dropped pairs -> {files['rejected']}" if "rejected" in files else ""
-    console.print(f"kept {', '.join(sides)}{rejected} (report: {files['report']})", markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"kept {', '.join(sides)}{rejected} (report: {files['report']})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return r

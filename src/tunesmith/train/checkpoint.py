@@ -85,8 +85,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, keep_last: int,
-         fingerprint: dict | None = None, scaler: torch.amp.GradScaler | None = None) -> Path:
+def save(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    cursor: dict,
+    keep_last: int,
+    fingerprint: dict | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Path:
     """Write checkpoints/step-{step} atomically, then prune to keep_last; a failure never touches older ones.
 
     `cursor`: the data stream's state plus the loop's counters (e.g. tokens seen); `scaler`: fp16's loss scale,
@@ -153,7 +162,10 @@ def verify(path: Path) -> str | None:
     for name in REQUIRED:
         if name not in expected:
             return f"{name} is not listed in {CHECKSUMS}"
-    for name, (size, _) in expected.items():  # sizes first: a cut-short copy is found without hashing anything
+    for name, (
+        size,
+        _,
+    ) in expected.items():  # sizes first: a cut-short copy is found without hashing anything
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -173,11 +185,15 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
         return _newest_intact(run_dir)
     path = Path(resume)
     if not (path / "cursor.json").is_file():
-        raise UserError(f"train.resume: '{resume}' is not a checkpoint dir (expected {run_dir}/checkpoints/step-N)")
+        raise UserError(
+            f"train.resume: '{resume}' is not a checkpoint dir (expected {run_dir}/checkpoints/step-N)"
+        )
     problem = verify(path)
     if problem is not None:
-        raise UserError(f"{path}: corrupt checkpoint ({problem}) (give another checkpoint, or train.resume=auto for "
-                        f"the newest intact one in {run_dir})")
+        raise UserError(
+            f"{path}: corrupt checkpoint ({problem}) (give another checkpoint, or train.resume=auto for "
+            f"the newest intact one in {run_dir})"
+        )
     return path
 
 
@@ -189,13 +205,21 @@ def _newest_intact(run_dir: Path) -> Path | None:
         problem = verify(ckpt)
         if problem is None:
             if not (ckpt / CHECKSUMS).is_file():
-                print0(f"note: {ckpt} has no checksums (older tunesmith); it loads, so it is used", file=sys.stderr)
+                print0(
+                    f"note: {ckpt} has no checksums (older tunesmith); it loads, so it is used",
+                    file=sys.stderr,
+                )
             return ckpt
         bad.append(f"{ckpt.name}: {problem}")
-        print0(f"warning: checkpoint {ckpt} is corrupt ({problem}); skipping it, it is left in place", file=sys.stderr)
+        print0(
+            f"warning: checkpoint {ckpt} is corrupt ({problem}); skipping it, it is left in place",
+            file=sys.stderr,
+        )
     if bad:
-        raise UserError(f"{run_dir}: no intact checkpoint to resume from ({'; '.join(bad)}) (train.resume=never starts "
-                        "over; the old files are moved aside, not deleted)")
+        raise UserError(
+            f"{run_dir}: no intact checkpoint to resume from ({'; '.join(bad)}) (train.resume=never starts "
+            "over; the old files are moved aside, not deleted)"
+        )
     return None
 
 
@@ -211,10 +235,14 @@ def load(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler |
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
-        raise UserError(f"{path}: checkpoint does not match the model ({len(missing)} unknown tensors, e.g. '{missing[0]}'); was lora/model changed?")
+        raise UserError(
+            f"{path}: checkpoint does not match the model ({len(missing)} unknown tensors, e.g. '{missing[0]}'); was lora/model changed?"
+        )
     absent = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if absent:  # else those parameters would silently keep their fresh initial values
-        raise UserError(f"{path}: checkpoint does not match the model ({len(absent)} trainable tensors missing, e.g. '{absent[0]}'); was lora/model changed?")
+        raise UserError(
+            f"{path}: checkpoint does not match the model ({len(absent)} trainable tensors missing, e.g. '{absent[0]}'); was lora/model changed?"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

@@ -34,7 +34,9 @@ def tensorboard_writer(run_dir: Path, enabled: bool):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("train.tensorboard=true needs the tensorboard package (pip install 'tunesmith[tensorboard]')") from None
+        raise UserError(
+            "train.report_to=[tensorboard] needs the tensorboard package (pip install 'tunesmith[tensorboard]')"
+        ) from None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
@@ -90,9 +92,15 @@ def progress_bar(enabled: bool) -> Progress:
     """step/total, loss, lr, real tokens/s (metrics.jsonl's tokens_per_s of the last log) and ETA; disabled bars
     print nothing (other ranks, tests)."""
     return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} real tok/s"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} real tok/s"
+        ),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         disable=not enabled,
     )
 

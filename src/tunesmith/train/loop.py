@@ -36,7 +36,7 @@ from tunesmith.train.prepare import Run, prepare
 from tunesmith.train.record import end_segment
 from tunesmith.train.run_plan import finish_plan, mfu
 
-__all__ = ["TrainingDiverged", "train"]  # TrainingDiverged lives in config.py (torch-free, for the CLI)
+__all__ = ["TrainingDiverged", "train"]  # TrainingDiverged lives in config/errors.py (torch-free, for the CLI)
 
 # fp16 loss scaling: an inf/NaN gradient is a skipped step and halves the scale. Once the scale would drop below
 # this, gradients overflow fp16 even scaled down 10^4-fold (about 30 skips in a row from the initial 2^16):
@@ -77,13 +77,23 @@ def _grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     """Total gradient norm, clipping to max_norm when set; always computed, since a finite loss can come with
     inf/NaN gradients that would poison the weights silently."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm
-            else torch.nn.utils.get_total_norm([p.grad for p in params]))
+    norm = (
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if max_norm
+        else torch.nn.utils.get_total_norm([p.grad for p in params])
+    )
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def _diverged(loss: torch.Tensor, grad_norm: torch.Tensor, step: int, wheres: list[str], lr: float, run: Path,
-              scaler: torch.amp.GradScaler) -> str | None:
+def _diverged(
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    step: int,
+    wheres: list[str],
+    lr: float,
+    run: Path,
+    scaler: torch.amp.GradScaler,
+) -> str | None:
     """None while loss and gradient norm are finite (one device sync for both), else the one-line reason.
 
     fp16 (scaler enabled): an inf/NaN gradient with a finite loss is an overflow the scaler handles by skipping
@@ -100,17 +110,25 @@ def _diverged(loss: torch.Tensor, grad_norm: torch.Tensor, step: int, wheres: li
     elif scaler.get_scale() * scaler.get_backoff_factor() >= MIN_LOSS_SCALE:
         return None  # a skipped step: scaler.step leaves the weights alone, scaler.update lowers the scale
     else:
-        head = (f"gradient norm is {norm_v} at step {step} with the fp16 loss scale down to {scaler.get_scale():.3g} "
-                f"(every recent step overflowed; loss {loss_v:.4g}, batch with {batch})")
+        head = (
+            f"gradient norm is {norm_v} at step {step} with the fp16 loss scale down to {scaler.get_scale():.3g} "
+            f"(every recent step overflowed; loss {loss_v:.4g}, batch with {batch})"
+        )
     # before this step (a corrupt later one skipped on resume may still sit there until it is re-saved)
     kept = [c for c in checkpoint.checkpoints(run) if int(c.name.split("-")[1]) < step]
-    kept_msg = f"last good checkpoint {kept[-1]} kept" if kept else "no checkpoint saved yet (train.save_every)"
-    return (f"{head}; stopped before the update, {kept_msg}, no final/ written "
-            f"(usual causes: train.lr too high (now {lr:g}), train.precision=fp16 overflowing (use bf16 or "
-            "fp32), bad labels in that batch; after a fix continue with train.resume=auto train.resume_changed=allow)")
+    kept_msg = (
+        f"last good checkpoint {kept[-1]} kept" if kept else "no checkpoint saved yet (train.save_every)"
+    )
+    return (
+        f"{head}; stopped before the update, {kept_msg}, no final/ written "
+        f"(usual causes: train.lr too high (now {lr:g}), train.precision=fp16 overflowing (use bf16 or "
+        "fp32), bad labels in that batch; after a fix continue with train.resume=auto train.resume_changed=allow)"
+    )
 
 
-def _gather(stream, micro_per_step: int, d: Dist, dev: torch.device) -> tuple[list[dict], list[str], int, int]:
+def _gather(
+    stream, micro_per_step: int, d: Dist, dev: torch.device
+) -> tuple[list[dict], list[str], int, int]:
     """This rank's micro-batches of one global step, their rows' places, and the global label and real-token counts.
 
     The counts come from the host-side batches before any copy to the device, so a single-process step
@@ -122,15 +140,27 @@ def _gather(stream, micro_per_step: int, d: Dist, dev: torch.device) -> tuple[li
         if k % d.world == d.rank:
             mine.append(batch)
             wheres += w
-    counts = torch.tensor([sum(int((next_token_targets(b) != IGNORE).sum()) for b in mine),
-                           sum(int(b["real_tokens"]) for b in mine)])
+    counts = torch.tensor(
+        [
+            sum(int((next_token_targets(b) != IGNORE).sum()) for b in mine),
+            sum(int(b["real_tokens"]) for b in mine),
+        ]
+    )
     if d.world > 1:
         counts = distributed.all_reduce_sum(counts.to(dev), d).cpu()
     return mine, wheres, max(1, int(counts[0])), int(counts[1])
 
 
-def _forward_backward(model, mine: list[dict], n_labels: int, world: int, amp: torch.dtype | None,
-                      dev: torch.device, smoothing: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
+def _forward_backward(
+    model,
+    mine: list[dict],
+    n_labels: int,
+    world: int,
+    amp: torch.dtype | None,
+    dev: torch.device,
+    smoothing: float,
+    scaler: torch.amp.GradScaler,
+) -> torch.Tensor:
     """Backward of (sum of token losses / global label count) for each micro-batch; returns the summed loss.
 
     DDP averages gradients over ranks, so each rank scales by `world` to keep the update the mean over all
@@ -152,17 +182,27 @@ def train(cfg: Config) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`; returns final metrics and the run dir (also the CLI's `train`)."""
     r = prepare(cfg)
     tc, d, dev = cfg.train, r.dist, r.dev
-    log = MetricsLog(r.dir / "metrics.jsonl", tensorboard_writer(r.dir, tc.tensorboard and d.is_main), enabled=d.is_main)
+    log = MetricsLog(
+        r.dir / "metrics.jsonl", tensorboard_writer(r.dir, "tensorboard" in tc.report_to and d.is_main), enabled=d.is_main
+    )
     done, tokens, last_eval, last_loss = r.start, r.tokens, {}, None
-    t_train, window_tokens, window_s = 0.0, 0, 0.0  # training-step seconds only: eval and checkpoints excluded
+    t_train, window_tokens, window_s = (
+        0.0,
+        0,
+        0.0,
+    )  # training-step seconds only: eval and checkpoints excluded
 
     with _stop_on_signals() as stop, progress_bar(d.is_main) as bar:
-        task = bar.add_task("train", total=r.total, completed=r.start, loss=float("nan"), lr=r.sched.get_last_lr()[0], tps=0.0)
+        task = bar.add_task(
+            "train", total=r.total, completed=r.start, loss=float("nan"), lr=r.sched.get_last_lr()[0], tps=0.0
+        )
         for step in range(r.start, r.total):
             t_step = time.time()
             # (1) this rank's micro-batches of the global step, (2) forward/backward of each (fp16: loss scaled)
             mine, wheres, n_labels, real = _gather(r.stream, r.micro_per_step, d, dev)
-            step_loss = _forward_backward(r.model, mine, n_labels, d.world, r.amp, dev, tc.label_smoothing, r.scaler)
+            step_loss = _forward_backward(
+                r.model, mine, n_labels, d.world, r.amp, dev, tc.label_smoothing, r.scaler
+            )
             step_loss = distributed.all_reduce_sum(step_loss, d) / n_labels
             # (3) unscale and clip; a NaN/inf loss or gradient stops the run before it reaches the weights (fp16:
             # an inf gradient is a step the scaler skips, until the scale collapses); step, schedule
@@ -185,8 +225,17 @@ def train(cfg: Config) -> dict:
             t_train, window_s = t_train + seconds, window_s + seconds
             if done % tc.log_every == 0 or done == r.total:
                 tps = window_tokens / max(window_s, 1e-9)
-                row = {"step": done, "split": "train", "loss": step_loss.item(), "lr": lr, "tokens": tokens,
-                       "tokens_per_s": tps, "epoch": _epoch(r.stream), "grad_norm": float(grad_norm), "mfu": mfu(r.plan, tps)}
+                row = {
+                    "step": done,
+                    "split": "train",
+                    "loss": step_loss.item(),
+                    "lr": lr,
+                    "tokens": tokens,
+                    "tokens_per_s": tps,
+                    "epoch": _epoch(r.stream),
+                    "grad_norm": float(grad_norm),
+                    "mfu": mfu(r.plan, tps),
+                }
                 if r.scaler.is_enabled():
                     row["loss_scale"] = r.scaler.get_scale()
                 log.write(row)
@@ -196,20 +245,47 @@ def train(cfg: Config) -> dict:
 
             # (5) eval and checkpoint (the cursor carries the token count, so a resumed run counts on)
             if r.data.test and ((tc.eval_every and done % tc.eval_every == 0) or done == r.total):
-                last_eval = evaluate_loss(r.model, r.data.test, tc.batch_size, cfg.data.max_length, r.pad_id, cfg.data.packing,
-                                          dev, r.amp, shard=(d.rank, d.world))
+                last_eval = evaluate_loss(
+                    r.model,
+                    r.data.test,
+                    tc.batch_size,
+                    cfg.data.max_length,
+                    r.pad_id,
+                    cfg.data.packing,
+                    dev,
+                    r.amp,
+                    shard=(d.rank, d.world),
+                )
                 log.write({"step": done, "split": "eval", **last_eval})
             if (tc.save_every and (done % tc.save_every == 0 or done == r.total)) or stop.signum:
                 if d.is_main:
-                    checkpoint.save(r.dir, done, r.core, r.opt, r.sched, {**r.stream.state(), "tokens": tokens}, tc.keep_last,
-                                    fingerprint=r.fingerprint, scaler=r.scaler)
+                    checkpoint.save(
+                        r.dir,
+                        done,
+                        r.core,
+                        r.opt,
+                        r.sched,
+                        {**r.stream.state(), "tokens": tokens},
+                        tc.keep_last,
+                        fingerprint=r.fingerprint,
+                        scaler=r.scaler,
+                    )
                 distributed.barrier(d)
             if stop.signum:
-                print0(f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with train.resume=auto")
+                print0(
+                    f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with train.resume=auto"
+                )
                 break
 
-    result = {"run_dir": str(r.dir), "steps": done, "train_loss": last_loss, "eval": last_eval,
-              "tokens": tokens, "train_seconds": t_train, "wall_seconds": time.time() - r.t0}
+    result = {
+        "run_dir": str(r.dir),
+        "steps": done,
+        "train_loss": last_loss,
+        "eval": last_eval,
+        "tokens": tokens,
+        "train_seconds": t_train,
+        "wall_seconds": time.time() - r.t0,
+    }
     return _finish(r, result, stop.signum, tokens - r.tokens)
 
 
@@ -223,13 +299,25 @@ def _finish(r: Run, result: dict, signum: int, segment_tokens: int) -> dict:
         raise SystemExit(128 + signum)
     if d.is_main:
         cfg = r.cfg
-        spec = {"template": r.data.template.to_dict(), "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
-                "fields": cfg.data.fields, "base_model": cfg.model.name}
+        spec = {
+            "template": r.data.template.to_dict(),
+            "max_length": cfg.data.max_length,
+            "truncation": cfg.data.truncation,
+            "fields": cfg.data.fields,
+            "base_model": cfg.model.name,
+        }
         save_final(r.core, r.tok, r.dir / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
         plot_losses(read_metrics(r.dir / "metrics.jsonl"), r.dir / "loss.png")
         # this segment's tokens over this segment's step time: the rate the process ran at
-        result["plan"] = finish_plan(r.plan, r.dir, segment_tokens, result["train_seconds"], result["wall_seconds"],
-                                     r.dev, r.before_model)
+        result["plan"] = finish_plan(
+            r.plan,
+            r.dir,
+            segment_tokens,
+            result["train_seconds"],
+            result["wall_seconds"],
+            r.dev,
+            r.before_model,
+        )
         (r.dir / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
         end_segment(r.dir, done, "finished")
         print0(f"done: {result['steps']} steps, final model in {r.dir / 'final'}")

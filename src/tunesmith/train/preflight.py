@@ -78,21 +78,33 @@ def check_tokenizer(cfg: Config, tok, data: Prepared, model_config, report: Repo
     """EOS set and in the vocabulary; every id the run can feed (vocab, samples, pad) has an embedding row; chat template."""
     name = f"model.name '{cfg.model.name}'"
     if tok.eos_token_id is None:
-        report.errors.append(f"{name}: the tokenizer has no eos_token, so answers could never end (set eos_token in its tokenizer_config.json)")
+        report.errors.append(
+            f"{name}: the tokenizer has no eos_token, so answers could never end (set eos_token in its tokenizer_config.json)"
+        )
     elif tok.eos_token not in tok.get_vocab():
-        report.errors.append(f"{name}: the tokenizer's eos_token {tok.eos_token!r} is not in its vocabulary (fix eos_token in tokenizer_config.json)")
+        report.errors.append(
+            f"{name}: the tokenizer's eos_token {tok.eos_token!r} is not in its vocabulary (fix eos_token in tokenizer_config.json)"
+        )
     rows = getattr(model_config, "vocab_size", None)
     if rows and len(tok) > rows:
         specials = {k: getattr(tok, f"{k}_token_id") for k in ("eos", "pad", "bos")}
         past = ", ".join(f"{k} = id {v}" for k, v in specials.items() if v is not None and v >= rows)
-        report.errors.append(f"{name}: the tokenizer has {len(tok)} tokens but the model's embedding has vocab_size={rows} rows"
-                             f"{f' ({past})' if past else ''}: ids >= {rows} have no embedding (use the tokenizer the model was trained with)")
+        report.errors.append(
+            f"{name}: the tokenizer has {len(tok)} tokens but the model's embedding has vocab_size={rows} rows"
+            f"{f' ({past})' if past else ''}: ids >= {rows} have no embedding (use the tokenizer the model was trained with)"
+        )
     elif rows:  # and the ids the run will really feed
-        top, where = max(((max(s["input_ids"], default=-1), s["where"]) for s in data.train + data.test), default=(-1, ""))
+        top, where = max(
+            ((max(s["input_ids"], default=-1), s["where"]) for s in data.train + data.test), default=(-1, "")
+        )
         if top >= rows:
-            report.errors.append(f"{where}: token id {top} is past the {rows} embedding rows (vocab_size) of {name}")
+            report.errors.append(
+                f"{where}: token id {top} is past the {rows} embedding rows (vocab_size) of {name}"
+            )
     if (cfg.data.template == "chat" or cfg.data.format == "chat") and not getattr(tok, "chat_template", None):
-        report.errors.append(f"data.template=chat but the tokenizer of {name} has no chat_template (use data.template=qa or a template string)")
+        report.errors.append(
+            f"data.template=chat but the tokenizer of {name} has no chat_template (use data.template=qa or a template string)"
+        )
 
 
 def model_context(model_config) -> int | None:
@@ -108,19 +120,25 @@ def check_context(cfg: Config, model_config, report: Report) -> None:
     """data.max_length must not exceed the positions the model was trained for."""
     context = model_context(model_config)
     if context is not None and cfg.data.max_length > context:
-        report.errors.append(f"data.max_length={cfg.data.max_length} exceeds the context of model.name '{cfg.model.name}' "
-                             f"({context} positions in its config.json; lower data.max_length to at most {context})")
+        report.errors.append(
+            f"data.max_length={cfg.data.max_length} exceeds the context of model.name '{cfg.model.name}' "
+            f"({context} positions in its config.json; lower data.max_length to at most {context})"
+        )
 
 
 def check_labels(cfg: Config, data: Prepared, report: Report) -> None:
     """Every training example carries loss on at least one token, and some position predicts a label."""
     empty = [s["where"] for s in data.train if all(label == IGNORE for label in s["labels"])]
     if empty:
-        report.errors.append(f"{empty[0]}: no token of this example carries loss ({len(empty)} of {len(data.train)} training "
-                             "examples like it; check data.template and data.truncation)")
+        report.errors.append(
+            f"{empty[0]}: no token of this example carries loss ({len(empty)} of {len(data.train)} training "
+            "examples like it; check data.template and data.truncation)"
+        )
     elif label_fraction(data.train) == 0:
-        report.errors.append(f"{cfg.data.path}: none of the {len(data.train)} training examples has a token to learn (each is "
-                             "a single token, e.g. a lone EOS: does the tokenizer encode this data to nothing?)")
+        report.errors.append(
+            f"{cfg.data.path}: none of the {len(data.train)} training examples has a token to learn (each is "
+            "a single token, e.g. a lone EOS: does the tokenizer encode this data to nothing?)"
+        )
 
 
 def check_roundtrip(cfg: Config, tok, data: Prepared, report: Report) -> None:
@@ -142,8 +160,10 @@ def check_roundtrip(cfg: Config, tok, data: Prepared, report: Report) -> None:
         return
     where, t, b = bad[0]
     share = len(bad) / len(texts)
-    message = (f"model.name '{cfg.model.name}': the tokenizer does not reproduce {len(bad)} of {len(texts)} sampled texts "
-               f"({share:.0%}; first: {where}: {_clip(t)} -> {_clip(b)})")
+    message = (
+        f"model.name '{cfg.model.name}': the tokenizer does not reproduce {len(bad)} of {len(texts)} sampled texts "
+        f"({share:.0%}; first: {where}: {_clip(t)} -> {_clip(b)})"
+    )
     if share > ROUNDTRIP_ERROR_SHARE:
         report.errors.append(message + ": it does not fit this data (wrong or broken tokenizer files?)")
     else:
@@ -155,7 +175,11 @@ def _sample_texts(examples: list, limit: int) -> list[tuple[str, str]]:
     step = max(1, len(examples) // limit)
     out = []
     for ex in examples[::step][:limit]:
-        items = [(m.get("role", "message"), m.get("content")) for m in ex.messages] if ex.messages else ex.fields.items()
+        items = (
+            [(m.get("role", "message"), m.get("content")) for m in ex.messages]
+            if ex.messages
+            else ex.fields.items()
+        )
         out += [(f"{ex.where} field '{k}'", v) for k, v in items if isinstance(v, str) and v.strip()]
     return out
 
@@ -165,7 +189,9 @@ def _same_text(text: str, decoded: str, normalizer) -> bool:
         return True
     norm = normalizer.normalize_str if normalizer is not None else str
     # sentencepiece normalisers write spaces as U+2581; whitespace layout is normalisation, characters are not
-    return "".join(norm(text).replace("\u2581", " ").split()) == "".join(norm(decoded).replace("\u2581", " ").split())
+    return "".join(norm(text).replace("\u2581", " ").split()) == "".join(
+        norm(decoded).replace("\u2581", " ").split()
+    )
 
 
 def _clip(text: str, n: int = 40) -> str:
@@ -181,23 +207,34 @@ def check_truncation(cfg: Config, tok, data: Prepared, report: Report) -> None:
     # BPE merges across the cut), so only those samples need their full length measured
     full = {s["where"] for s in data.train if len(s["input_ids"]) >= d.max_length - _CUT_SLACK}
     examples = [ex for ex in data.train_examples if ex.where in full]
-    lengths = [len(s["input_ids"]) for s in render_all(examples, data.template, tok, _NO_LIMIT, d.truncation, Rejects("skip"))]
+    lengths = [
+        len(s["input_ids"])
+        for s in render_all(examples, data.template, tok, _NO_LIMIT, d.truncation, Rejects("skip"))
+    ]
     cut = [n for n in lengths if n > d.max_length]
     share = len(cut) / len(data.train)
     if share > WARN_CUT_SHARE:
-        report.warnings.append(f"{len(cut)} of {len(data.train)} training examples ({share:.0%}) are cut at data.max_length="
-                               f"{d.max_length} (data.truncation={d.truncation}); data.max_length={max(cut)} (+{max(cut) - d.max_length}) "
-                               "would keep them whole")
+        report.warnings.append(
+            f"{len(cut)} of {len(data.train)} training examples ({share:.0%}) are cut at data.max_length="
+            f"{d.max_length} (data.truncation={d.truncation}); data.max_length={max(cut)} (+{max(cut) - d.max_length}) "
+            "would keep them whole"
+        )
 
 
-def precision_warning(precision: str, device_type: str, native_bf16: bool, slowdown: Callable[[str], float]) -> str | None:
+def precision_warning(
+    precision: str, device_type: str, native_bf16: bool, slowdown: Callable[[str], float]
+) -> str | None:
     """A warning when train.precision=bf16 asks for bf16 where its matmuls are emulated (`slowdown`: measured fp32/bf16)."""
     if precision != "bf16" or native_bf16:
         return None
     if device_type != "cpu":
-        return f"train.precision=bf16: this {device_type} device has no native bf16 (use train.precision=auto)"
-    return (f"train.precision=bf16: this CPU has no native bf16 matmuls (no AVX512-BF16/AMX): bf16 autocast measured "
-            f"{slowdown(device_type):.1f}x slower than fp32 here (train.precision=auto picks fp32 on this machine)")
+        return (
+            f"train.precision=bf16: this {device_type} device has no native bf16 (use train.precision=auto)"
+        )
+    return (
+        f"train.precision=bf16: this CPU has no native bf16 matmuls (no AVX512-BF16/AMX): bf16 autocast measured "
+        f"{slowdown(device_type):.1f}x slower than fp32 here (train.precision=auto picks fp32 on this machine)"
+    )
 
 
 def _measured_bf16_slowdown(device_type: str) -> float:

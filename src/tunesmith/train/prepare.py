@@ -91,8 +91,10 @@ def prepare(cfg: Config) -> Run:
     if cfg.train.fsdp and d.world > 1 and autocast_dtype(cfg.train.precision, dev) == torch.float16:
         # measured (torch 2.13, gloo): GradScaler fails on FSDP2's sharded gradients, ShardedGradScaler leaves them
         # scaled (grad norm x 65536), so fp16 there would clip and report silently wrong gradients
-        raise UserError("train.precision=fp16 with train.fsdp=true: loss scaling does not work on FSDP2's sharded "
-                        "gradients (use train.precision=bf16, or DDP: train.fsdp=false)")
+        raise UserError(
+            "train.precision=fp16 with train.fsdp=true: loss scaling does not work on FSDP2's sharded "
+            "gradients (use train.precision=bf16, or DDP: train.fsdp=false)"
+        )
     ckpt, fp, changed = _open_run(cfg, run, data, tok, d)
     before_model = reset_peak_rss()  # CPU: what the process holds before the model, off the measured peak
     model = _load_model(cfg, dev)
@@ -109,18 +111,53 @@ def prepare(cfg: Config) -> Run:
     start, tokens = _resume(ckpt, model, opt, sched, scaler, stream)
 
     if d.is_main:
-        begin_segment(run, fp, start, ckpt, changed, model=cfg.model.name, lora=cfg.lora is not None, seed=tc.seed,
-                      data_hash=data.data_hash, template_hash=data.template_hash, tokenizer_hash=fp["tokenizer_hash"],
-                      train_examples=len(data.train), test_examples=len(data.test), rejected_rows=data.rejected,
-                      hardware=hardware(dev, d.world))
+        begin_segment(
+            run,
+            fp,
+            start,
+            ckpt,
+            changed,
+            model=cfg.model.name,
+            lora=cfg.lora is not None,
+            seed=tc.seed,
+            data_hash=data.data_hash,
+            template_hash=data.template_hash,
+            tokenizer_hash=fp["tokenizer_hash"],
+            train_examples=len(data.train),
+            test_examples=len(data.test),
+            rejected_rows=data.rejected,
+            hardware=hardware(dev, d.world),
+        )
         if ckpt is not None and rewind(run / "metrics.jsonl", start):
-            print0(f"note: metrics logged after step {start} (redone now) moved to {run / 'metrics.rewound.jsonl'}")
+            print0(
+                f"note: metrics logged after step {start} (redone now) moved to {run / 'metrics.rewound.jsonl'}"
+            )
     plan = start_plan(cfg, run, data.train, total, micro_per_step, d.is_main)
     wrapped = distributed.wrap(model, d, dev, tc.fsdp)
-    return Run(cfg=cfg, dir=run, dist=d, dev=dev, tok=tok, data=data, model=wrapped, core=distributed.unwrap(wrapped),
-               stream=stream, opt=opt, sched=sched, scaler=scaler, amp=amp, total=total, start=start, tokens=tokens,
-               micro_per_step=micro_per_step, pad_id=pad_id(tok), fingerprint=fp, plan=plan, before_model=before_model,
-               t0=t0)
+    return Run(
+        cfg=cfg,
+        dir=run,
+        dist=d,
+        dev=dev,
+        tok=tok,
+        data=data,
+        model=wrapped,
+        core=distributed.unwrap(wrapped),
+        stream=stream,
+        opt=opt,
+        sched=sched,
+        scaler=scaler,
+        amp=amp,
+        total=total,
+        start=start,
+        tokens=tokens,
+        micro_per_step=micro_per_step,
+        pad_id=pad_id(tok),
+        fingerprint=fp,
+        plan=plan,
+        before_model=before_model,
+        t0=t0,
+    )
 
 
 def _open_run(cfg: Config, run: Path, data: Prepared, tok, d: Dist) -> tuple[Path | None, dict, list[dict]]:
@@ -131,7 +168,11 @@ def _open_run(cfg: Config, run: Path, data: Prepared, tok, d: Dist) -> tuple[Pat
     earlier run in out_dir are moved aside, never deleted. Only then is config.yaml (re)written.
     """
     tc = cfg.train
-    hashes = {"data_hash": data.data_hash, "template_hash": data.template_hash, "tokenizer_hash": tokenizer_hash(tok)}
+    hashes = {
+        "data_hash": data.data_hash,
+        "template_hash": data.template_hash,
+        "tokenizer_hash": tokenizer_hash(tok),
+    }
     fp = fingerprint(cfg.model_dump(mode="json"), d.world, hashes)
     ckpt = checkpoint.find_resume(tc.resume, run)
     source = ckpt.parent.parent if ckpt is not None else None  # <run>/checkpoints/step-N
@@ -148,8 +189,10 @@ def _open_run(cfg: Config, run: Path, data: Prepared, tok, d: Dist) -> tuple[Pat
         if moved is not None:
             print0(f"note: {run} held an earlier run; its files are now in {moved}")
         if changed:
-            print0(f"warning: resuming although {', '.join(c['key'] for c in changed)} changed (train.resume_changed=allow; "
-                   "recorded in manifest.json)")
+            print0(
+                f"warning: resuming although {', '.join(c['key'] for c in changed)} changed (train.resume_changed=allow; "
+                "recorded in manifest.json)"
+            )
         save_config(cfg, run / "config.yaml")
     return ckpt, fp, changed
 
@@ -163,17 +206,28 @@ def _load_model(cfg: Config, dev: torch.device) -> torch.nn.Module:
         model.gradient_checkpointing_enable()
     model.train()
     trainable, total_params = trainable_summary(model)
-    print0(f"model: {total_params:,} params, {trainable:,} trainable ({'LoRA' if cfg.lora else 'full'}) on {dev.type}")
+    print0(
+        f"model: {total_params:,} params, {trainable:,} trainable ({'LoRA' if cfg.lora else 'full'}) on {dev.type}"
+    )
     return model
 
 
-def _stream(cfg: Config, data: Prepared, tok, d: Dist, run: Path, micro_per_step: int) -> tuple[EpochStream | TextStream, int]:
+def _stream(
+    cfg: Config, data: Prepared, tok, d: Dist, run: Path, micro_per_step: int
+) -> tuple[EpochStream | TextStream, int]:
     """The micro-batch stream (a streamed corpus or the rendered samples) and the run's optimizer steps."""
     tc = cfg.train
     if cfg.data.streaming:
-        stream = TextStream(cfg.data, tok, tc.batch_size, tc.seed, d.rank, d.world, out_dir=run if d.is_main else None)
-        return stream, tc.max_steps or stream.batches_per_epoch  # the latter raises: a stream has no epochs to count
-    stream = EpochStream(data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id(tok))
+        stream = TextStream(
+            cfg.data, tok, tc.batch_size, tc.seed, d.rank, d.world, out_dir=run if d.is_main else None
+        )
+        return (
+            stream,
+            tc.max_steps or stream.batches_per_epoch,
+        )  # the latter raises: a stream has no epochs to count
+    stream = EpochStream(
+        data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id(tok)
+    )
     return stream, total_steps(tc, stream.batches_per_epoch, micro_per_step)
 
 

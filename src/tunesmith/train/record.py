@@ -33,21 +33,52 @@ MANIFEST = "manifest.json"
 # The one list of config keys that may differ between the segments of a run. They change what is logged or
 # kept, where files are, or the speed/memory of a step, never the optimisation itself: same maths.
 # (attn_implementation, compile, gradient_checkpointing and fsdp change float rounding at most.)
-RESUME_FREE = frozenset({
-    "out_dir", "train.resume", "train.resume_changed", "train.overwrite",
-    "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.tensorboard",
-    "train.compile", "train.gradient_checkpointing", "train.fsdp",
-    "model.attn_implementation", "model.cache_dir", "model.trust_remote_code",
-    "data.path", "data.test_path",  # what they hold is compared (data_hash); the files may move
-})
+RESUME_FREE = frozenset(
+    {
+        "out_dir",
+        "train.resume",
+        "train.resume_changed",
+        "train.overwrite",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_last",
+        "train.eval_every",
+        "train.report_to",
+        "train.select",
+        "train.select_mode",
+        "train.early_stop_patience",
+        "train.early_stop_min_delta",
+        "train.compile",
+        "train.gradient_checkpointing",
+        "train.fsdp",
+        "model.attn_implementation",
+        "model.cache_dir",
+        "model.trust_remote_code",
+        "data.path",
+        "data.test_path",  # what they hold is compared (data_hash); the files may move
+    }
+)
 # Sections that decide the training; eval, generate, serve, synth and plan never touch it.
 COMPARED_SECTIONS = ("model", "data", "train", "lora")
 HASHES = ("data_hash", "template_hash", "tokenizer_hash")
 
 # What a run leaves in its dir. The data cache (data/) and data_rejects.jsonl are not in it: they describe the
 # data, are keyed by it, and the current run has just (re)written them.
-RUN_FILES = ("checkpoints", "final", "best", "export", "eval", "tensorboard", "metrics.jsonl", "metrics.rewound.jsonl",
-             MANIFEST, "config.yaml", "plan.json", "loss.png", "train_result.json")
+RUN_FILES = (
+    "checkpoints",
+    "final",
+    "best",
+    "export",
+    "eval",
+    "tensorboard",
+    "metrics.jsonl",
+    "metrics.rewound.jsonl",
+    MANIFEST,
+    "config.yaml",
+    "plan.json",
+    "loss.png",
+    "train_result.json",
+)
 _TRAINED = ("checkpoints", "final", "metrics.jsonl", MANIFEST)  # any of these: an earlier run trained here
 
 
@@ -63,7 +94,9 @@ def _versions() -> dict[str, str]:
 
 def _git_rev() -> str | None:
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return rev.stdout.strip() or None
@@ -75,8 +108,13 @@ def _now() -> str:
 
 def hardware(device: torch.device, world: int) -> dict:
     """What ran the job."""
-    info = {"device": device.type, "world_size": world, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    info = {
+        "device": device.type,
+        "world_size": world,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -115,7 +153,9 @@ def _show(key: str, value) -> str:
 
 def describe_changes(changed: list[dict]) -> str:
     """'data_hash 3f2a... -> 9c01..., train.lr 0.0001 -> 0.0003'."""
-    return ", ".join(f"{c['key']} {_show(c['key'], c['old'])} -> {_show(c['key'], c['new'])}" for c in changed)
+    return ", ".join(
+        f"{c['key']} {_show(c['key'], c['old'])} -> {_show(c['key'], c['new'])}" for c in changed
+    )
 
 
 def read_manifest(run: Path) -> dict | None:
@@ -126,9 +166,13 @@ def read_manifest(run: Path) -> dict | None:
     try:
         record = json.loads(path.read_text())
     except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e}) (move it away to treat {run} as a run with no record)") from None
+        raise UserError(
+            f"{path}: not valid JSON ({e}) (move it away to treat {run} as a run with no record)"
+        ) from None
     if not isinstance(record, dict):
-        raise UserError(f"{path}: not a tunesmith manifest (move it away to treat {run} as a run with no record)")
+        raise UserError(
+            f"{path}: not a tunesmith manifest (move it away to treat {run} as a run with no record)"
+        )
     return record
 
 
@@ -160,8 +204,10 @@ def check_resume(run: Path, new: dict, old: dict | None, allow: bool) -> list[di
         return []  # a checkpoint with no record next to it (copied in by hand): nothing to compare with
     changed = changes(old, new)
     if changed and not allow:
-        raise UserError(f"{run}: cannot resume: {describe_changes(changed)} (set train.resume_changed=allow to "
-                        "continue anyway; the manifest records it)")
+        raise UserError(
+            f"{run}: cannot resume: {describe_changes(changed)} (set train.resume_changed=allow to "
+            "continue anyway; the manifest records it)"
+        )
     return changed
 
 
@@ -175,7 +221,9 @@ def check_fresh(run: Path, new: dict, overwrite: bool) -> None:
         raise UserError(f"{run}: holds a finished model (final/) with no record of its config ({way_out})")
     changed = changes(old, new)
     if changed:
-        raise UserError(f"{run}: holds a finished run of another config: {describe_changes(changed)} ({way_out})")
+        raise UserError(
+            f"{run}: holds a finished run of another config: {describe_changes(changed)} ({way_out})"
+        )
 
 
 def move_aside(run: Path) -> Path | None:
@@ -205,21 +253,44 @@ def _write(path: Path, record: dict) -> None:
 
 def _legacy_segment(old: dict) -> dict:
     """A manifest written before segments were recorded, as the first segment."""
-    return {"started_at_step": 0, "ended_at_step": None, "status": "unknown (recorded before segments)",
-            "versions": old.get("versions"), "git_rev": old.get("git_rev"), "hardware": old.get("hardware")}
+    return {
+        "started_at_step": 0,
+        "ended_at_step": None,
+        "status": "unknown (recorded before segments)",
+        "versions": old.get("versions"),
+        "git_rev": old.get("git_rev"),
+        "hardware": old.get("hardware"),
+    }
 
 
-def begin_segment(run: Path, fp: dict, start: int, resumed_from: Path | None, changed: list[dict], **fields) -> None:
+def begin_segment(
+    run: Path, fp: dict, start: int, resumed_from: Path | None, changed: list[dict], **fields
+) -> None:
     """Write manifest.json for a new segment: `fields` and the fingerprint on top, the segment appended to the history."""
-    old = read_manifest(run) if resumed_from is not None else None  # a fresh run's predecessor was moved aside
+    old = (
+        read_manifest(run) if resumed_from is not None else None
+    )  # a fresh run's predecessor was moved aside
     segments = (old.get("segments") or [_legacy_segment(old)]) if old else []
     versions, rev = _versions(), _git_rev()
-    segments.append({"started_at_step": start, "ended_at_step": None, "status": "running",
-                     "resumed_from": str(resumed_from) if resumed_from else None,
-                     "changed": changed, "allowed": bool(changed),  # true: train.resume_changed=allow let these through
-                     "started": _now(), "ended": None, "versions": versions, "git_rev": rev,
-                     "hardware": fields.get("hardware")})
-    _write(run / MANIFEST, {**fields, "fingerprint": fp, "versions": versions, "git_rev": rev, "segments": segments})
+    segments.append(
+        {
+            "started_at_step": start,
+            "ended_at_step": None,
+            "status": "running",
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "changed": changed,
+            "allowed": bool(changed),  # true: train.resume_changed=allow let these through
+            "started": _now(),
+            "ended": None,
+            "versions": versions,
+            "git_rev": rev,
+            "hardware": fields.get("hardware"),
+        }
+    )
+    _write(
+        run / MANIFEST,
+        {**fields, "fingerprint": fp, "versions": versions, "git_rev": rev, "segments": segments},
+    )
 
 
 def end_segment(run: Path, step: int, status: str) -> None:

@@ -26,7 +26,9 @@ def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
     return start_plan(cfg, None, samples, total_steps(cfg.train, per_epoch, micro), micro, False)
 
 
-def start_plan(cfg: Config, run: Path | None, samples: list[dict], steps: int, micro_per_step: int, is_main: bool) -> dict:
+def start_plan(
+    cfg: Config, run: Path | None, samples: list[dict], steps: int, micro_per_step: int, is_main: bool
+) -> dict:
     """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts."""
     tokens = sum(len(s["input_ids"]) for s in samples)
     if samples:
@@ -78,34 +80,56 @@ def peak_memory_bytes(dev: torch.device, before_model: int | None = None) -> int
     return _proc_status_bytes("VmHWM") - before_model
 
 
-def finish_plan(plan: dict, run: Path, tokens: int, train_seconds: float, wall_seconds: float, dev: torch.device,
-                before_model: int | None = None) -> dict:
+def finish_plan(
+    plan: dict,
+    run: Path,
+    tokens: int,
+    train_seconds: float,
+    wall_seconds: float,
+    dev: torch.device,
+    before_model: int | None = None,
+) -> dict:
     """Fill the measured side of plan.json and print predicted vs measured."""
     tps = tokens / max(train_seconds, 1e-9)
-    measured = {"tokens_per_s": tps, "mfu": mfu(plan, tps), "peak_memory_bytes": peak_memory_bytes(dev, before_model),
-                "wall_time_s": train_seconds, "run_wall_s": wall_seconds}
+    measured = {
+        "tokens_per_s": tps,
+        "mfu": mfu(plan, tps),
+        "peak_memory_bytes": peak_memory_bytes(dev, before_model),
+        "wall_time_s": train_seconds,
+        "run_wall_s": wall_seconds,
+    }
     if dev.type != "cuda" and before_model is not None:
         measured["process_bytes_before_model"] = before_model  # Python, libraries, data: not in the plan
     full = compare_measured(plan, measured)
     (run / "plan.json").write_text(json.dumps(full, indent=2, default=str))
-    table = Table(title="plan vs measured (measured: mean over this run's training steps)", header_style="bold")
+    table = Table(
+        title="plan vs measured (measured: mean over this run's training steps)", header_style="bold"
+    )
     for col in ("", "predicted", "measured", "measured/predicted"):
         table.add_column(col, justify="right")
     for row in full["comparison"]:
         fmt = _fmt_bytes if "bytes" in row["metric"] else _fmt_num
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
-        table.add_row(LABELS.get(row["metric"], row["metric"]), fmt(row["predicted"]), fmt(row["measured"]), ratio)
+        table.add_row(
+            LABELS.get(row["metric"], row["metric"]), fmt(row["predicted"]), fmt(row["measured"]), ratio
+        )
     if "process_bytes_before_model" in measured:
-        table.caption = (f"CPU memory: peak RSS minus the {_fmt_bytes(measured['process_bytes_before_model'])} held before the "
-                         "model; RSS also keeps memory the allocator cached after frees (the plan counts tensors)")
+        table.caption = (
+            f"CPU memory: peak RSS minus the {_fmt_bytes(measured['process_bytes_before_model'])} held before the "
+            "model; RSS also keeps memory the allocator cached after frees (the plan counts tensors)"
+        )
     Console().print(table)
     return full["comparison"]
 
 
 # What each compared figure counts, as the tables name it. tokens/s everywhere (plan, metrics.jsonl, the progress
 # bar) is real tokens: prompt and answer tokens, no padding.
-LABELS = {"tokens_per_s": "real tokens/s (training steps)", "mfu": "MFU", "peak_memory_bytes": "peak memory",
-          "wall_time_s": "training-step time (s)"}
+LABELS = {
+    "tokens_per_s": "real tokens/s (training steps)",
+    "mfu": "MFU",
+    "peak_memory_bytes": "peak memory",
+    "wall_time_s": "training-step time (s)",
+}
 
 
 def _fmt_num(x) -> str:
@@ -121,8 +145,12 @@ def compare_measured(plan: dict, measured: dict) -> dict:
 
     `measured` keys (any subset): tokens_per_s, mfu, peak_memory_bytes, wall_time_s.
     """
-    predicted = {"tokens_per_s": plan["time"]["tokens_per_s"], "mfu": plan["time"]["expected_mfu"],
-                 "peak_memory_bytes": plan["memory"]["peak"], "wall_time_s": plan["time"]["total_s"]}
+    predicted = {
+        "tokens_per_s": plan["time"]["tokens_per_s"],
+        "mfu": plan["time"]["expected_mfu"],
+        "peak_memory_bytes": plan["memory"]["peak"],
+        "wall_time_s": plan["time"]["total_s"],
+    }
     rows = []
     for key, pred in predicted.items():
         got = measured.get(key)
@@ -144,17 +172,30 @@ def print_plan(plan: dict, console) -> None:
     from rich.table import Table
 
     m, r, f, t = plan["model"], plan["run"], plan["flops"], plan["time"]
-    head = Table(title=f"plan: {m['name']} ({m['model_type']}, d={m['hidden']}, L={m['layers']}, V={m['vocab']})")
+    head = Table(
+        title=f"plan: {m['name']} ({m['model_type']}, d={m['hidden']}, L={m['layers']}, V={m['vocab']})"
+    )
     head.add_column("quantity")
     head.add_column("value", justify="right")
-    for k, v in [("parameters", f"{m['total']:,}"), ("trainable", f"{m['trainable']:,}"),
-                 ("micro-batch x seq x accum", f"{r['micro_batch']} x {r['seq_len']} x {r['grad_accum']}"),
-                 ("positions with a label (LM head runs there)", f"{r.get('label_fraction', 1.0):.0%}"),
-                 ("FLOPs/token fwd / bwd / recompute", f"{f['forward']:.3g} / {f['backward']:.3g} / {f['recompute']:.3g}"),
-                 ("FLOPs/step (hardware)", f"{f['per_step']:.3g}"), ("FLOPs total", "-" if f["total"] is None else f"{f['total']:.3g}"),
-                 ("time/step", f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s "
-                                f"({t['device']}, {t.get('autocast', 'fp32')} matmuls)"),
-                 ("real tokens/s (no padding)", f"{t['tokens_per_s']:,.0f}"), ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min")]:
+    for k, v in [
+        ("parameters", f"{m['total']:,}"),
+        ("trainable", f"{m['trainable']:,}"),
+        ("micro-batch x seq x accum", f"{r['micro_batch']} x {r['seq_len']} x {r['grad_accum']}"),
+        ("positions with a label (LM head runs there)", f"{r.get('label_fraction', 1.0):.0%}"),
+        (
+            "FLOPs/token fwd / bwd / recompute",
+            f"{f['forward']:.3g} / {f['backward']:.3g} / {f['recompute']:.3g}",
+        ),
+        ("FLOPs/step (hardware)", f"{f['per_step']:.3g}"),
+        ("FLOPs total", "-" if f["total"] is None else f"{f['total']:.3g}"),
+        (
+            "time/step",
+            f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s "
+            f"({t['device']}, {t.get('autocast', 'fp32')} matmuls)",
+        ),
+        ("real tokens/s (no padding)", f"{t['tokens_per_s']:,.0f}"),
+        ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min"),
+    ]:
         head.add_row(k, v)
     console.print(head)
     mem = Table(title=f"training memory on {plan['memory']['device']}")
@@ -169,13 +210,22 @@ def print_plan(plan: dict, console) -> None:
     for col in ("device", "needed", "capacity", "fits", "max micro-batch"):
         fit.add_column(col)
     for row in plan["fit"]:
-        fit.add_row(row["device"], _fmt_bytes(row["needed_bytes"]), _fmt_bytes(row["capacity_bytes"]), "yes" if row["fits"] else "no", str(row["max_micro_batch"]))
+        fit.add_row(
+            row["device"],
+            _fmt_bytes(row["needed_bytes"]),
+            _fmt_bytes(row["capacity_bytes"]),
+            "yes" if row["fits"] else "no",
+            str(row["max_micro_batch"]),
+        )
     console.print(fit)
     run = Table(title=f"what can I run on {t['device']} (1 row x 1024 tokens, checkpointing)")
     for col in ("model", "params", "inference", "lora", "qlora", "full"):
         run.add_column(col)
     for row in plan["what_can_i_run"]:
-        cells = [("[green]" if row["fits"][k] else "[red]") + _fmt_bytes(row[k]) for k in ("inference", "lora", "qlora", "full")]
+        cells = [
+            ("[green]" if row["fits"][k] else "[red]") + _fmt_bytes(row[k])
+            for k in ("inference", "lora", "qlora", "full")
+        ]
         run.add_row(row["model"], f"{row['params'] / 1e9:.2f}B", *cells)
     console.print(run)
     if plan.get("comparison"):
@@ -183,5 +233,11 @@ def print_plan(plan: dict, console) -> None:
         for col in ("metric", "predicted", "measured", "measured/predicted"):
             cmp.add_column(col)
         for row in plan["comparison"]:
-            cmp.add_row(LABELS.get(row["metric"], row["metric"]), *("-" if v is None else f"{v:.4g}" for v in (row["predicted"], row["measured"], row["ratio"])))
+            cmp.add_row(
+                LABELS.get(row["metric"], row["metric"]),
+                *(
+                    "-" if v is None else f"{v:.4g}"
+                    for v in (row["predicted"], row["measured"], row["ratio"])
+                ),
+            )
         console.print(cmp)
