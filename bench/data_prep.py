@@ -49,7 +49,8 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
     with path.open("w") as f:
         for i in range(n):
             q = f"What was the {' '.join(rng.choices(WORDS, k=rng.randint(8, 24)))} of company {i}?"
-            a = f"The {' '.join(rng.choices(WORDS, k=rng.randint(10, 80)))} was {rng.randint(1, 999)} million."
+            what = " ".join(rng.choices(WORDS, k=rng.randint(10, 80)))
+            a = f"The {what} was {rng.randint(1, 999)} million."
             f.write(json.dumps({"question": q, "answer": a}) + "\n")
 
 
@@ -193,12 +194,14 @@ def main() -> None:
                 f"{'datasets batch_size=1':>26}: {args.course_rows} rows  {speed['course']:>12,.0f} tokens/s"
             )
         print(
-            f"ratio tunesmith / datasets (batch_size=1000): {speed['tunesmith'] / speed['datasets']:.2f}x wall, "
+            "ratio tunesmith / datasets (batch_size=1000): "
+            f"{speed['tunesmith'] / speed['datasets']:.2f}x wall, "
             f"{cpu['datasets'] / cpu['tunesmith']:.2f}x CPU"
         )
         if "course" in speed:
             print(
-                f"ratio tunesmith / datasets (batch_size=1, course recipe): {speed['tunesmith'] / speed['course']:.2f}x"
+                "ratio tunesmith / datasets (batch_size=1, course recipe): "
+                f"{speed['tunesmith'] / speed['course']:.2f}x"
             )
 
 

@@ -30,7 +30,7 @@ QUESTIONS = [
 
 
 def load(name: str, device: torch.device):
-    """(model, tokenizer, label): `name` through tunesmith's loader; empty or unloadable: a GPT-NeoX from config."""
+    """(model, tokenizer, label): `name` via tunesmith's loader; empty or unloadable: GPT-NeoX from config."""
     if name:
         from tunesmith.config import UserError
         from tunesmith.model.load import load_model, load_tokenizer
@@ -123,9 +123,8 @@ def main() -> None:
     print(f"{'HF generate, one prompt at a time':36s} {n:5d} tokens {s:7.2f} s {base:8.1f} tokens/s   1.00x")
     for b in args.batches:
         n, s = ours(model, tok, prompts, args.new, b)
-        print(
-            f"{f'tunesmith generate, batch {b}':36s} {n:5d} tokens {s:7.2f} s {n / s:8.1f} tokens/s {n / s / base:6.2f}x"
-        )
+        name = f"tunesmith generate, batch {b}"
+        print(f"{name:36s} {n:5d} tokens {s:7.2f} s {n / s:8.1f} tokens/s {n / s / base:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 No downloads: the model is built from its config. Memory is `torch.cuda.max_memory_allocated` over the
 timed steps (tensor bytes, the quantity the planner predicts); step time is the median of the timed steps
-after warm-up; MFU = model FLOPs/token (plan.flops_per_token) x tokens/s / device peak (plan.calibrated_peak_flops).
+after warm-up; MFU = model FLOPs/token (plan.flops_per_token) x tokens/s / device peak
+(plan.calibrated_peak_flops).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run_mode(shape: dict, cfg: Config, dev: torch.device, steps: int, warmup: in
 
 
 def main() -> None:
-    """Full fine-tune and LoRA (with and without checkpointing) on the Qwen2-0.5B shape; print the comparison."""
+    """Full fine-tune and LoRA (with and without checkpointing) on the Qwen2-0.5B shape; print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU")
     ap.add_argument("--batch", type=int, default=4)
@@ -119,9 +120,8 @@ def main() -> None:
         "lora r16": (LoraConfig(r=16, dropout=0.05), False),
         "lora r16+ckpt": (LoraConfig(r=16, dropout=0.05), True),
     }
-    table = Table(
-        title=f"plan vs measured: {'tiny qwen2 (smoke, cpu)' if args.smoke else 'Qwen2-0.5B shape'} on {dev}, {batch} x {seq}"
-    )
+    shape = "tiny qwen2 (smoke, cpu)" if args.smoke else "Qwen2-0.5B shape"
+    table = Table(title=f"plan vs measured: {shape} on {dev}, {batch} x {seq}")
     for col in (
         "mode",
         "pred peak GiB",

@@ -96,7 +96,8 @@ def main() -> None:
     model, tok, label = load(args.model, device)
     lm = LoadedModel("m", model, tok, get_template("chat" if tok.chat_template else "qa", "qa"))
     print(
-        f"model: {label} on {device}; {args.clients} clients, {args.requests} requests, max_tokens={args.max_tokens}"
+        f"model: {label} on {device}; {args.clients} clients, {args.requests} requests, "
+        f"max_tokens={args.max_tokens}"
     )
     rows = []
     for batch in (args.batch, 1):
@@ -110,12 +111,13 @@ def main() -> None:
         r["batches"] = app.state.scheduler.batches
         rows.append((f"max_batch_size={batch}", r))
     print(
-        f"{'':18s} {'req/s':>7s} {'tokens/s':>9s} {'p50 s':>7s} {'p95 s':>7s} {'errors':>6s} {'batches':>7s} {'wall s':>7s}"
+        f"{'':18s} {'req/s':>7s} {'tokens/s':>9s} {'p50 s':>7s} {'p95 s':>7s} {'errors':>6s} "
+        f"{'batches':>7s} {'wall s':>7s}"
     )
     for name, r in rows:
         print(
-            f"{name:18s} {r['req_s']:7.2f} {r['tok_s']:9.1f} {r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['errors']:6d} "
-            f"{r['batches']:7d} {r['wall_s']:7.1f}"
+            f"{name:18s} {r['req_s']:7.2f} {r['tok_s']:9.1f} {r['p50_s']:7.2f} {r['p95_s']:7.2f} "
+            f"{r['errors']:6d} {r['batches']:7d} {r['wall_s']:7.1f}"
         )
     print(f"batching speed-up (tokens/s): {rows[0][1]['tok_s'] / rows[1][1]['tok_s']:.2f}x")
 

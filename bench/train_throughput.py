@@ -5,9 +5,11 @@ with a realistic length spread (median ~120 tokens, tail to 512). Each side runs
 its peak RSS is its own. Both see the same samples once (1 epoch) with ~8 samples per optimizer step, then
 the same held-out set is scored by the same loss function. Prints real (non-pad) tokens/s, the ratio,
 MFU, peak RSS and eval loss, in fp32 and in bf16 autocast (ratios at the same precision). On CPU, part of
-tunesmith's lead is its huge-page setting (runtime.huge_pages_for_tensors); --hf-huge-pages also runs HF with it.
+tunesmith's lead is its huge-page setting (runtime.huge_pages_for_tensors); --hf-huge-pages also runs HF
+with it.
 
-    python bench/train_throughput.py [--samples 1600] [--threads 2] [--precision both] [--repeat 1] [--hf-huge-pages]
+    python bench/train_throughput.py [--samples 1600] [--threads 2] [--precision both] [--repeat 1] \
+        [--hf-huge-pages]
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            q = f"What did company {rng.randint(1, 500)} report for {rng.choice(WORDS)} in Q{rng.randint(1, 4)} {rng.randint(2015, 2024)}?"
+            company, word = rng.randint(1, 500), rng.choice(WORDS)
+            quarter, year = rng.randint(1, 4), rng.randint(2015, 2024)
+            q = f"What did company {company} report for {word} in Q{quarter} {year}?"
             words = min(420, max(8, int(rng.lognormvariate(4.35, 0.55))))
             a = " ".join(rng.choice(WORDS) if k % 7 else str(rng.randint(1, 999)) for k in range(words))
             f.write(json.dumps({"question": q, "answer": f"The company reported {a}."}) + "\n")
@@ -246,7 +250,8 @@ def main() -> None:
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 sys.exit(
-                    f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}\nso far: {json.dumps(results)}"
+                    f"{which} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}\n"
+                    f"so far: {json.dumps(results)}"
                 )
             r = json.loads(line[0][7:])
             runs = results.get(which, {}).get("all_tokens_per_s", []) + [round(r["tokens_per_s"])]
@@ -255,13 +260,16 @@ def main() -> None:
             results[which]["all_tokens_per_s"] = runs
     # Ratios against HF Trainer at the same precision (and, for bf16, also against its default fp32).
     print(
-        f"\n{'side':<12}{'real tok/s':>12}{'ratio':>8}{'MFU':>8}{'peak RSS':>10}{'RSS ratio':>10}{'eval loss':>10}{'steps':>7}"
+        f"\n{'side':<12}{'real tok/s':>12}{'ratio':>8}{'MFU':>8}{'peak RSS':>10}{'RSS ratio':>10}"
+        f"{'eval loss':>10}{'steps':>7}"
     )
     for which, r in results.items():
         hf = results["hf-" + which.split("-")[1]]
+        speed = r["tokens_per_s"] / hf["tokens_per_s"]
+        rss = r["peak_rss_gib"] / hf["peak_rss_gib"]
         print(
-            f"{which:<12}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / hf['tokens_per_s']:>8.2f}{r['mfu']:>8.3f}"
-            f"{r['peak_rss_gib']:>9.2f}G{r['peak_rss_gib'] / hf['peak_rss_gib']:>10.2f}{r['eval_loss']:>10.4f}{r['steps']:>7}"
+            f"{which:<12}{r['tokens_per_s']:>12,.0f}{speed:>8.2f}{r['mfu']:>8.3f}"
+            f"{r['peak_rss_gib']:>9.2f}G{rss:>10.2f}{r['eval_loss']:>10.4f}{r['steps']:>7}"
         )
     if "hfthp-bf16" in results:
         print(
@@ -274,10 +282,10 @@ def main() -> None:
         )
     if a.precision != "both":
         return print(json.dumps(results))
-    base = results["hf-fp32"]
+    base, ours = results["hf-fp32"], results["ours-bf16"]
     print(
-        f"ours-bf16 vs HF Trainer's default (fp32): {results['ours-bf16']['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-        f"tokens/s, RSS {results['ours-bf16']['peak_rss_gib'] / base['peak_rss_gib']:.2f}x"
+        f"ours-bf16 vs HF Trainer's default (fp32): {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+        f"tokens/s, RSS {ours['peak_rss_gib'] / base['peak_rss_gib']:.2f}x"
     )
     print(json.dumps(results))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, offline: inspect the data, plan, fine-tune SmolLM2-135M-Instruct on earnings-call QA,
-# compare base vs tuned, print the table and where the report is. Extra args are config overrides.
+# compare it with the base model, few-shot prompting and retrieval (RAG), print the table and where the
+# report is. Extra args are config overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

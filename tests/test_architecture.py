@@ -67,9 +67,8 @@ def violations(src: Path = SRC) -> list[str]:
             if other not in LAYER:
                 bad.append(f"{path.relative_to(src)}:{line}: imports unknown module tunesmith.{other}")
             elif LAYER[other] > LAYER[me]:
-                bad.append(
-                    f"{path.relative_to(src)}:{line}: layer {LAYER[me]} '{me}' imports layer {LAYER[other]} '{other}'"
-                )
+                where = f"{path.relative_to(src)}:{line}"
+                bad.append(f"{where}: layer {LAYER[me]} '{me}' imports layer {LAYER[other]} '{other}'")
     return bad
 
 

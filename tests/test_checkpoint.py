@@ -1,5 +1,6 @@
-"""Checkpoints that heal: checksums written with each one, verified on resume; a corrupt newest checkpoint is
-named and the newest intact one is used; none intact, or a corrupt one given by path, is a one-line UserError."""
+"""Checkpoints that heal: checksums written with each one, verified on resume; a corrupt newest checkpoint
+is named and the newest intact one is used; none intact, or a corrupt one given by path, is a one-line
+UserError."""
 
 import hashlib
 import json

@@ -1,4 +1,4 @@
-"""`tunesmith compare` / `tunesmith eval` on tiny trained runs: files and schema, deltas, adapter toggle, probe."""
+"""`tunesmith compare` / `tunesmith eval` on tiny trained runs: files, schema, deltas, adapter, probe."""
 
 import json
 import math
@@ -221,7 +221,8 @@ def test_eval_one_model_matches_compare(full_run, setup, tmp_path):
 
 def test_compare_cli_prints_table_and_report_path(full_run):
     _, _, text = full_run
-    assert "base vs tuned" in text and "report.html" in text and "probe_numeric_recall" in text
+    assert "base vs tuned" in text and "report.html" in text and "probe: numbers recalled ↑" in text
+    assert text.index("On held-out questions") < text.index("token F1 ↑")  # the verdict leads
 
 
 def test_missing_final_is_a_user_error_with_exit_2(setup, tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""data/documents.py: finding and reading documents (Markdown, RST, HTML, PDF), sections by heading, token windows, chunks."""
+"""data/documents.py: finding and reading documents (Markdown, RST, HTML, PDF), sections by heading, token
+windows, chunks.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""endpoint.ChatClient against a real HTTP server on 127.0.0.1 (tests/fake_openai.py) with scripted replies."""
+"""endpoint.ChatClient against a real HTTP server on 127.0.0.1 (tests/fake_openai.py), scripted replies."""
 
 from __future__ import annotations
 

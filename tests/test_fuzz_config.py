@@ -1,7 +1,7 @@
-"""Property tests of config loading: any dotted overrides or YAML text give a Config or one one-line UserError.
+"""Property tests of config loading: any dotted overrides or YAML text give a Config or a one-line UserError.
 
-Each `@example` is an input that once escaped as another exception (a traceback) or as a message of several lines
-or naming the wrong key.
+Each `@example` is an input that once escaped as another exception (a traceback) or as a message of several
+lines or naming the wrong key.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property tests of every reader and format: any input gives rows or one one-line UserError, and never loses a row.
+"""Property tests of every reader and format: any input gives rows or a one-line UserError, never loses a row.
 
 Under on_bad_row=skip every non-blank row of the input is either yielded or in the rejects (counted by place);
 under fail the first bad row is a one-line UserError that names the file (and the line or row at fault).
@@ -25,8 +25,9 @@ from tunesmith.config import DataConfig, UserError
 from tunesmith.data.formats import get_template, to_example
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import render
-from tunesmith.data.sources import Row, read_rows
-from tunesmith.data.stream import FileSource
+from tunesmith.data.row import Row
+from tunesmith.data.sources import read_rows
+from tunesmith.data.stream_sources import FileSource
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -80,7 +81,7 @@ def _file_bytes(lines: list[tuple[bytes, bytes]], bom: bool) -> bytes:
 
 
 def _nonblank_lines(data: bytes) -> list[int]:
-    """The line numbers a reader must account for: LF, CRLF and a lone CR end lines; blank = only whitespace."""
+    """The line numbers a reader must account for: LF, CRLF and a lone CR end lines; blank: only whitespace"""
     parts = LINE_END.split(data)
     if parts and parts[-1] == b"":
         parts.pop()

@@ -1,4 +1,6 @@
-"""generate.py on tiny real models: left-padded batches == single prompts, EOS, stop strings, length, seeds, streaming."""
+"""generate.py on tiny real models: left-padded batches == single prompts, EOS, stop strings, length, seeds,
+streaming.
+"""
 
 import pytest
 import torch
@@ -149,7 +151,8 @@ def test_stream_closed_early_stops_the_worker():
     assert not worker.is_alive()  # close() returned only once generation had stopped...
     n = len(forwards)
     assert n < 400  # ...long before max_new_tokens
-    # and it stopped because it was told to: left alone, the same greedy answer runs past n tokens (no EOS there)
+    # and it stopped because it was told to: left alone, the same greedy answer runs past n tokens (no EOS
+    # there)
     assert generate(model, tok, [prompt], GenerateConfig(max_new_tokens=n + 8))[0].finish_reason == "length"
 
 
@@ -223,7 +226,7 @@ def _run_cli(monkeypatch, capsys, *argv, stdin: str = "") -> tuple[int, str, str
 
 
 def _saved_model(tmp_path):
-    """A tiny model dir and the same weights in memory, as load_for_inference sees them (EOS from the config)."""
+    """A tiny model dir and the same weights in memory, as load_for_inference sees them (EOS from config)"""
     model_dir = tiny.save_model_dir(tmp_path / "m")
     model, tok = tiny.gpt_neox(), tiny.tokenizer()
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -1,4 +1,4 @@
-"""The judge against a real HTTP server on 127.0.0.1 speaking the chat/completions schema with scripted replies."""
+"""The judge against a real HTTP server on 127.0.0.1 speaking the chat/completions schema; scripted replies"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ITEM = {"question": "What was Q3 revenue?", "reference": "$34 million", "answer"
 
 
 def scripted(script: list):
-    """A reply function: each request takes the next (status, content), or "stall" (longer than the client's timeout)."""
+    """A reply function: each request takes the next (status, content) or "stall" (past the client timeout)"""
     script = list(script)
 
     def reply(body: dict) -> tuple[int, str]:

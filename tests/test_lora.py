@@ -1,4 +1,4 @@
-"""model/lora.py and model/export.py: adapters train alone, merge exactly, save/export/load in plain HF + PEFT."""
+"""model/lora.py, model/export.py: adapters train alone, merge exactly, save/export/load in plain HF+PEFT."""
 
 import json
 

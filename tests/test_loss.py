@@ -1,4 +1,4 @@
-"""loss_sum runs the LM head only where a label is: same loss and gradients as the full-vocabulary reference."""
+"""loss_sum runs the LM head only where a label is: same loss and gradients as the full-vocabulary one."""
 
 import pytest
 import torch

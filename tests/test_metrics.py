@@ -11,16 +11,15 @@ from tunesmith.eval.metrics import (
     bleu,
     embedding_similarity,
     exact_match,
-    load_embedder,
     normalize_answer,
     numeric_match,
-    packaged_model_dir,
     parse_numbers,
     rouge_l,
     score_examples,
     sentence_bleu,
     token_f1,
 )
+from tunesmith.retrieve.embed import load_embedder, packaged_model_dir
 
 
 def test_normalize_answer_squad_style_with_numbers_kept_intact():

@@ -1,4 +1,4 @@
-"""model/resolve.py and model/load.py: name resolution, GGUF cache, tokenizer padding, safetensors-only loading."""
+"""model/resolve.py, model/load.py: name resolution, GGUF cache, tokenizer padding, safetensors only."""
 
 import json
 import os

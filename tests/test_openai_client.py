@@ -1,4 +1,4 @@
-"""The official `openai` package against a real uvicorn server on a loopback port: answers equal `generate`."""
+"""The official `openai` package against a real uvicorn server on a loopback port: answers = `generate`."""
 
 import contextlib
 import threading

@@ -1,4 +1,4 @@
-"""pipeline.build end to end (bad rows of every kind, mapping, dedupe, test_path, limit, cache) and inspect."""
+"""pipeline.build end to end (bad rows of every kind, mapping, dedupe, test_path, limit, cache); inspect."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""plan/ against reality: exact parameter counts, FLOPs vs FlopCounterMode, peak memory vs a tensor tracker."""
+"""plan/ against reality: exact parameter counts, FLOPs vs FlopCounterMode, peak memory vs a tensor tracker"""
 
 import io
 import itertools
@@ -165,9 +165,9 @@ def test_checkpointing_hardware_flops_bound_the_counter(name):
 
 
 def _measured_peak(model, batch):
-    """Peak live tensor bytes over two train steps: parameters + the running sum of every allocation and free the
-    CPU allocator reported to the profiler (profile_memory=True). Agrees with torch's MemTracker within 0.1%;
-    RSS would add allocator caching and the Python heap."""
+    """Peak live tensor bytes over two train steps: parameters + the running sum of every allocation and free
+    the CPU allocator reported to the profiler (profile_memory=True). Agrees with torch's MemTracker within
+    0.1%; RSS would add allocator caching and the Python heap."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in range(2):
@@ -184,7 +184,8 @@ def _measured_peak(model, batch):
     return sum(storages.values()) + max(itertools.accumulate(b for _, b in events))
 
 
-# full grid measured: full fine-tune 1.04-1.05 x measured, + checkpointing 1.03-1.07 x, LoRA 1.06-1.09 x, + checkpointing 0.91-0.99 x
+# full grid measured: full fine-tune 1.04-1.05 x measured, + checkpointing 1.03-1.07 x, LoRA 1.06-1.09 x,
+# + checkpointing 0.91-0.99 x
 _MEMORY_CASES = [
     pytest.param(
         name,
@@ -221,7 +222,8 @@ def test_peak_training_memory_within_15_percent_on_cpu(name, lora, ckpt):
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_peak_memory_of_lora_on_a_bf16_base_and_under_autocast(base, dropout):
     # PEFT keeps adapters in fp32: over a bf16 base each adapter saves an fp32 copy of its input (the frozen
-    # base layer saves none); under autocast the base is fp32 and the matmuls bf16. 8 x 160 tokens, 96 a prompt.
+    # base layer saves none); under autocast the base is fp32 and the matmuls bf16. 8 x 160 tokens, 96 a
+    # prompt.
     shape = LlamaConfig(
         vocab_size=4096,
         hidden_size=96,
@@ -399,7 +401,8 @@ _RSS_SCRIPT = """
 import torch
 from tunesmith.train.run_plan import peak_memory_bytes, reset_peak_rss
 cpu = torch.device("cpu")
-x = torch.ones(100 * 2**20)  # 400 MiB, touched, freed: a peak before the model (importing, data) is not training's
+# 400 MiB, touched, freed: a peak before the model (importing, data) is not training's
+x = torch.ones(100 * 2**20)
 del x
 before = reset_peak_rss()
 y = torch.ones(50 * 2**20)  # 200 MiB

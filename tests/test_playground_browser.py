@@ -1,4 +1,4 @@
-"""The playground in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright's Python package)."""
+"""The playground in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)."""
 
 import json
 import os

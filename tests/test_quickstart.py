@@ -1,4 +1,4 @@
-"""The shipped configs end to end: a reduced `make quickstart` on the real SmolLM2, and the course's pythia config."""
+"""The shipped configs end to end: a reduced `make quickstart` on the real SmolLM2, and the pythia config."""
 
 import json
 import os
@@ -41,13 +41,15 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     assert f"report:        {out}/eval/report.html" in proc.stdout
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert {"base", "tuned", "delta"} <= metrics.keys() and "probe_numeric_recall" in metrics["tuned"]
+    assert metrics["systems"] == ["base", "base+fewshot", "base+rag", "tuned", "tuned+rag"]
+    assert metrics["base+rag"]["retrieval_recall"] is not None and metrics["verdict"]
     assert (out / "eval" / "report.html").stat().st_size > 10_000
     plan = json.loads((out / "plan.json").read_text())
     assert plan["measured"]["tokens_per_s"] > 0
 
 
 def test_course_config_runs_through_a_local_pythia_stand_in(tmp_path):
-    """configs/pythia70m-lamini-docs.yaml, with the hub ids swapped for a local GPT-NeoX of a reduced pythia shape."""
+    """configs/pythia70m-lamini-docs.yaml, hub ids swapped for a local GPT-NeoX of reduced pythia shape."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -90,7 +92,8 @@ def test_course_config_runs_through_a_local_pythia_stand_in(tmp_path):
 
 def test_shipped_configs_leave_precision_to_the_hardware():
     # train.precision=auto: bf16 autocast where bf16 matmuls are native, fp32 on CPUs that emulate bf16 (AVX2
-    # only, 7.5x slower there). Every command resolves it the same way, so no script may switch it for train alone.
+    # only, 7.5x slower there). Every command resolves it the same way, so no script may switch it for train
+    # alone.
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         assert load_config(path, []).train.precision == "auto", path.name
     script = (ROOT / "scripts" / "quickstart.sh").read_text()

@@ -1,4 +1,6 @@
-"""render's direct call into the Rust tokenizer gives exactly the ids of transformers' wrapper; truncation of the fused string path."""
+"""data/encode.py's direct call into the Rust tokenizer gives exactly the ids of transformers' wrapper;
+truncation of the fused string path.
+"""
 
 import importlib.util
 import random
@@ -9,18 +11,11 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tests import tiny
+from tunesmith.data.encode import _special_tokens_around, _split_plan, encode_batch, plain_backend, prompt_ids
 from tunesmith.data.formats import ALPACA_INPUT, ALPACA_NO_INPUT, BUILTIN, Example, get_template, prompt_text
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.render import (
-    IGNORE,
-    _plain_backend,
-    _special_tokens_around,
-    _split_plan,
-    encode_batch,
-    prompt_ids,
-    render,
-    truncate,
-)
+from tunesmith.data.render import IGNORE, render
+from tunesmith.data.truncate import truncate
 
 TEXTS = [
     "### Question:\nWhat was the revenue?\n\n### Answer:\n",
@@ -44,7 +39,7 @@ def bos_tokenizer():
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_encode_batch_equals_wrapper(make, add_special_tokens):
     tok = make()
-    assert _plain_backend(tok) is not None  # the direct path is the one under test
+    assert plain_backend(tok) is not None  # the direct path is the one under test
     assert (
         encode_batch(tok, TEXTS, add_special_tokens)
         == tok(TEXTS, add_special_tokens=add_special_tokens)["input_ids"]
@@ -64,7 +59,7 @@ def test_backend_truncation_left_on_falls_back_to_wrapper():
     tok = tiny.tokenizer()
     full = tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     tok.backend_tokenizer.enable_truncation(3)  # state a direct call would apply and the wrapper resets
-    assert _plain_backend(tok) is None
+    assert plain_backend(tok) is None
     assert encode_batch(tok, [TEXTS[0]], False) == [full]
     assert len(full) > 3
 
@@ -76,7 +71,8 @@ def test_render_truncation_matches_truncate(tok, side):
     p = tok(prompt_text(ex, t))["input_ids"]
     r = tok(ex.fields["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # right cuts the response's end, left and prompt_left the prompt's head: two tokens of the other part stay
-    # (for prompt_left fewer than the template's fixed text, so it falls back to this token cut: test_truncation.py)
+    # (for prompt_left fewer than the template's fixed text, so it falls back to this token cut:
+    # test_truncation.py)
     max_length = len(p) + 2 if side == "right" else len(r) + 2
     [s] = render([ex], t, tok, max_length, side, Rejects("fail"))
     tp, tr = truncate(p, r, max_length, side)
@@ -94,7 +90,7 @@ def test_encode_batch_equals_wrapper_on_smollm2():
 
     folder = Path(spec.submodule_search_locations[0])
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=next(folder.glob("*.gguf")).name)
-    assert _plain_backend(tok) is not None
+    assert plain_backend(tok) is not None
     texts = TEXTS + ["<|im_start|>assistant\nHi<|im_end|>", "What was the EBITDA of company 7?"] * 3
     for special in (True, False):
         assert encode_batch(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
@@ -219,7 +215,8 @@ def test_split_points_off_pre_token_boundaries_are_refused():
     backend = tok.backend_tokenizer
     specials = _special_tokens_around(backend)
     # Naively split, these give other ids than the whole prompt (a blank line before the value, a space
-    # that joins the next word, letters that merge), so the rules must refuse them: the guard that they matter.
+    # that joins the next word, letters that merge), so the rules must refuse them: the guard that they
+    # matter.
     for fmt, value in (("A:\n\n{question}", "What"), ("Q: {question}", "was"), ("Q:\n{question}s?\n", "wa")):
         lit_ids = [tok(lit, add_special_tokens=False)["input_ids"] for lit in fmt.split("{question}")]
         naive = lit_ids[0] + tok(value, add_special_tokens=False)["input_ids"] + lit_ids[1]

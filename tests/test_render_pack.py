@@ -9,7 +9,7 @@ from tunesmith.data.formats import ALPACA_NO_INPUT, Example, get_template, promp
 from tunesmith.data.pack import collate_packed, collate_padded, epoch_batches, pack
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import IGNORE, render, render_prompt
-from tunesmith.data.sources import Row
+from tunesmith.data.row import Row
 from tunesmith.data.truncate import truncate
 
 

@@ -9,7 +9,8 @@ from html.parser import HTMLParser
 
 from rich.console import Console
 
-from tunesmith.eval.report import direction, print_summary, summary_rows, write_report
+from tunesmith.eval.report import write_report
+from tunesmith.eval.summary import direction, print_summary, summary_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -86,9 +87,9 @@ def test_summary_rows_know_which_way_is_better():
     assert rows["answer_words"]["verdict"] == ""  # descriptive
     assert direction("buckets.empty") == -1 and direction("perplexity") == -1 and direction("token_f1") == 1
     table, text = terminal_table(METRICS)
-    assert table["rouge_l"] == ["0.2", "0.5", "+0.3 ▲ better"]
-    assert table["loss"] == ["2", "2.5", "+0.5 ▲ worse"]
-    assert table["answer_words"] == ["30", "12", "-18 ▼"]
+    assert table["ROUGE-L ↑"] == ["0.2", "0.5", "+0.3 ▲ better"]
+    assert table["answer loss ↓"] == ["2", "2.5", "+0.5 ▲ worse"]
+    assert table["answer words"] == ["30", "12", "-18 ▼"]  # descriptive: no arrow, no verdict
     assert "note: embedding similarity skipped" in text
 
 
@@ -140,8 +141,35 @@ def test_report_for_a_single_model_has_no_deltas(tmp_path, capsys):
     assert html_text.index("question 1") < html_text.index("question 2") < html_text.index("question 0")
     assert "no data" in html_text  # no metrics.jsonl: loss plot replaced by a note
     assert not (tmp_path / "loss.png").exists()
-    assert terminal_table(metrics)[0] == {"rouge_l": ["0.5"], "exact_match": ["0.25"]}  # one column, no delta
+    # one column, no delta
+    assert terminal_table(metrics)[0] == {"ROUGE-L ↑": ["0.5"], "exact match ↑": ["0.25"]}
     console = Console(width=100, force_terminal=False, color_system=None)
     print_summary(METRICS, console)
     out = capsys.readouterr().out
-    assert "rouge_l" in out and "+0.3 ▲ better" in out and "note: embedding similarity skipped" in out
+    assert "ROUGE-L ↑" in out and "+0.3 ▲ better" in out and "note: embedding similarity skipped" in out
+
+
+def test_many_systems_one_table_best_marked_and_grouped_charts(tmp_path):
+    metrics = {
+        "systems": ["base", "base+rag", "tuned"],
+        "base": {"token_f1": 0.2, "loss": 2.0, "prompt_tokens": 50.0, "buckets": {"empty": 1}},
+        "base+rag": {"token_f1": 0.6, "prompt_tokens": 300.0, "buckets": {"empty": 0}},
+        "tuned": {"token_f1": 0.4, "loss": 1.5, "prompt_tokens": 50.0, "buckets": {"empty": 0}},
+        "verdict": "On held-out questions base+rag answers best.",
+        "pairwise": {"metric": "rouge_l", "pairs": {"tuned vs base": {"wins": 3, "losses": 1, "ties": 0}}},
+        "notes": [],
+    }
+    rows = {r["metric"]: r for r in summary_rows(metrics)}
+    assert rows["token_f1"]["best"] == {"base+rag"} and rows["loss"]["best"] == {"tuned"}
+    assert rows["prompt_tokens"]["best"] == {"base", "tuned"}  # a tie: both cheapest
+    assert "delta" not in rows["token_f1"]  # three systems: no single delta column
+    compact = [r["metric"] for r in summary_rows(metrics, compact=True)]
+    assert compact == ["token_f1", "loss", "prompt_tokens"]  # bucket counts are detail, below
+    path = write_report(tmp_path, metrics, [], None, title="three")
+    text = path.read_text()
+    assert text.index("base+rag answers best") < text.index("<h2>Summary</h2>") < text.index("Every metric")
+    assert '<td class="num best">0.6</td>' in text and "3 / 1 / 0" in text
+    parse(path)
+    table, out = terminal_table(metrics)
+    assert out.startswith("On held-out questions base+rag answers best.")
+    assert table["token F1 ↑"] == ["0.2", "0.6", "0.4"] and table["prompt tokens / answer ↓"][1] == "300"

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server on tiny real models: endpoints, streaming, errors, auth, batching, adapters."""
+"""The OpenAI-compatible server on tiny real models: endpoints, streaming, errors, auth, batching, LoRA."""
 
 import asyncio
 import copy
@@ -301,7 +301,7 @@ def test_load_models_shares_the_base_between_adapters(tmp_path):
 
 
 def write_eval_run(run, examples, template) -> None:
-    """A finished compare run's files as compare and the data cache write them (predictions rows, test examples)."""
+    """A finished compare run's files as compare and the data cache write them (predictions, tests)."""
     from dataclasses import asdict
 
     from tunesmith.eval.questions import questions_for

@@ -194,7 +194,8 @@ def _census() -> Counter:
     """Live objects of the kinds one request makes (a leak per request shows up as +N of some kind)."""
     gc.collect()
     kinds = (Job, Completion, torch.Tensor, asyncio.Future, dict, list)
-    # type(o), not isinstance(o, ...): isinstance asks lazy proxies for __class__, which imports modules mid-count
+    # type(o), not isinstance(o, ...): isinstance asks lazy proxies for __class__, which imports modules
+    # mid-count
     return Counter(k.__name__ for o in gc.get_objects() for k in kinds if issubclass(type(o), k))
 
 
@@ -250,9 +251,11 @@ def test_soak_leaves_memory_flat():
         tracemalloc.stop()
         after = _census()
     _until(lambda: _live_jobs(sched) == 0, "rid of every job")
-    # 200 requests: a leak of one object per request (a job, a KV-cache tensor, a response dict) adds ~200 or more
+    # 200 requests: a leak of one object per request (a job, a KV-cache tensor, a response dict) adds ~200 or
+    # more
     assert all(after[k] - before[k] < 100 for k in after), (before, after)
-    # bytes still held of those allocated during the soak: measured ~63 kB in all; a leak of 5 kB/request reaches 1 MB
+    # bytes still held of those allocated during the soak: measured ~63 kB in all; a leak of 5 kB/request
+    # reaches 1 MB
     assert grown < 1_000_000, grown
 
 
@@ -279,7 +282,8 @@ def test_a_model_failing_mid_answer_is_reported_and_the_server_lives_on():
                 for ln in r.iter_lines()
                 if ln.startswith("data: ") and ln != "data: [DONE]"
             ]
-        # the 200 went out with the first piece: the failure arrives as a last event, and no [DONE] pretends success
+        # the 200 went out with the first piece: the failure arrives as a last event, and no [DONE] pretends
+        # success
         assert r.status_code == 200 and "device fell over" in events[-1]["error"]["message"]
         assert all("error" not in e for e in events[:-1])
         hook.remove()

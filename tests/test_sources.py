@@ -1,4 +1,6 @@
-"""Readers: every format, the place of every row, every bad-row kind, column mapping, streaming, hub offline."""
+"""Readers: every format, the place of every row, every bad-row kind, column mapping, streaming, the hub
+offline.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def rows(path, **cfg):
 
 
 def no_network(monkeypatch) -> list[str]:
-    """Refuse and record every DNS lookup, connection and hub download: the list stays empty when none is tried."""
+    """Refuse and record each DNS lookup, connection, hub download: the list stays empty if none is tried."""
     import datasets
 
     tried: list[str] = []
@@ -336,7 +338,8 @@ def _line_41(bad: bytes, eol: bytes = b"\n") -> bytes:
 @pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
 @pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.json"])
 def test_invalid_utf8_on_line_41_is_reported_on_line_41(tmp_path, name, eol):
-    # Was `a.jsonl:1 ... (byte 0xff at column 2893)` for a file with CR line ends: the reader split on LF only.
+    # Was `a.jsonl:1 ... (byte 0xff at column 2893)` for a file with CR line ends: the reader split on LF
+    # only.
     import gzip
 
     data = _line_41(b"\xff", eol)

@@ -141,7 +141,8 @@ def test_leakage_keeps_the_closest_train_row():
 
 
 def test_near_duplicates_scale_without_all_pairs(monkeypatch):
-    # counted, not timed: all pairs of n rows is n(n-1)/2 similarity computations; LSH computes only candidates'
+    # counted, not timed: all pairs of n rows is n(n-1)/2 similarity computations; LSH computes only
+    # candidates'
     compared = []
     exact = checks.jaccard
     monkeypatch.setattr(checks, "jaccard", lambda a, b: compared.append(1) or exact(a, b))
@@ -153,7 +154,8 @@ def test_near_duplicates_scale_without_all_pairs(monkeypatch):
     found = near_duplicates(ex)
     assert [(d.where, d.of) for d in found] == [(f"f.jsonl:{n - 1}", "f.jsonl:123")]
     assert len(compared) <= n  # 1 here; all pairs would be ~8e6
-    # a crowded corpus (every row near every other) stays linear too: per band, each row meets at most 8 earlier rows
+    # a crowded corpus (every row near every other) stays linear too: per band, each row meets at most 8
+    # earlier rows
     base = " ".join(f"w{i}" for i in range(40))
     crowd = [qa(i, f"{base} tail{i}") for i in range(1000)]
     compared.clear()

@@ -1,4 +1,4 @@
-"""Streaming text: rows and positions, resume at the exact document, mixing, file kinds, memory on a 1 GB corpus."""
+"""Streaming text: rows and positions, resume at the exact document, mixing, file kinds, memory (1 GB)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tests import tiny
 from tunesmith.config import DataConfig, SourceConfig, UserError, load_config
-from tunesmith.data import stream as stream_mod
-from tunesmith.data.stream import TextStream, stream_files, uniform
+from tunesmith.data import stream_sources
+from tunesmith.data.locate import stream_files
+from tunesmith.data.stream import TextStream, uniform
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
 
@@ -113,7 +114,7 @@ def test_resume_continues_at_the_exact_document(tmp_path, k):
 
 
 def test_resume_inside_a_long_text_file_split_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream_mod, "PIECE_BYTES", 16)  # pieces of ~16 bytes: many per document
+    monkeypatch.setattr(stream_sources, "PIECE_BYTES", 16)  # pieces of ~16 bytes: many per document
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "one.txt").write_text(
         "".join(f"{WORDS[i % 10]} {WORDS[(i * 3) % 10]}\n" for i in range(40))
@@ -166,8 +167,8 @@ def test_reads_gz_zst_and_text_trees_in_file_order(tmp_path):
 
 
 def test_stream_and_record_readers_resolve_paths_alike(tmp_path):
-    # one resolver (sources.find_files): the same hidden/rejects rules in a tree and a glob, the same hub ids
-    from tunesmith.data.sources import (
+    # one resolver (locate.find_files): the same hidden/rejects rules in a tree and a glob, the same hub ids
+    from tunesmith.data.locate import (
         FILE_SUFFIXES,
         STREAM_JSONL_SUFFIXES,
         STREAM_TEXT_SUFFIXES,
@@ -207,7 +208,7 @@ def test_stream_errors_name_the_source_and_what_it_reads(tmp_path):
 
 
 def test_long_text_file_is_one_document_read_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream_mod, "PIECE_BYTES", 8)
+    monkeypatch.setattr(stream_sources, "PIECE_BYTES", 8)
     (tmp_path / "long.txt").write_text("a b c\nd e f\ng h i\n")  # 3 pieces of 6 bytes... read as >= 8 bytes
     s = TextStream(cfg_for(str(tmp_path / "long.txt"), max_length=10), word_tok(), batch_size=1, seed=0)
     batch, _ = s.next()
@@ -314,11 +315,12 @@ _MEMORY_PROBE = textwrap.dedent("""
         stream.next()
     state = stream.state()
     # resume near the end of the corpus: one seek, nothing before it is read
-    stream.load_state({{**state, "skip": 0, "sources": [{{"file": 0, "offset": {tail}, "line": 0, "epoch": 0}}]}})
+    cursor = {{"file": 0, "offset": {tail}, "line": 0, "epoch": 0}}
+    stream.load_state({{**state, "skip": 0, "sources": [cursor]}})
     for _ in range(3):
         stream.next()
-    print(json.dumps({{"after_steps_mb": after_steps, "peak_mb": rss_mb(), "offset": state["sources"][0]["offset"],
-                      "losses": losses}}))
+    print(json.dumps({{"after_steps_mb": after_steps, "peak_mb": rss_mb(),
+                      "offset": state["sources"][0]["offset"], "losses": losses}}))
 """)
 
 
@@ -368,7 +370,8 @@ def test_one_gigabyte_corpus_streams_with_flat_memory(tmp_path):
     finally:
         big.unlink()
     print(
-        f"\npeak RSS: {on_big['peak_mb']:.0f} MB on a {size / 2**30:.2f} GiB corpus, {on_small['peak_mb']:.0f} MB on 1 MiB; "
+        f"\npeak RSS: {on_big['peak_mb']:.0f} MB on a {size / 2**30:.2f} GiB corpus, "
+        f"{on_small['peak_mb']:.0f} MB on 1 MiB; "
         f"after 5 steps {on_big['after_steps_mb']:.0f} MB; streamed {on_big['offset'] / 2**20:.1f} MiB"
     )
     assert size >= 1 << 30

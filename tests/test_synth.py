@@ -1,4 +1,4 @@
-"""synth: parsing generator output, every filter, resumability, remote endpoints (chunking: test_documents.py)."""
+"""synth: parsing generator output, every filter, resuming, remote endpoints (chunking: test_documents.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ class Scripted:
 def pairs_for(prompt: str) -> list[dict]:
     passage = prompt.split('"""')[1].strip()
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", passage) if len(s.split()) >= 3]
-    # the same generic question first for every chunk: kept once, then a duplicate (same side) or leakage (other)
+    # the same generic question first for every chunk: kept once, then a duplicate (same side) or leakage
+    # (other)
     generic = (
         [{"question": "What is this part of the manual about?", "answer": sentences[0]}] if sentences else []
     )
@@ -63,9 +64,11 @@ def pairs_for(prompt: str) -> list[dict]:
     "text",
     [
         '[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}]',
-        'Here you go:\n```json\n[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}]\n```\nDone.',
+        'Here you go:\n```json\n[{"question": "Who?", "answer": "Ada."}, '
+        '{"question": "When?", "answer": "1843."}]\n```\nDone.',
         '{"pairs": [{"Question": "Who?", "Answer": "Ada."}, {"q": "When?", "a": "1843."}]}',
-        '[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}, {"question": "Wh',  # cut off
+        # cut off
+        '[{"question": "Who?", "answer": "Ada."}, {"question": "When?", "answer": "1843."}, {"question": "Wh',
         "1. Q: Who?\nA: Ada.\n\n2. Q: When?\nA: 1843.",
         "**Question 1:** Who?\n**Answer:** Ada.\nQuestion 2: When?\nAnswer: 1843.",
     ],
@@ -163,7 +166,8 @@ def test_synth_writes_provenance_sides_and_report(tmp_path):
     assert {r["generator"] for r in train} == {"scripted"} and {r["source"] for r in train} == {"guide.md"}
     assert not {r["chunk"] for r in train} & {r["chunk"] for r in test}  # a chunk's pairs stay on one side
     assert not {r["question"] for r in train} & {r["question"] for r in test}
-    # overlapping windows repeat sentences: those questions are dropped as duplicates (or leakage), with examples
+    # overlapping windows repeat sentences: those questions are dropped as duplicates (or leakage), with
+    # examples
     assert report["dropped"]["duplicate"] + report["dropped"]["leakage"] > 0
     assert json.loads(files["report"].read_text()) == report
     rejected = _rows(files["rejected"])  # every generated pair is kept or written here with its reason
@@ -193,7 +197,8 @@ def test_malformed_output_is_retried_then_counted(tmp_path):
     gen = Scripted(replies=["no", "still no"])
     with pytest.raises(
         UserError,
-        match=r"^synth: 0 of 0 generated pairs kept, so no qa2.jsonl was written \(dropped: malformed 1 chunk",
+        match=r"^synth: 0 of 0 generated pairs kept, so no qa2.jsonl was written "
+        r"\(dropped: malformed 1 chunk",
     ):
         synth(
             _cfg(tmp_path, "synth.max_retries=1"), [tmp_path / "a.txt"], tmp_path / "qa2.jsonl", generator=gen

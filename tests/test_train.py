@@ -1,4 +1,4 @@
-"""The training loop on tiny models: it learns, LoRA freezes the base, grad-accum == big batch, save/resume."""
+"""The training loop on tiny models: it learns, LoRA freezes the base, grad-accum == big batch, resume."""
 
 import json
 import math
@@ -321,7 +321,7 @@ def _train_rows(run: Path) -> list[dict]:
 
 
 def _stopped_at_step_2_then_resumed(tmp_path, model_dir, qa_file, monkeypatch, *common) -> dict:
-    """Train in tmp_path/split: SIGTERM during step 2 (checkpointed, exit), then train.resume=auto to the end."""
+    """Train in tmp_path/split: SIGTERM in step 2 (checkpointed, exit), then train.resume=auto to the end."""
     calls = {"n": 0}
     real = loop_mod.loss_sum
 
@@ -455,7 +455,7 @@ def test_cli_reports_a_divergence_in_one_line_with_exit_code_1(tmp_path, model_d
 
 
 def test_fp16_resume_restores_the_loss_scale(tmp_path, model_dir, qa_file, monkeypatch):
-    # step 1 overflows, so the scale at the step-2 checkpoint is 2^15: a resume must go on from there, not 2^16
+    # step 1 overflows, so the scale at the step-2 checkpoint is 2^15: a resume goes on from there, not 2^16
     common = ["train.max_steps=4", "train.save_every=2", "train.precision=fp16"]
     _inf_grad_from(1, monkeypatch, until=1)
     train(cfg_for(tmp_path / "whole", model_dir, qa_file, *common))

@@ -1,4 +1,5 @@
-"""Truncation at data.max_length keeps what inference sees: the template's fixed parts stay, user content is cut.
+"""Truncation at data.max_length keeps what inference sees: the template's fixed parts stay, user content is
+cut.
 
 The expectations use only render and render_prompt: a cut sample's prompt must be exactly what
 render_prompt gives for the example with its user content cut, so the model trains on contexts it will get.

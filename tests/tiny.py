@@ -1,4 +1,4 @@
-"""Tiny real components for tests: a byte-level BPE tokenizer trained here, GPT-NeoX and Llama models from config."""
+"""Tiny real components for tests: a byte-level BPE tokenizer trained here, GPT-NeoX and Llama from config."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _tokenizer_json() -> str:
 
 
 def tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
-    """A fast byte-level BPE tokenizer (vocab 400) with <eos>, <pad> (unless pad=False) and a chat template."""
+    """A fast byte-level BPE tokenizer (vocab 400): <eos>, <pad> (unless pad=False) and a chat template."""
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<eos>")
     if pad:
         tok.pad_token = "<pad>"

@@ -1,4 +1,4 @@
-"""`python -m tunesmith ...` (what torchrun launches: torchrun --nproc-per-node N -m tunesmith train cfg.yaml)."""
+"""`python -m tunesmith ...`: what torchrun launches (torchrun --nproc-per-node N -m tunesmith train)."""
 
 from tunesmith.cli import main
 

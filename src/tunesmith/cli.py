@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from tunesmith.config import TrainingDiverged, UserError, describe, load_config
 
@@ -74,7 +75,10 @@ def data_inspect(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> Non
 
 
 def _preflight(cfg, tok):
-    """The data as train builds it (cached in <out_dir>/data), checked as train checks it: warnings, then the first error."""
+    """The data as train builds it (cached in <out_dir>/data), checked as train checks it.
+
+    Warnings first, then the first error.
+    """
     from tunesmith.data.pipeline import build, build_heldout
     from tunesmith.train.preflight import check
 
@@ -144,13 +148,16 @@ def train(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    out: Path = typer.Option(None, help="output dir (default <run>/export)"),
+    out: Path = typer.Option(None, help="output dir (default <run>/export, or <run>/export-best for best/)"),
     merge: bool = typer.Option(False, help="merge a LoRA adapter into a full model"),
 ) -> None:
-    """Write the run's model as a plain HF dir (merged) or PEFT adapter."""
+    """Write the run's model (or its best/ or final/) as a plain HF dir (merged) or PEFT adapter."""
     from tunesmith.model.export import export as run_export
 
-    console.print(f"exported: {run_export(run_dir, out or run_dir / 'export', merge)}")
+    # runs/x/best is a model dir inside a run: its export goes beside it, never into the model dir itself
+    inside = run_dir.name in ("best", "final") and (run_dir.parent / "config.yaml").is_file()
+    default = run_dir.parent / f"export-{run_dir.name}" if inside else run_dir / "export"
+    console.print(f"exported: {run_export(run_dir, out or default, merge)}")
 
 
 @app.command()
@@ -267,8 +274,11 @@ def evaluate(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
 def compare(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> None:
     """Base vs fine-tuned on the same prompts: predictions, metrics, report.html."""
     from tunesmith.eval.compare import compare_cli
+    from tunesmith.train.track import log_report
 
-    compare_cli(_cfg(config, overrides), console)
+    cfg = _cfg(config, overrides)
+    compare_cli(cfg, console)
+    log_report(cfg)  # the report joins the run's experiment trackers (train.report_to), if it used any
 
 
 @app.command()
@@ -290,6 +300,86 @@ def synth(
     from tunesmith.synth.run import synth_cli
 
     synth_cli(load_config(config, overrides or []), docs, out, console)
+
+
+@app.command()
+def sweep(
+    config: Path = CONFIG,
+    keys: list[str] = typer.Argument(
+        None,
+        help="swept keys and overrides: KEY=V1,V2,... sweeps those values; --search also takes "
+        "KEY=log:LOW:HIGH, KEY=float:LOW:HIGH, KEY=int:LOW:HIGH (ends included), KEY=cat:A,B,...; "
+        "any other KEY=VALUE applies to every trial",
+    ),
+    grid: bool = typer.Option(False, "--grid", help="run every combination of the listed values"),
+    search: bool = typer.Option(
+        False, "--search", help="Optuna TPE over the ranges, pruning on eval loss (sweep.prune)"
+    ),
+    trials: int = typer.Option(None, "--trials", help="--search budget (default: sweep.trials)"),
+    workers: int = typer.Option(1, "--workers", help="local worker processes sharing the study"),
+) -> None:
+    """Grid or Optuna search: one run dir per trial, results.jsonl/.csv, a plot per key, best.yaml.
+
+    Re-run the same command to resume. Several workers: --workers N, or the same command on each machine.
+
+    One database for all machines: sweep.storage=postgresql://user:pass@host/db (default: SQLite).
+
+    tunesmith sweep cfg.yaml --grid train.lr=1e-4,3e-4 lora.r=8,32 train.max_steps=200
+
+    tunesmith sweep cfg.yaml --search train.lr=log:1e-5:1e-3 lora.r=int:4:64 --trials 16
+    """
+    from tunesmith.sweep.run import sweep as run_sweep
+
+    if grid == search:
+        raise UserError("sweep: give exactly one of --grid or --search (see `tunesmith sweep --help`)")
+    run_sweep(config, keys or [], search, trials, workers, console)
+
+
+class _RunsGroup(TyperGroup):
+    """`runs [DIR] [options]` lists, `runs compare A B` compares. Click would take `compare` for DIR and stop
+    reading options at DIR: a first word naming a subcommand goes to it, otherwise options may follow DIR."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in self.commands:
+            return super().parse_args(ctx, ["runs", *args])
+        ctx.allow_interspersed_args = True
+        return super().parse_args(ctx, args)
+
+
+runs_app = typer.Typer(
+    cls=_RunsGroup,
+    invoke_without_command=True,
+    subcommand_metavar="[compare RUN RUN ...]",
+    help="List run dirs as one table (`runs [DIR]`), or compare runs on one HTML page (`runs compare A B`).",
+)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    root: Path = typer.Argument(Path("runs"), metavar="DIR", help="dir of run dirs (searched recursively)"),
+    sort: str = typer.Option(None, help="column to sort by, e.g. final_eval_loss (see --json for the keys)"),
+    desc: bool = typer.Option(False, "--desc", help="sort in descending order"),
+    filters: list[str] = typer.Option(None, "--filter", help="key=value (wildcards ok), repeatable"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of rows (stable keys)"),
+) -> None:
+    """Every run under DIR: model, data, hyperparameters, steps, tokens/s, eval loss, metrics, status."""
+    if ctx.invoked_subcommand is None:
+        from tunesmith.runs.table import runs_cli
+
+        runs_cli(root, sort, desc, filters or [], as_json, console)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_dirs: list[Path] = typer.Argument(..., help="two or more run dirs"),
+    out: Path = typer.Option(Path("runs_compare.html"), help="the HTML page to write"),
+) -> None:
+    """Loss curves, config diff, metrics and differing answers of two or more runs on one HTML page."""
+    from tunesmith.runs.compare import compare_runs
+
+    console.print(f"report: {escape(str(compare_runs(run_dirs, out)))}")
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
-"""The one client for OpenAI-compatible chat endpoints (OpenAI, vLLM, Ollama, tunesmith serve), on the official
-`openai` package: the synth generator, the judge and the endpoint systems of eval all talk through `ChatClient`.
+"""The one client for OpenAI-compatible chat endpoints (OpenAI, vLLM, Ollama, tunesmith serve), on the
+official `openai` package: the synth generator, the judge and the endpoint systems of eval all talk through
+`ChatClient`.
 
-Retries (408/409/429/5xx, timeouts, refused connections; exponential backoff with jitter, honouring Retry-After)
-and timeouts are the `openai` client's own. What we add: the key is read only from the configured environment
-variable, and every failure a user can fix becomes one line naming the config key (`where`) to change.
-`EndpointFailed` marks the failures that might pass if asked again later (the endpoint is overloaded or down).
+Retries (408/409/429/5xx, timeouts, refused connections; exponential backoff with jitter, honouring
+Retry-After) and timeouts are the `openai` client's own. What we add: the key is read only from the
+configured environment variable, and every failure a user can fix becomes one line naming the config key
+(`where`) to change. `EndpointFailed` marks the failures that might pass if asked again later (the endpoint
+is overloaded or down).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 
 from tunesmith.config import UserError
 
-# A placeholder the `openai` client needs when no key is configured; the Authorization header is then left out,
-# so a local server never sees a made-up key (and OPENAI_API_KEY is never sent to a server it was not meant for).
+# A placeholder the `openai` client needs when no key is configured; the Authorization header is then left
+# out, so a local server never sees a made-up key (and OPENAI_API_KEY is never sent to a server it was not
+# meant for).
 _NO_KEY = "no-key"
 
 
@@ -25,7 +28,7 @@ class EndpointFailed(UserError):
 
 @dataclass(frozen=True)
 class Reply:
-    """One chat completion: the text, the token usage the server reported (None: not reported), the latency."""
+    """One chat completion: the text, the token usage the server reported (None: not reported), latency."""
 
     text: str
     finish_reason: str | None
@@ -165,7 +168,8 @@ class ChatClient:
     def _not_chat(self, body: str) -> UserError:
         return UserError(
             f"{self.where}.base_url: {self.url} did not answer with a chat completion "
-            f"({_clip(body) or 'empty body'}; the base URL of an OpenAI-compatible server usually ends in /v1)"
+            f"({_clip(body) or 'empty body'}; "
+            "the base URL of an OpenAI-compatible server usually ends in /v1)"
         )
 
     def close(self) -> None:

@@ -1,13 +1,13 @@
-"""Batched generation over token ids: left padding, greedy or seeded sampling, EOS and stop strings, streaming.
+"""Batched generation over token ids: left padding, greedy or seeded sampling, EOS and stop strings, streams.
 
 The engine knows only ids. `model.generate` (with its KV cache) does the decoding; the batching is ours:
 prompts are sorted by length so a batch pads little, left-padded so every row's next token sits at the same
 position, and results come back in input order. Stop strings are checked per row by a stopping criterion,
 so one row can finish while the rest of its batch goes on.
 
-Below the engine, one small bridge from requests to ids: `template_for` (the template a model was trained with)
-and `prompt_ids` (a conversation -> prompt ids through data/render.py's `render_prompt`), shared by the server
-and the `generate`/`chat` commands. The commands themselves (argv, files, the REPL) live in cli.py.
+Below the engine, one small bridge from requests to ids: `template_for` (the template a model was trained
+with) and `prompt_ids` (a conversation -> prompt ids through data/render.py's `render_prompt`), shared by the
+server and the `generate`/`chat` commands. The commands themselves (argv, files, the REPL) live in cli.py.
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ _GREEDY_BELOW = 1e-4
 def _sampling_args(cfg: GenerateConfig) -> dict:
     # Sampling knobs are passed explicitly so a model's generation_config.json (e.g. top_k=50) cannot leak in;
     # top_k=0 switches the top-k filter off.
-    # Below _GREEDY_BELOW sampling is argmax in all but name, and logits / T would overflow float32 to inf (NaN
-    # probabilities): such a temperature decodes greedily, for every caller (serve, the CLI, synth).
+    # Below _GREEDY_BELOW sampling is argmax in all but name, and logits / T would overflow float32 to inf
+    # (NaN probabilities): such a temperature decodes greedily, for every caller (serve, the CLI, synth).
     if cfg.temperature < _GREEDY_BELOW:
         return {"do_sample": False, "repetition_penalty": cfg.repetition_penalty}
     return {

@@ -48,7 +48,7 @@ def bf16_supported(dev: torch.device) -> bool:
 
 
 def fast_bf16(dev: torch.device) -> bool:
-    """Whether bf16 matmuls are native on `dev`: CUDA with bf16, or a CPU with AVX512-BF16 or AMX (else emulated, slow)."""
+    """Whether bf16 matmuls are native on `dev` (CUDA with bf16, a CPU with AVX512-BF16 or AMX)."""
     if dev.type == "cuda":
         return bf16_supported(dev)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's capability probes
@@ -63,7 +63,7 @@ def weight_dtype(name: str, dev: torch.device) -> torch.dtype:
 
 
 def autocast_dtype(precision: str, dev: torch.device, native_bf16: bool | None = None) -> torch.dtype | None:
-    """train.precision -> autocast dtype (None = no autocast); auto = bf16 where its matmuls are native, else none.
+    """train.precision -> autocast dtype (None = no autocast); auto = bf16 where its matmuls are native.
 
     Native: CUDA with bf16, or a CPU with AVX512-BF16/AMX (`fast_bf16`, or `native_bf16` when given, e.g. by a
     test of the other kind of CPU). Elsewhere bf16 is emulated: an autocast Linear measured 7.5x slower than
@@ -92,17 +92,18 @@ def huge_pages_for_tensors() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-# Dense bf16 (T4: fp16) tensor-core peak FLOP/s from the datasheets, by a fragment of the lower-cased CUDA device
-# name, first match first ("h200" before "h100"). The one table: plan/devices.py: DEVICES names its GPUs by these keys.
+# Dense bf16 (T4: fp16) tensor-core peak FLOP/s from the datasheets, by a fragment of the lower-cased CUDA
+# device name, first match first ("h200" before "h100"). The one table: plan/devices.py: DEVICES names its
+# GPUs by these keys.
 GPU_PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "4090": 165e12, "t4": 65e12}
 
 
 def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) -> float:
-    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else the best of short timings (one per process,
-    the best kept in `cache`, a JSON file).
+    """Peak matmul FLOP/s of `device`: datasheet bf16 for known GPUs, else the best of short timings.
 
-    On CPU it times what a training step runs: an fp32 nn.Linear, under bf16 autocast when `bf16` (the weight
-    cast included), not a raw bf16 GEMM, which is 15x slower than that where bf16 is emulated (AVX2-only CPUs).
+    Timed once per process, the best kept in `cache` (a JSON file). On CPU it times what a training step
+    runs: an fp32 nn.Linear, under bf16 autocast when `bf16` (the weight cast included), not a raw bf16 GEMM,
+    which is 15x slower than that where bf16 is emulated (AVX2-only CPUs).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -111,14 +112,15 @@ def measure_peak_flops(device, bf16: bool = False, cache: Path | None = None) ->
             if key in name:
                 return peak
     bf16 = bf16 or device.type == "cuda"
-    key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:{torch.get_num_threads()}"
-    key += (
-        ":autocast-bf16" if bf16 and device.type != "cuda" else ""
-    )  # not ':bf16', the raw GEMM older versions cached
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else os.cpu_count()
+    key = f"{device.type}:{where}:{torch.get_num_threads()}"
+    # not ':bf16', the raw GEMM older versions cached
+    key += ":autocast-bf16" if bf16 and device.type != "cuda" else ""
     cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     if (str(cache), key) not in _TIMED_HERE:
-        # Timed again once per process (about a second) and the best kept: a timing taken while the machine was
-        # busy only ever under-measures the peak, and a low cached peak made MFU read above 1 (1.5 measured).
+        # Timed again once per process (about a second) and the best kept: a timing taken while the machine
+        # was busy only ever under-measures the peak, and a low cached peak made MFU read above 1 (1.5
+        # measured).
         _TIMED_HERE.add((str(cache), key))
         cached[key] = max(cached.get(key, 0.0), _matmul_flops(device, torch.bfloat16 if bf16 else None))
         if cache is not None:
@@ -131,13 +133,13 @@ _TIMED_HERE: set[tuple[str, str]] = set()  # (cache file, key) timed in this pro
 
 
 def _matmul_flops(device, amp: torch.dtype | None, budget_s: float = 1.0) -> float:
-    """Best of a few square matmuls: bf16 GEMMs on CUDA (4096^2); on CPU an fp32 1024^2 Linear under `amp` autocast.
+    """Best of a few square matmuls: bf16 GEMMs on CUDA (4096^2); on CPU an fp32 1024^2 Linear under `amp`.
 
     Rounds stop once `budget_s` is spent (after two), so an emulated bf16 path costs about a second, not ten.
     """
     n = 4096 if device.type == "cuda" else 1024
-    # The operands come from their own generator and the Linear is built on a forked RNG: a run times this after
-    # seeding (and a resume after restoring the RNG), so it must not move the global random state.
+    # The operands come from their own generator and the Linear is built on a forked RNG: a run times this
+    # after seeding (and a resume after restoring the RNG), so it must not move the global random state.
     gen = torch.Generator(device).manual_seed(0)
     if device.type == "cuda":
         w, x = (torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))

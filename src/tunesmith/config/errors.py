@@ -8,8 +8,8 @@ class UserError(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """Loss or gradient norm became NaN/inf (or fp16 loss scaling kept failing): training stops before the update.
+    """Loss or gradient norm became NaN/inf (or fp16 scaling kept failing): training stops before the update.
 
-    Printed as one line with exit code 1 (not the user's input, yet their way out is named); defined here, with
-    no torch import, so the CLI can catch it by type without importing the training stack.
+    Printed as one line with exit code 1 (not the user's input, yet their way out is named); defined
+    here, with no torch import, so the CLI can catch it by type without importing the training stack.
     """

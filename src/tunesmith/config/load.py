@@ -141,8 +141,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, _, text = item.partition("=")
         try:
             value = yaml.safe_load(text) if text != "" else ""
-        # PyYAML's constructors raise ValueError for impossible dates/numbers (`2024-01-01 25:00:00`, `!!int 0x`),
-        # and its composer recurses per nesting level
+        # PyYAML's constructors raise ValueError for impossible dates/numbers (`2024-01-01 25:00:00`,
+        # `!!int 0x`), and its composer recurses per nesting level
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             raise UserError(f"override '{shown}': value is not valid YAML ({e.__class__.__name__})") from None
         node = tree
@@ -165,7 +165,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or nothing) plus dotted overrides into a validated Config; raise UserError on any problem."""
+    """Read YAML (or nothing) plus dotted overrides into a validated Config; UserError on any problem."""
     raw: dict = {}
     source = str(path) if path else "config"
     if path is not None:

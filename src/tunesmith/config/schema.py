@@ -43,7 +43,10 @@ class DataConfig(_Section):
     format: Literal["qa", "alpaca", "chat", "text"] = Field("qa", description="record schema")
     template: str = Field(
         "qa",
-        description="built-in template name (qa, alpaca, chat, text), 'chat' = model's chat template, or a string with {field} placeholders",
+        description=(
+            "built-in template name (qa, alpaca, chat, text), 'chat' = model's chat template, or a string "
+            "with {field} placeholders"
+        ),
     )
     fields: dict[str, str] = Field(
         default_factory=dict, description="column mapping, e.g. {question: prompt, answer: completion}"
@@ -52,7 +55,11 @@ class DataConfig(_Section):
     max_length: int = Field(512, gt=1, description="max tokens per example (prompt + response + EOS)")
     truncation: Literal["right", "left", "prompt_left"] = Field(
         "prompt_left",
-        description="prompt_left cuts the user content (oldest turn / longest field first), keeping the system prompt, the template's fixed text and the whole answer; left/right cut tokens from the start/end",
+        description=(
+            "prompt_left cuts the user content (oldest turn / longest field first), keeping the system "
+            "prompt, the template's fixed text and the whole answer; left/right cut tokens from the "
+            "start/end"
+        ),
     )
     test_size: float = Field(0.1, ge=0, description="fraction (< 1) or count (>= 1) of examples held out")
     test_path: str | None = Field(None, description="explicit test file instead of a split")
@@ -102,17 +109,30 @@ class TrainConfig(_Section):
         0.0,
         ge=0,
         lt=1,
-        description="training loss only: (1-e) x cross-entropy + e x mean over the vocabulary of -log p (eval perplexity stays plain)",
+        description=(
+            "training loss only: (1-e) x cross-entropy + e x mean over the vocabulary of -log p (eval "
+            "perplexity stays plain)"
+        ),
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="autocast precision; auto = bf16 where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32",
+        description=(
+            "autocast precision; auto = bf16 where bf16 matmuls are native (CUDA with bf16, CPUs with "
+            "AVX512-BF16/AMX), else fp32"
+        ),
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward to save memory"
     )
     eval_every: int = Field(
         0, ge=0, description="evaluate on the test split every N steps (0: only at the end)"
+    )
+    eval_limit: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "periodic evals (train.eval_every) cover the first N held-out examples; the final eval all"
+        ),
     )
     save_every: int = Field(
         0,
@@ -127,16 +147,25 @@ class TrainConfig(_Section):
     )
     resume_changed: Literal["refuse", "allow"] = Field(
         "refuse",
-        description="resuming after the data, template, tokenizer, model or an optimisation setting changed: refuse, or allow (recorded in manifest.json)",
+        description=(
+            "resuming after the data, template, tokenizer, model or an optimisation setting changed: "
+            "refuse, or allow (recorded in manifest.json)"
+        ),
     )
     overwrite: bool = Field(
         False,
-        description="a fresh run may replace a finished run of another config in out_dir (its files move to out_dir/previous-<time>/, never deleted)",
+        description=(
+            "a fresh run may replace a finished run of another config in out_dir (its files move to "
+            "out_dir/previous-<time>/, never deleted)"
+        ),
     )
     fsdp: bool = Field(False, description="FSDP2 instead of DDP under torchrun")
     select: str = Field(
         "eval_loss",
-        description="eval metric that defines the best checkpoint (kept as best/): eval_loss, eval_ppl, probe_recall, ...",
+        description=(
+            "eval metric that defines the best checkpoint (kept as best/): eval_loss, eval_ppl, or "
+            "probe_recall / probe_em (greedy answers to the eval.probe trained questions at each eval)"
+        ),
     )
     select_mode: Literal["auto", "min", "max"] = Field(
         "auto", description="direction of train.select; auto: min for losses/perplexity, max otherwise"
@@ -150,6 +179,10 @@ class TrainConfig(_Section):
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
         default_factory=list,
         description="experiment trackers to log to (each offline-first, its own library)",
+    )
+    report_model: bool = Field(
+        False,
+        description="also log final/ as an artifact to the train.report_to trackers (mlflow, trackio, wandb)",
     )
     compile: bool = Field(False, description="torch.compile the model")
 
@@ -196,7 +229,9 @@ class FewshotConfig(_Section):
 class RagConfig(_Section):
     corpus: str = Field(
         "train",
-        description="'train' (the training split's pairs, never the test split) or a file/dir/glob of documents",
+        description=(
+            "'train' (the training split's pairs, never the test split) or a file/dir/glob of documents"
+        ),
     )
     retriever: Literal["bm25", "dense", "hybrid"] = Field(
         "hybrid", description="lexical (BM25), dense (embeddings) or both fused by reciprocal rank"
@@ -223,7 +258,7 @@ _SYSTEM_ADDONS = ("fewshot", "rag")
 
 
 def system_parts(name: str) -> tuple[str, list[str]]:
-    """'tuned+fewshot+rag' -> ('tuned', ['fewshot', 'rag']); 'endpoint:gpt+rag' -> ('endpoint:gpt', ['rag'])."""
+    """'tuned+fewshot+rag' -> ('tuned', ['fewshot', 'rag']); 'endpoint:x+rag' -> ('endpoint:x', ['rag'])."""
     model, *addons = name.split("+")
     return model, addons
 
@@ -335,7 +370,9 @@ class SweepConfig(_Section):
         None, description="Optuna RDB URL shared by workers (null: sqlite in the sweep dir)"
     )
     study: str | None = Field(None, description="study name (null: the sweep dir's name)")
-    prune: bool = Field(True, description="prune trials on intermediate eval loss (median pruner)")
+    prune: bool = Field(
+        True, description="--search: stop trials whose eval loss is worse than the median (not grids)"
+    )
     out_dir: str = Field("sweeps/default", description="sweep directory: one run dir per trial")
 
 

@@ -156,7 +156,7 @@ def near_duplicates(items: Sequence, key: Callable = example_text, threshold: fl
 def leakage(
     train: Sequence, test: Sequence, key: Callable = prompt_key, threshold: float = 0.8
 ) -> list[Duplicate]:
-    """Test rows whose prompt equals (similarity 1.0) or nearly equals a train prompt; `of` is the train row."""
+    """Test rows whose prompt equals (similarity 1.0) or nearly equals a train prompt; `of`: the train row."""
     train_first: dict[str, str] = {}
     for ex in train:
         train_first.setdefault(normalize_text(key(ex)), ex.where)

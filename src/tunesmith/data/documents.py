@@ -119,7 +119,7 @@ def find_documents(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def sections(text: str) -> list[tuple[str, str]]:
-    """(heading path, body) per section: Markdown `#` headings and underlined (RST/setext) titles; not in code.
+    """(heading path, body) per section: Markdown `#` headings, underlined (RST/setext) titles; not in code.
 
     >>> sections("intro\\n# A\\nx\\n## B\\ny\\nC\\n===\\nz")
     [('', 'intro'), ('A', 'x'), ('A > B', 'y'), ('C', 'z')]
@@ -187,7 +187,7 @@ def word_spans(text: str) -> list[tuple[int, int]]:
 def chunk_documents(
     docs: list[tuple[Path, str]], spans: Callable[[str], list[tuple[int, int]]], size: int, overlap: int
 ) -> list[Chunk]:
-    """Every (document, name) -> sections -> windows of `size` tokens (as counted by `spans`) with `overlap`."""
+    """Every (document, name) -> sections -> windows of `size` tokens (counted by `spans`) with `overlap`."""
     chunks = []
     for path, name in docs:
         k = 0

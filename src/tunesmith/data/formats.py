@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.rejects import Rejects
-from tunesmith.data.sources import Row
+from tunesmith.data.row import Row
 
 # The fields each format needs; the last one is the response (it carries the loss).
 REQUIRED = {
@@ -99,7 +99,8 @@ def get_template(name: str, fmt: str) -> Template:
         from tunesmith.config import UserError
 
         raise UserError(
-            f"data.template '{name}' is neither a built-in ({', '.join([*BUILTIN, 'chat'])}) nor a string with {{field}} placeholders"
+            f"data.template '{name}' is neither a built-in ({', '.join([*BUILTIN, 'chat'])}) "
+            "nor a string with {field} placeholders"
         )
     return Template(format=fmt, kind="string", prompt=text, response_field=RESPONSE_FIELD[fmt])
 
@@ -195,7 +196,7 @@ def _chat_example(row: Row, rejects: Rejects) -> Example | None:
 
 
 def prompt_format(example: Example, template: Template) -> str:
-    """The format string of this example's prompt: Alpaca rows with an empty `input` use the no-input prompt."""
+    """The format string of this example's prompt: Alpaca rows with an empty `input` get the no-input one."""
     if template.prompt_no_input is not None and not example.fields.get("input", "").strip():
         return template.prompt_no_input
     return template.prompt
@@ -211,7 +212,8 @@ def prompt_text(example: Example, template: Template) -> str:
         from tunesmith.config import UserError
 
         raise UserError(
-            f"{example.where}: template needs field {e} which the row does not have (data.template / data.fields)"
+            f"{example.where}: template needs field {e} which the row does not have "
+            "(data.template / data.fields)"
         ) from None
 
 

@@ -18,7 +18,7 @@ from tunesmith.runtime import hub_offline
 
 
 def read_hub(name: str, cfg: DataConfig) -> Iterator[Row]:
-    """Rows of a hub dataset via datasets.load_dataset; offline (or no network) fails fast with a UserError."""
+    """Rows of a hub dataset via datasets.load_dataset; offline (or no network): a UserError at once."""
     way_out = (
         "point data.path at a local copy (a jsonl/csv/parquet file or directory, e.g. one written by "
         "`datasets.load_dataset(...).to_json('train.jsonl')` where the hub is reachable)"

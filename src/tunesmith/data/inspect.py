@@ -28,7 +28,7 @@ _NO_LIMIT = 1 << 30  # render without truncation to measure the true lengths
 
 
 def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> dict:
-    """The inspect report as a JSON-ready dict; writes data_lengths.png (and data_rejects.jsonl) under out_dir."""
+    """The inspect report as a JSON-ready dict; writes data_lengths.png (and data_rejects.jsonl) to out_dir"""
     d = cfg.data
     template = get_template(d.template, d.format)
     rejects = Rejects(d.on_bad_row, out_dir)
@@ -79,8 +79,9 @@ def inspect_data(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> d
 
 
 def cut_summary(cuts: list[Cut], n_examples: int, lengths: list[int], max_length: int) -> dict:
-    """Examples cut at max_length per part they lost, the first few, and a warning above WARN_CUT_SHARE that says how
-    far max_length would have to grow (the untruncated lengths' p95 and max)."""
+    """Examples cut at max_length per part they lost, the first few, and a warning above WARN_CUT_SHARE.
+
+    The warning says how far max_length would have to grow (the untruncated lengths' p95 and max)."""
     parts = {part: sum(c.part == part for c in cuts) for part in (CONTENT, PROMPT, RESPONSE)}
     share = len(cuts) / n_examples if n_examples else 0.0
     p95 = int(math.ceil(np.percentile(lengths, 95))) if lengths else 0
@@ -90,8 +91,9 @@ def cut_summary(cuts: list[Cut], n_examples: int, lengths: list[int], max_length
         lost = ", ".join(f"{part}: {n}" for part, n in parts.items() if n)
         grow = f"to {p95} (+{p95 - max_length}) to keep 95% whole, " if max_length < p95 < longest else ""
         warning = (
-            f"{len(cuts)} of {n_examples} examples ({share:.1%}) are cut at data.max_length={max_length} (cut in {lost}); "
-            f"data.max_length would have to grow {grow}to {longest} (+{longest - max_length}) to keep all whole"
+            f"{len(cuts)} of {n_examples} examples ({share:.1%}) are cut at data.max_length={max_length} "
+            f"(cut in {lost}); data.max_length would have to grow {grow}to {longest} "
+            f"(+{longest - max_length}) to keep all whole"
         )
     return {
         "examples": len(cuts),
@@ -116,9 +118,8 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, p99: int, path:
     import numpy as np
 
     everything = [n for v in lengths.values() for n in v]
-    bins = np.histogram_bin_edges(
-        everything, bins=min(40, max(1, len(set(everything))))
-    )  # shared by both splits
+    # shared by both splits
+    bins = np.histogram_bin_edges(everything, bins=min(40, max(1, len(set(everything)))))
     names = [name for name, v in lengths.items() if v]
     ax.hist(
         [lengths[n] for n in names],
@@ -186,7 +187,8 @@ def print_inspect(report: dict, tokenizer, console, examples: list[dict] | None 
     cut = report["cut"]
     parts = ", ".join(f"{part} {n}" for part, n in cut["parts"].items())
     console.print(
-        f"cut at max_length={report['max_length']}: {cut['examples']} examples ({cut['share']:.1%}; lost tokens in {parts})"
+        f"cut at max_length={report['max_length']}: {cut['examples']} examples "
+        f"({cut['share']:.1%}; lost tokens in {parts})"
     )
     if cut["warning"]:
         console.print(f"[bold yellow]warning:[/] {escape(cut['warning'])}")

@@ -18,11 +18,11 @@ import numpy as np
 
 from tunesmith.config import Config, DataConfig, UserError
 from tunesmith.data.formats import Example, Template, get_template, prompt_key, to_example
+from tunesmith.data.locate import resolve_files, stream_files
 from tunesmith.data.rejects import Rejects
 from tunesmith.data.render import gc_paused, render
-from tunesmith.data.sources import read_rows, resolve_files
+from tunesmith.data.sources import read_rows
 from tunesmith.data.split import split
-from tunesmith.data.stream import stream_files
 from tunesmith.runtime import print0
 
 CACHE_DIR = "data"
@@ -61,7 +61,7 @@ class Prepared:
 
 
 def build(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared:
-    """Read, validate, split and render the data; reuse/write the cache in <out_dir>/data when out_dir is set."""
+    """Read, validate, split and render the data; reuse/write the cache in <out_dir>/data given out_dir."""
     d = cfg.data
     template = get_template(d.template, d.format)
     cache = Path(out_dir) / CACHE_DIR if out_dir is not None else None
@@ -147,7 +147,7 @@ def prepare(cfg: Config, tokenizer) -> Path:
 
 
 def read_examples(path: str, d: DataConfig, rejects: Rejects) -> list[Example]:
-    """Rows of one source -> validated Examples (bad rows go to `rejects`); a source with none left is an error."""
+    """Rows of one source -> validated Examples (bad rows go to `rejects`); none left is an error."""
     out, before = [], rejects.count
     with gc_paused():
         for row in read_rows(path, d, rejects):  # raises on a source without rows
@@ -249,7 +249,7 @@ def template_hash(template: Template) -> str:
 
 
 def tokenizer_hash(tokenizer) -> str:
-    """A hash of everything in the tokenizer that changes ids: the full fast-tokenizer JSON, specials, chat template."""
+    """A hash of what in the tokenizer changes ids: the full fast-tokenizer JSON, specials, chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     core = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     return _hash(

@@ -14,12 +14,13 @@ from typing import Literal
 from tunesmith.config import UserError
 
 REJECTS_FILE = "data_rejects.jsonl"
-# Line breaks, other control characters and lone surrogates: what would break a one-line (or printable) message.
+# Line breaks, other control characters and lone surrogates: what would break a one-line (or printable)
+# message.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def one_line(s: str) -> str:
-    """`s` with every line break or control character written as its escape: user text inside a one-line error.
+    """`s` with each line break or control character written as its escape: user text inside a one-line error.
 
     >>> one_line("role 'user\\nbot'")
     "role 'user\\\\nbot'"
@@ -52,7 +53,7 @@ class Rejects:
         self.record(where, field, cause, row)
 
     def record(self, where: str, field: str | None, cause: str, row: dict | None = None) -> None:
-        """Record a dropped row under either policy (e.g. a duplicate removed by data.dedupe): never raises."""
+        """Record a dropped row under either policy (e.g. a duplicate data.dedupe removed): never raises."""
         self.items.append({"where": where, "field": field, "cause": cause, "row": row})
 
     @property
@@ -69,7 +70,7 @@ class Rejects:
         # backslashreplace: a lone surrogate in a rejected row is written as its JSON escape, not an error
         with path.open("w", encoding="utf-8", errors="backslashreplace") as f:
             for item in self.items:
-                # default=str: a hub row can hold values json cannot encode (dates, bytes); keep the row anyway
+                # default=str: a hub row can hold values json cannot encode (dates, bytes); keep the row
                 f.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
         return path
 

@@ -1,4 +1,7 @@
-"""Row: what every reader yields, one raw record and its place (`file:line`, `file:row N`, `id[split]:row N`)."""
+"""Row: what every reader yields: one raw record and its place (`file:line`, `file:row N`, `id[split]:row N`).
+
+The place is what a bad row is reported by.
+"""
 
 from __future__ import annotations
 

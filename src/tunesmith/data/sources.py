@@ -16,10 +16,8 @@ canonical names.
 from __future__ import annotations
 
 import csv
-import glob as globlib
 import gzip
 import json
-import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -27,19 +25,10 @@ from pathlib import Path
 
 from tunesmith.config import DataConfig, UserError
 from tunesmith.data.hub import read_hub
+from tunesmith.data.locate import resolve_files
 from tunesmith.data.rejects import Rejects, first_line, one_line
 from tunesmith.data.row import Row
 
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
-TEXT_SUFFIXES = (".txt", ".md")
-# what data/stream.py streams: jsonl (also zstd) and text, source code included (continued pretraining on a codebase)
-STREAM_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-STREAM_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
-# every suffix a reader takes: a missing path that ends in one is a missing file, never a hub id
-FILE_SUFFIXES = tuple(
-    dict.fromkeys((*RECORD_SUFFIXES, *TEXT_SUFFIXES, *STREAM_JSONL_SUFFIXES, *STREAM_TEXT_SUFFIXES))
-)
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # surrogateescape turns each undecodable byte into one lone surrogate in this range; finding one = bad UTF-8
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 _LONE_CR = re.compile(rb"\r(?!\n)")  # old Mac / some exports end lines with CR alone
@@ -64,52 +53,6 @@ def map_fields(fields: dict, mapping: dict[str, str]) -> dict:
         if source in out and source != canonical:
             out[canonical] = out.pop(source)
     return out
-
-
-def resolve_files(path: str, cfg: DataConfig) -> list[Path] | None:
-    """The sorted local files read_rows reads behind `path` (suffixes per cfg.format), or None for a hub id."""
-    return find_files(path, TEXT_SUFFIXES + RECORD_SUFFIXES if cfg.format == "text" else RECORD_SUFFIXES)
-
-
-def find_files(path: str, suffixes: tuple[str, ...], key: str = "data.path") -> list[Path] | None:
-    """The sorted data files behind a file, directory tree or glob, or None when `path` names a hub dataset.
-
-    A file named outright is taken whatever its suffix; in a directory or a glob only `suffixes` count, and
-    never hidden files or dirs (.git, .cache) nor our own rejects report. `key` is the config key to check.
-    """
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(
-            f for f in p.rglob("*") if f.is_file() and _is_data(f, suffixes, f.relative_to(p).parts)
-        )
-        what = "directory holds"
-    elif any(c in path for c in "*?["):
-        files = sorted(Path(f) for f in globlib.glob(os.path.expanduser(path), recursive=True))
-        files = [f for f in files if f.is_file() and _is_data(f, suffixes, (f.name,))]
-        what = "glob matches"
-    elif is_hub_id(path):
-        return None
-    else:
-        raise UserError(f"{path}: file not found (check {key}; relative paths start at {Path.cwd()})")
-    if not files:
-        raise UserError(f"{path}: {what} no data files ({', '.join(suffixes)})")
-    return files
-
-
-def is_hub_id(path: str) -> bool:
-    """Whether `path`, which is no local file, names a hub dataset: `name` or `org/name`, no data-file suffix."""
-    return bool(_HUB_ID.match(path)) and not path.lower().endswith(FILE_SUFFIXES)
-
-
-def _is_data(f: Path, suffixes: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    # hidden files/dirs (.git, .cache) and our own rejects report never count as data
-    return (
-        f.name.lower().endswith(suffixes)
-        and not any(part.startswith(".") for part in parts)
-        and f.name != "data_rejects.jsonl"
-    )
 
 
 def _raw_rows(path: str, cfg: DataConfig, rejects: Rejects) -> Iterator[Row]:
@@ -161,7 +104,7 @@ def _no_rows(path: str, files: list[Path] | None, cfg: DataConfig) -> str:
 
 
 def split_lines(chunk: bytes) -> list[bytes]:
-    """A chunk read up to b'\\n', cut after each lone b'\\r' (a line end too, as editors count it); mostly [chunk]."""
+    """A chunk read up to b'\\n', cut after each lone b'\\r' (a line end too in editors); mostly [chunk]."""
     i = chunk.find(b"\r")
     if i < 0 or (i == len(chunk) - 2 and chunk.endswith(b"\n")):  # no CR, or only the CR of a CRLF ending
         return [chunk]
@@ -216,7 +159,7 @@ def parse_object(text: str, where: str, rejects: Rejects) -> dict | None:
 
 
 def read_jsonl(path: Path, rejects: Rejects) -> Iterator[Row]:
-    """One JSON object per line (LF, CRLF or a lone CR ends one); blank lines are ignored, bad ones reported."""
+    """One JSON object per line (LF, CRLF or a lone CR ends one); blank lines ignored, bad ones reported."""
     gz = path.name.lower().endswith(".gz")
     prefix = f"{path}:"
     lineno, offset = 0, 0  # offset: of the line in the file as stored (a .gz has none worth showing)
@@ -233,9 +176,8 @@ def read_jsonl(path: Path, rejects: Rejects) -> Iterator[Row]:
                     try:
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError:
-                        text = decode_line(
-                            raw, path, lineno, None if gz else start, rejects
-                        )  # reports the byte
+                        # reports the byte
+                        text = decode_line(raw, path, lineno, None if gz else start, rejects)
                     if lineno == 1 and text:
                         text = text.removeprefix("\ufeff")
                     if not text or text.isspace():  # blank (or reported): no stripped copy of every line

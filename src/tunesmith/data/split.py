@@ -77,13 +77,15 @@ def split(
     test = [ex for ex, h in zip(examples, hashes, strict=True) if h < cut]
     if not train:
         raise UserError(
-            f"{name}: data.test_size={test_size:g} leaves no training examples ({len(examples)} in all); lower it"
+            f"{name}: data.test_size={test_size:g} leaves no training examples "
+            f"({len(examples)} in all); lower it"
         )
     if not test:  # one example, or every prompt the same: a held-out split was asked for and none came out
         same = ", all with the same prompt" if len(examples) > 1 else ""
         raise UserError(
-            f"{name}: data.test_size={test_size:g} of {len(examples)} example{'s' if len(examples) > 1 else ''}"
-            f"{same} leaves 0 test examples (use a larger file, a count such as data.test_size=1, "
+            f"{name}: data.test_size={test_size:g} of {len(examples)} "
+            f"example{'s' if len(examples) > 1 else ''}{same} leaves 0 test examples "
+            "(use a larger file, a count such as data.test_size=1, "
             "or data.test_size=0 to train without a held-out split)"
         )
     return train, test

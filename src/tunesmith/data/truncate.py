@@ -21,15 +21,16 @@ from string import Formatter
 
 from tunesmith.data.formats import Example, Template, prompt_format
 
-# More than this share of examples cut at max_length is a warning (data inspect, pre-flight): a few long outliers
-# are normal; "more than a few percent" means the model trains on contexts or answers it will not see whole.
+# More than this share of examples cut at max_length is a warning (data inspect, pre-flight): a few long
+# outliers are normal; "more than a few percent" means the model trains on contexts or answers it will not
+# see whole.
 WARN_CUT_SHARE = 0.03
 
 
 def truncate(
     prompt: list[int], response: list[int], max_length: int, side: str
 ) -> tuple[list[int], list[int]]:
-    """Cut (prompt, response+eos) to max_length tokens: the token-level cut (`render` cuts user content first).
+    """Cut (prompt, response+eos) to max_length tokens: the token-level cut (`render` cuts content first).
 
     right: drop from the end; left: drop from the start; prompt_left: drop prompt tokens from the left
     (the answer survives), then, if the response alone is too long, drop its end.
@@ -63,7 +64,7 @@ CONTENT, PROMPT, RESPONSE = "user content", "prompt", "response"
 
 
 def slots(ex: Example, template: Template | None) -> list[tuple[int | str, int]]:
-    """What prompt_left may cut, in order: (message index or field name, how many leading characters it may lose).
+    """What prompt_left may cut, in order: (message index or field name, how many leading characters may go).
 
     Chat messages: the user turns, oldest first, down to empty. Fields (template None: rendered as chat
     by `as_messages`): the values the prompt shows, longest first, each down to its last non-space
@@ -101,8 +102,10 @@ def cut_content(
     budget: int,
     guess: int,
 ) -> tuple[Example, list[int]] | None:
-    """The example with the least user content cut whose `encode` fits `budget` tokens, and those ids; None
-    when even all the content of `slots` is not enough. `guess`: the characters to cut that the search starts from."""
+    """The example with the least user content cut whose `encode` fits `budget` tokens, and those ids.
+
+    None when even all the content of `slots` is not enough. `guess`: the characters to cut that the
+    search starts from."""
     total = sum(limit for _, limit in slots)
     seen: dict[int, list[int]] = {}
 
@@ -116,7 +119,7 @@ def cut_content(
 
 
 def smallest_fitting(fits: Callable[[int], bool], total: int, guess: int) -> int | None:
-    """A cut c in (0, total] with fits(c) and not fits(c - 1) (0 is the over-long example), None if not fits(total).
+    """A cut c in (0, total] with fits(c), not fits(c - 1) (0: the over-long one); None if not fits(total).
 
     Walks from `guess` in doubling steps until the answer is bracketed, then bisects: with a good guess, two
     probes. Token counts are not quite monotone in the characters cut (BPE merges at the cut), so this is

@@ -79,7 +79,7 @@ def buckets(pred: str, ref: str, question: str, hit_max_tokens: bool) -> list[st
 
 
 def bucket_counts(rows: Iterable[list[str]]) -> dict[str, int]:
-    """How many examples fall in each bucket (every bucket listed, zeros included), given each example's list."""
+    """How many examples fall in each bucket (every bucket listed, zeros included)."""
     counts = dict.fromkeys(BUCKETS, 0)
     for names in rows:
         for name in set(names):

@@ -1,7 +1,8 @@
 """LLM-as-judge over any OpenAI-compatible endpoint: a 1-5 rubric score and a short reason per answer.
 
 Requests go through endpoint.py's `ChatClient` (the official `openai` client: HTTP retries with backoff,
-timeouts, the key from eval.judge.api_key_env); a reply that is not in the rubric's format is asked again here.
+timeouts, the key from eval.judge.api_key_env); a reply that is not in the rubric's format is asked again
+here.
 Judge outputs are parsed robustly (JSON anywhere, code fences, "Score: 4") and cached by sha256 of
 (model, prompt) in a jsonl file, so re-running a report costs no requests.
 """
@@ -65,7 +66,7 @@ def _valid(obj: object) -> dict | None:
 
 
 def parse_judgement(text: str) -> dict | None:
-    """Find a {'score': 1-5, 'reason': ...} in a judge's reply: fenced or bare JSON anywhere, else 'Score: 4'."""
+    """Find {'score': 1-5, 'reason': ...} in a judge's reply: fenced/bare JSON anywhere, else 'Score: 4'."""
     text = _THINK.sub("", text or "")
     decoder = json.JSONDecoder()
     for chunk in [*_FENCE.findall(text), text]:

@@ -39,7 +39,7 @@ def _metrics_of(task_results: dict) -> dict[str, float]:
 
 
 def run_lm_eval(model_path: str, cfg: LmEvalConfig, device: str, out: Path) -> dict:
-    """Run cfg.tasks on the model in `model_path`; return {task: {metric: value}} and write out/lm_eval.json."""
+    """Run cfg.tasks on the model in `model_path`; {task: {metric: value}}, also in out/lm_eval.json."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager

@@ -23,7 +23,7 @@ def evaluate_loss(
     amp_dtype: torch.dtype | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Mean loss and perplexity over the label (answer) tokens of `samples`; `shard`=(rank, world) splits the work."""
+    """Mean loss and perplexity over the label (answer) tokens of `samples`; `shard`=(rank, world)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)

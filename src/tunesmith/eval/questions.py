@@ -19,7 +19,7 @@ from tunesmith.model.load import TEMPLATE_FILE, load_template
 
 @dataclass
 class Questions:
-    """What every model is asked: prompt ids, the texts reports show, and the samples for answer-token loss."""
+    """What every model is asked: prompt ids, the texts reports show, the samples for answer-token loss."""
 
     examples: list[Example]
     prompts: list[list[int]]
@@ -65,7 +65,8 @@ def eval_sets(cfg: Config, data: Prepared, template: Template, tok) -> tuple[Que
     """(first eval.limit test examples, first eval.probe TRAINING examples); UserError when nothing to ask."""
     if template.format == "text":
         raise UserError(
-            "data.format=text: raw text has no questions to answer (compare/eval need qa, alpaca or chat data)"
+            "data.format=text: raw text has no questions to answer "
+            "(compare/eval need qa, alpaca or chat data)"
         )
     if not data.test_examples:
         raise UserError(
@@ -77,7 +78,7 @@ def eval_sets(cfg: Config, data: Prepared, template: Template, tok) -> tuple[Que
 
 
 def stored_template(model_dir: Path) -> Template | None:
-    """The template a model was trained with (final/tunesmith_template.json: {"template": {...}, ...}), or None."""
+    """The template a model was trained with (final/tunesmith_template.json: {"template": ...}), or None."""
     if not (Path(model_dir) / TEMPLATE_FILE).is_file():
         return None
     spec = load_template(model_dir)

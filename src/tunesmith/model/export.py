@@ -30,7 +30,7 @@ def _is_peft(model: nn.Module) -> bool:
 def save_final(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, template: dict | None, merge: bool
 ) -> Path:
-    """Save a full model, an adapter, or (merge=True) adapter merged into its base; written atomically at `out`."""
+    """Save a full model, an adapter, or (merge=True) the adapter merged into its base; atomic at `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -107,12 +107,13 @@ def _run_model_config(run_dir: Path, name: str) -> ModelConfig:
 
 
 def export(run_dir: Path, out: Path, merge: bool) -> Path:
-    """`tunesmith export RUN_DIR [--merge]`: copy final/ to `out`, merging an adapter into its base if asked."""
+    """`tunesmith export RUN_DIR [--merge]`: copy final/ to `out`; merge an adapter into its base if asked."""
     run_dir = Path(run_dir)
     src = _final_dir(run_dir)
     if not (src / "config.json").is_file() and not (src / ADAPTER_CONFIG).is_file():
         raise UserError(
-            f"{run_dir}: no final model (expected {src}/config.json or {src}/{ADAPTER_CONFIG}; has training finished?)"
+            f"{run_dir}: no final model (expected {src}/config.json or {src}/{ADAPTER_CONFIG}; "
+            "has training finished?)"
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
     else:
         model = load_model(cfg.model_copy(update={"name": name}), device)
-    # the tokenizer saved with the run when there is one, else the base's: both through load_tokenizer's checks
+    # the tokenizer saved with the run when there is one, else the base's: both pass load_tokenizer's checks
     tok_name = str(src) if (src / "tokenizer_config.json").is_file() else name
     tokenizer = load_tokenizer(cfg.model_copy(update={"name": tok_name}))
     template = load_template(src) if (src / TEMPLATE_FILE).is_file() else None

@@ -1,4 +1,7 @@
-"""Load tokenizers, models (safetensors only; optional 4-bit NF4) and configs; the template that travels with a model."""
+"""Load tokenizers, models (safetensors only; optional 4-bit NF4) and configs.
+
+Also the template that travels with a model.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ TEMPLATE_FILE = "tunesmith_template.json"
 # Special tokens that can stand in as padding, best first. Padding is masked by position in our data layer,
 # so any id works; a distinct one keeps pad != eos so nothing downstream can confuse the two.
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<unk>", "<|endoftext|>")
-# Files that carry a vocabulary (tokenizer_config.json alone does not); *.model (sentencepiece) and *.tiktoken also do.
+# Files that carry a vocabulary (tokenizer_config.json alone does not); *.model (sentencepiece) and
+# *.tiktoken also do.
 _VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 _PROBE = "Hello world 123"  # any real vocabulary has tokens (or bytes) for this
 
@@ -33,7 +37,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's fast tokenizer with a pad token (not EOS when the vocab has a spare special token).
 
     UserError for a directory without tokenizer files and for a tokenizer that encodes text to nothing:
-    transformers 5 builds an empty tokenizer from config.json alone, and every example would train on a lone EOS.
+    transformers 5 builds an empty tokenizer from config.json alone, and every example would train on a lone
+    EOS.
     """
     local = Path(cfg.name).expanduser()
     # an adapter dir (no config.json, so not a model to resolve) may carry the tokenizer it was trained with
@@ -49,16 +54,18 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         if "backend tokenizer" not in str(e):
             raise
         raise UserError(
-            f"{path}: the tokenizer files do not make a tokenizer (no tokenizer.json, and no vocabulary to convert; "
-            "copy tokenizer.json from the base model)"
+            f"{path}: the tokenizer files do not make a tokenizer "
+            "(no tokenizer.json, and no vocabulary to convert; copy tokenizer.json from the base model)"
         ) from None
     if not tok.is_fast:
         raise UserError(
-            f"model.name '{cfg.name}': only a slow tokenizer is available (tunesmith needs a fast one: add tokenizer.json)"
+            f"model.name '{cfg.name}': only a slow tokenizer is available "
+            "(tunesmith needs a fast one: add tokenizer.json)"
         )
     if not tok(_PROBE, add_special_tokens=False)["input_ids"]:
         raise UserError(
-            f"{path}: the tokenizer encodes {_PROBE!r} to no tokens (an empty vocabulary of {len(tok)} tokens: "
+            f"{path}: the tokenizer encodes {_PROBE!r} to no tokens "
+            f"(an empty vocabulary of {len(tok)} tokens: "
             "its tokenizer.json is empty or broken; use the base model's tokenizer files)"
         )
     set_pad_token(tok)
@@ -66,7 +73,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def has_tokenizer_files(directory: str | Path) -> bool:
-    """Whether `directory` holds a vocabulary transformers can build a tokenizer from (json, sentencepiece, BPE, WordPiece, tiktoken)."""
+    """Whether `directory` holds a vocabulary transformers can build a tokenizer from.
+
+    Any of: tokenizer.json, sentencepiece, BPE, WordPiece, tiktoken.
+    """
     d = Path(directory)
     return (
         any((d / name).is_file() for name in _VOCAB_FILES)
@@ -91,7 +101,7 @@ def set_pad_token(tok: PreTrainedTokenizerBase) -> None:
 
 
 def pad_id(tok: PreTrainedTokenizerBase) -> int:
-    """The id batches are padded with: the pad token, else EOS (padding is masked by position, so either is safe)."""
+    """The id batches are padded with: the pad token, else EOS (padding is masked by position: both safe)."""
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
@@ -105,7 +115,7 @@ def load_config_only(cfg: ModelConfig) -> PretrainedConfig:
 
 
 def load_model(cfg: ModelConfig, device: torch.device, quantize: str | None = None) -> PreTrainedModel:
-    """Weights from safetensors onto `device` in model.dtype; quantize='4bit' loads NF4 through bitsandbytes."""
+    """Weights from safetensors onto `device` in model.dtype; quantize='4bit' loads NF4 via bitsandbytes."""
     path = resolve(cfg.name, cfg.cache_dir)
     dtype = weight_dtype(cfg.dtype, device)
     extra = {}
@@ -125,7 +135,8 @@ def load_model(cfg: ModelConfig, device: torch.device, quantize: str | None = No
     except OSError as e:
         if "safetensors" in str(e).lower() or ".bin" in str(e):
             raise UserError(
-                f"model.name '{cfg.name}': no .safetensors weights (tunesmith never unpickles .bin files; convert the weights to safetensors)"
+                f"model.name '{cfg.name}': no .safetensors weights "
+                "(tunesmith never unpickles .bin files; convert the weights to safetensors)"
             ) from None
         raise
     if quantize is None:
@@ -139,7 +150,8 @@ def _four_bit(device: torch.device) -> dict:
     """from_pretrained arguments for NF4 with double quantization; UserError without CUDA or bitsandbytes."""
     if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
-            "lora.quantize=4bit needs CUDA and bitsandbytes (pip install bitsandbytes on a CUDA machine, or remove lora.quantize)"
+            "lora.quantize=4bit needs CUDA and bitsandbytes "
+            "(pip install bitsandbytes on a CUDA machine, or remove lora.quantize)"
         )
     from transformers import BitsAndBytesConfig
 

@@ -1,7 +1,8 @@
 """The token loss: next-token cross-entropy over label tokens, with the LM head fused into it where it can be.
 
-One function for training (train/loop.py), evaluation (eval/loss.py) and the planner's model of it (plan/memory.py
-reads FUSED_HEAD_FAMILIES and LOSS_CHUNK_VALUES from here, so the plan models the loss that runs).
+One function for training (train/loop.py), evaluation (eval/loss.py) and the planner's model of it
+(plan/memory.py reads FUSED_HEAD_FAMILIES and LOSS_CHUNK_VALUES from here, so the plan models the loss that
+runs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tunesmith.data.render import IGNORE
 
 
 def next_token_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T-1) targets: position t predicts token t+1; prompts, padding and packed-sample starts are IGNORE."""
+    """(B, T-1) targets: position t predicts token t+1; prompts, padding, packed-sample starts are IGNORE."""
     target = batch["labels"][:, 1:]
     if "position_ids" in batch:
         # The last token of one packed sample must not learn the first token of the next one.
@@ -24,7 +25,7 @@ def next_token_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def label_fraction(samples: list[dict]) -> float:
-    """Share of tokens whose position predicts a label (where the loss and the LM head run); 1.0 without samples."""
+    """Share of tokens whose position predicts a label (there loss and LM head run); 1.0 without samples."""
     tokens = sum(len(s["input_ids"]) for s in samples)
     # a sample's first token is never predicted, so a label there has no position predicting it
     labelled = sum(len(lab) - lab.count(IGNORE) - (lab[0] != IGNORE) for s in samples if (lab := s["labels"]))
@@ -65,13 +66,14 @@ def loss_sum(
 
 @contextmanager
 def _head_only_at(head: torch.nn.Module | None, keep: torch.Tensor, take: bool = False):
-    """Feed the output layer only the hidden states at `keep` (B, T) positions; with `take`, none, and yield them.
+    """Feed the output layer only the hidden states at `keep` (B, T); with `take`, none, and yield them.
 
     Prompt tokens carry no loss, yet the LM head (hidden x vocab) and the log-softmax over the vocabulary
     are the largest cost per position for small models; a pre-hook on the head gathers (B, T, H) -> (N, H)
     inside the model's own forward, so DDP, FSDP, PEFT and elementwise logit post-processing (scaling,
     soft-capping) all still apply. With `take` the head does not run (its logits have zero rows) and the
-    caller gets the (N, H) states in the yielded list, to compute head and loss itself (`_fusable` heads only).
+    caller gets the (N, H) states in the yielded list, to compute head and loss itself (`_fusable` heads
+    only).
     """
     taken: list[torch.Tensor] = []
     if head is None:
@@ -108,19 +110,23 @@ FUSED_HEAD_FAMILIES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "qwen3
 
 
 def _fusable(core, head: torch.nn.Module | None) -> bool:
-    """Whether head + loss of `core` (unwrapped model) can run fused: a plain Linear with local weights, untouched logits."""
+    """Whether head + loss of `core` (unwrapped model) can run fused.
+
+    Only for a plain Linear head with local weights whose logits the model leaves untouched.
+    """
     if (
         type(head) is not torch.nn.Linear
         or getattr(getattr(core, "config", None), "model_type", None) not in FUSED_HEAD_FAMILIES
     ):
-        return False  # LoRA-wrapped or quantized heads, and models that post-process logits, take the generic path
-    return (
-        type(head.weight) is torch.nn.Parameter
-    )  # not e.g. an FSDP2 DTensor, gathered only inside the head's forward
+        # LoRA-wrapped or quantized heads, and models that post-process logits, take the generic path
+        return False
+    # not e.g. an FSDP2 DTensor, gathered only inside the head's forward
+    return type(head.weight) is torch.nn.Parameter
 
 
 # Rows of logits per chunk: ~64M fp32 values (256 MB) at a time instead of all (N, V) at once. Each extra
-# chunk costs a (V, H) cast-and-add of the weight gradient, so chunks are as large as memory comfortably allows.
+# chunk costs a (V, H) cast-and-add of the weight gradient, so chunks are as large as memory comfortably
+# allows.
 LOSS_CHUNK_VALUES = 1 << 26
 
 
@@ -131,7 +137,7 @@ def linear_cross_entropy(
     target: torch.Tensor,
     smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i, label_smoothing), never holding all (N, V) logits.
+    """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i, label_smoothing), never all (N, V) logits.
 
     hidden (N, H), weight (V, H), target (N,) with no IGNORE. Matmuls run in the autocast dtype when
     autocast is on (as the head would), softmax in fp32. The gradients are made chunk by chunk in the

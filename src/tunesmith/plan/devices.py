@@ -87,12 +87,11 @@ def target_device(cfg: Config) -> dict:
 
 
 def _autocast_name(precision: str, native_bf16: bool) -> str:
-    """The autocast a run of train.precision uses where bf16 is (or is not) native: bf16, fp16 or fp32 (none)."""
+    """The autocast train.precision uses where bf16 is (or is not) native: bf16, fp16 or fp32 (none)."""
     import torch
 
     from tunesmith.runtime import autocast_dtype
 
-    dtype = autocast_dtype(
-        precision, torch.device("cpu"), native_bf16
-    )  # `native_bf16` decides, not the device
+    # `native_bf16` decides, not the device
+    dtype = autocast_dtype(precision, torch.device("cpu"), native_bf16)
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

@@ -28,7 +28,8 @@ def make_plan(
 ) -> dict:
     """Parameters, FLOPs, memory, fit and time for `cfg`, from the model config alone (JSON-serialisable).
 
-    `label_fraction`: share of tokens whose position predicts a label (1.0, every token, when the data is unknown).
+    `label_fraction`: share of tokens whose position predicts a label (1.0, every token, when the data is
+    unknown).
     """
     arch = arch_from_config(load_config_only(cfg.model))
     seq, rows, ckpt = cfg.data.max_length, cfg.train.batch_size, cfg.train.gradient_checkpointing
@@ -95,7 +96,11 @@ def make_plan(
         "what_can_i_run": what_can_i_run(cfg, target),
         "formulas": {
             "flops": flops_formula,
-            "memory": "peak = weights + adapters + AdamW moments + max(activations + loss (label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], grads + optimizer temporaries)",
+            "memory": (
+                "peak = weights + adapters + AdamW moments + max(activations + loss "
+                "(label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], "
+                "grads + optimizer temporaries)"
+            ),
         },
         "measured": None,
     }

@@ -1,4 +1,4 @@
-"""Bytes of a fine-tune by role (weights, adapters, grads, AdamW, activations, loss), of inference, and what fits.
+"""Bytes of a fine-tune by role (weights, adapters, grads, AdamW, activations, loss), of inference; what fits.
 
 Conventions (also in every plan.json under "formulas"): tensor bytes (what torch.cuda.max_memory_allocated
 counts), not allocator fragmentation or the CUDA context; a device is usable up to devices.USABLE of its
@@ -126,19 +126,18 @@ class Precision:
     weight: int  # parameter (and grad, AdamW moment) bytes
     act: int  # activation bytes
     autocast_copies: bool  # fp32 params under bf16/fp16 autocast: the cast weight copies live until backward
-    fused_adam: bool  # fused AdamW (CUDA and CPU): no temporaries; else the per-tensor loop's temporaries of one tensor
+    # fused AdamW (CUDA and CPU): no temporaries; else the per-tensor loop's temporaries of one tensor
+    fused_adam: bool
 
 
 def precision_for(cfg: Config, cuda: bool, bf16: bool) -> Precision:
-    """What model.dtype/train.precision mean on a CUDA device or a CPU; `bf16`: its bf16 matmuls are native."""
+    """What model.dtype/train.precision mean on a CUDA device or a CPU; `bf16`: bf16 matmuls are native."""
     weight = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2 if (cuda and bf16) else 4}[cfg.model.dtype]
-    auto = {"fp32": None, "bf16": 2, "fp16": 2, "auto": 2 if bf16 else None}[
-        cfg.train.precision
-    ]  # runtime.autocast_dtype
+    # as runtime.autocast_dtype
+    auto = {"fp32": None, "bf16": 2, "fp16": 2, "auto": 2 if bf16 else None}[cfg.train.precision]
     act = auto or weight
-    return Precision(
-        weight, act, weight == 4 and auto is not None, True
-    )  # make_optimizer: fused on CUDA and CPU
+    # make_optimizer: fused on CUDA and CPU
+    return Precision(weight, act, weight == 4 and auto is not None, True)
 
 
 def activation_bytes(
@@ -150,12 +149,14 @@ def activation_bytes(
     lora: LoraConfig | None = None,
     checkpointing: bool = False,
 ) -> dict:
-    """Saved-for-backward bytes of the decoder for a (rows, seq_len) micro-batch: layers, head input, recompute."""
+    """Saved-for-backward bytes of the decoder, (rows, seq_len) micro-batch: layers, head input, recompute."""
     n, d, ff, H = rows * seq_len, arch.d, arch.ff, arch.heads
     dq, dkv = H * arch.head_dim, arch.kv_heads * arch.head_dim
     # per token per layer, counted with saved-tensor hooks on fp32 models (see tests/test_plan.py):
-    # Llama-like: x, 2 norm outputs x2, q/attn-out/o-in (3 dq), k, v (2 dkv), gate, up, act, act*up (4 ff), lse (H)
-    # GPT-NeoX: x, 2 LN outputs, fused qkv (3 dq), rotated q, k, attn out x2 (10 d in all), fc1 out, gelu out (2 ff)
+    # Llama-like: x, 2 norm outputs x2, q/attn-out/o-in (3 dq), k, v (2 dkv), gate, up, act, act*up (4 ff),
+    #   lse (H)
+    # GPT-NeoX: x, 2 LN outputs, fused qkv (3 dq), rotated q, k, attn out x2 (10 d in all), fc1 out,
+    #   gelu out (2 ff)
     per = (
         (10 * d + 2 * ff + H + 4)
         if arch.family == "gpt_neox"
@@ -240,7 +241,8 @@ def training_memory(
     act.update(loss_bytes(arch, cfg, round(rows * seq_len * label_fraction), prec))
     accum_grads = grads if cfg.train.grad_accum > 1 else 0  # grads of earlier micro-batches stay alive
     # three candidate peaks: loss backward starts (all activations + logits), the last recomputed layer
-    # (all grads + the checkpointed layer inputs, the head's + one layer), the optimizer step (grads + temporaries)
+    # (all grads + the checkpointed layer inputs, the head's + one layer), the optimizer step
+    # (grads + temporaries)
     forward_peak = sum(v for k, v in act.items() if k != "recompute") + casts + accum_grads
     backward_peak = (
         grads
@@ -248,9 +250,8 @@ def training_memory(
         + (act["layers"] + act["head"] + act["recompute"] if cfg.train.gradient_checkpointing else 0)
     )
     largest = max([x.fan_in * x.fan_out for x in arch.linears] + [arch.vocab * arch.d]) if lora is None else 0
-    step_peak = grads + (
-        0 if prec.fused_adam else 2 * largest * train_b
-    )  # sqrt(v) and the update of one tensor
+    # unfused: sqrt(v) and the update of one tensor
+    step_peak = grads + (0 if prec.fused_adam else 2 * largest * train_b)
     static = weights + adapters + adam
     return {
         "weights": weights,
@@ -309,9 +310,8 @@ def fit_table(arch: Arch, cfg: Config, seq_len: int, label_fraction: float = 1.0
         *((n, g, True) for n, (g, _) in DEVICES.items()),
     ]:
         prec = precision_for(cfg, cuda=cuda, bf16=name not in NO_BF16 if cuda else cpu_bf16)
-        usable = (
-            gib * GiB * (USABLE if cuda else 0.8)
-        )  # leave the OS and other processes their share on a host
+        # leave the OS and other processes their share on a host
+        usable = gib * GiB * (USABLE if cuda else 0.8)
         need = training_memory(arch, cfg, cfg.train.batch_size, seq_len, prec, label_fraction)["peak"]
         rows.append(
             {
@@ -326,7 +326,10 @@ def fit_table(arch: Arch, cfg: Config, seq_len: int, label_fraction: float = 1.0
 
 
 def what_can_i_run(cfg: Config, target: dict, seq_len: int = 1024) -> list[dict]:
-    """For each size in LADDER: bytes for inference, LoRA, QLoRA, full fine-tuning (1 row, checkpointing, all labels)."""
+    """For each size in LADDER: bytes for inference, LoRA, QLoRA, full fine-tuning.
+
+    Training rows assume 1 row, checkpointing and all tokens labelled.
+    """
     from tunesmith.config import TrainConfig
 
     train = TrainConfig(batch_size=1, gradient_checkpointing=True, precision=cfg.train.precision)

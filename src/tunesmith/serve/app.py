@@ -19,7 +19,6 @@ import json
 import logging
 import os
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -27,8 +26,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import Config, GenerateConfig, UserError
-from tunesmith.generate import Completion, prompt_ids, template_for
+from tunesmith.generate import Completion, prompt_ids
+from tunesmith.serve.models import load_models, model_specs
 from tunesmith.serve.playground import example_questions, page
+from tunesmith.serve.rag import ServeRag, fit, open_serve_rag, retrieval_json
 from tunesmith.serve.scheduler import LoadedModel, Scheduler
 from tunesmith.serve.schema import (
     ApiError,
@@ -42,8 +43,14 @@ from tunesmith.serve.schema import (
 )
 
 
-def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] | None = None) -> FastAPI:
-    """The app serving `models` by name; `examples` are the playground's one-click questions."""
+def create_app(
+    cfg: Config,
+    models: dict[str, LoadedModel],
+    examples: list[str] | None = None,
+    rag: ServeRag | None = None,
+) -> FastAPI:
+    """The app serving `models` by name; `examples` are the playground's one-click questions; `rag` puts
+    retrieved passages into every chat request's last user turn and returns them in `retrieval`."""
     if not models:
         raise UserError(
             "serve.models: no model to serve (name one, e.g. serve.models={base: smollm2-135m-instruct})"
@@ -110,30 +117,44 @@ def create_app(cfg: Config, models: dict[str, LoadedModel], examples: list[str] 
         lm = _model(models, req.model)
         if not any(m.role == "user" for m in req.messages):
             raise ApiError(400, "messages: at least one message with role 'user' is needed", param="messages")
-        try:
-            ids = prompt_ids(lm.template, lm.tokenizer, [m.model_dump() for m in req.messages])
-        except UserError as e:
-            raise ApiError(400, f"messages: {e}", param="messages") from None
         limit, param = (
             (req.max_completion_tokens, "max_completion_tokens")
             if req.max_completion_tokens
             else (req.max_tokens, "max_tokens")
         )
-        return await _answer(
-            request, sched, lm, req, ids, _gen_cfg(cfg, req, lm, ids, limit, param), chat=True
-        )
+        ids, extra = await _chat_prompt(cfg, lm, rag, [m.model_dump() for m in req.messages], limit)
+        gcfg = _gen_cfg(cfg, req, lm, ids, limit, param)
+        return await _answer(request, sched, lm, req, ids, gcfg, chat=True, extra=extra)
 
     return app
 
 
+async def _chat_prompt(
+    cfg: Config, lm: LoadedModel, rag: ServeRag | None, messages: list[dict], limit: int | None
+) -> tuple[list[int], dict | None]:
+    """(prompt ids, extra response fields): with serve.rag, the best passages that fit the context go in the
+    last user turn and come back in `retrieval`; a conversation the template cannot render is a 400."""
+    render = lambda msgs: prompt_ids(lm.template, lm.tokenizer, msgs)  # noqa: E731
+    try:
+        if rag is None:
+            return render(messages), None
+        hits = await asyncio.to_thread(rag.search, messages)  # embedding the query is CPU work: off the loop
+        answer_room = limit or min(cfg.generate.max_new_tokens, cfg.serve.max_tokens_cap)
+        ids, hits = fit(messages, hits, render, lm.context_len - answer_room)
+        return ids, {"retrieval": retrieval_json(hits)}
+    except UserError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from None
+
+
 def _api_key(cfg: Config) -> str | None:
-    """The Bearer token from serve.api_key_env (None: auth off); a named but empty variable is a user error."""
+    """The Bearer token from serve.api_key_env (None: auth off); a named but empty variable is a UserError."""
     if not cfg.serve.api_key_env:
         return None
     key = os.environ.get(cfg.serve.api_key_env, "")
     if not key:
         raise UserError(
-            f"serve.api_key_env: environment variable {cfg.serve.api_key_env} is empty or unset (export it, or remove serve.api_key_env)"
+            f"serve.api_key_env: environment variable {cfg.serve.api_key_env} is empty or unset "
+            "(export it, or remove serve.api_key_env)"
         )
     return key
 
@@ -274,8 +295,17 @@ def _gen_cfg(
 
 
 async def _answer(
-    request: Request, sched: Scheduler, lm: LoadedModel, req, ids: list[int], gcfg: GenerateConfig, chat: bool
+    request: Request,
+    sched: Scheduler,
+    lm: LoadedModel,
+    req,
+    ids: list[int],
+    gcfg: GenerateConfig,
+    chat: bool,
+    extra: dict | None = None,
 ):
+    """The response: one body, or an SSE stream; `extra` fields (serve.rag's `retrieval`) join the body, or
+    the stream's first chunk."""
     rid = new_id("chatcmpl" if chat else "cmpl")
     if not req.stream:
         try:
@@ -284,12 +314,12 @@ async def _answer(
             raise
         except Exception as e:  # noqa: BLE001 - answered here: one escaping to uvicorn resets the keep-alive connection
             raise _failed(e) from e
-        return (chat_body if chat else completion_body)(rid, lm.name, c)
+        return (chat_body if chat else completion_body)(rid, lm.name, c) | (extra or {})
 
     async def events():
-        # Leaving this generator (client gone: the server cancels it) closes sched.stream, which frees the row.
+        # Leaving this generator (client gone: the server cancels it) closes sched.stream: the row is freed.
         if chat:
-            yield _sse(chunk(rid, lm.name, True, None))
+            yield _sse(chunk(rid, lm.name, True, None) | (extra or {}))
         try:
             async for item in sched.stream(lm.name, ids, gcfg):
                 final = item if isinstance(item, Completion) else None
@@ -332,17 +362,7 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-# ---- loading what `tunesmith serve` serves ----
-
-
-def model_specs(cfg: Config) -> dict[str, str]:
-    """serve.models, or by default {"base": model.name, "tuned": out_dir/final (if trained)}."""
-    if cfg.serve.models:
-        return dict(cfg.serve.models)
-    specs = {"base": cfg.model.name}
-    if (Path(cfg.out_dir) / "final").is_dir():
-        specs["tuned"] = str(Path(cfg.out_dir) / "final")
-    return specs
+# ---- `tunesmith serve` ----
 
 
 def serve(cfg: Config) -> None:
@@ -351,73 +371,10 @@ def serve(cfg: Config) -> None:
 
     if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.api_key_env:
         print(
-            f"warning: serving on {cfg.serve.host} without auth (set serve.api_key_env to require a Bearer token)"
+            f"warning: serving on {cfg.serve.host} without auth "
+            "(set serve.api_key_env to require a Bearer token)"
         )
+    rag = open_serve_rag(cfg)  # before the models load: a bad corpus fails in seconds
     models = load_models(cfg, model_specs(cfg))
-    app = create_app(cfg, models, example_questions(cfg))
+    app = create_app(cfg, models, example_questions(cfg), rag)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
-
-
-def _adapter_base(path: str) -> str | None:
-    """The base model an adapter dir (or run dir with an adapter in final/) names; None for anything else."""
-    p = Path(path)
-    p = p / "final" if (p / "final").is_dir() else p
-    conf = p / "adapter_config.json"
-    return json.loads(conf.read_text())["base_model_name_or_path"] if conf.is_file() else None
-
-
-def _same(a: str, b: str) -> bool:
-    """Two model specs name the same model (same string, or the same directory)."""
-    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
-
-
-def load_models(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel]:
-    """Load each model once. Adapters on a base that is also served, or shared by several adapters, become
-    adapters of ONE PeftModel (switched per batch); any other model loads on its own (adapters merged)."""
-    from tunesmith.model.export import load_for_inference
-    from tunesmith.runtime import device
-
-    dev = device()
-    bases = {name: _adapter_base(path) for name, path in specs.items()}
-    out: dict[str, LoadedModel] = {}
-    for base in dict.fromkeys(b for b in bases.values() if b is not None):
-        adapters = [n for n, b in bases.items() if b == base]
-        plain = [n for n, b in bases.items() if b is None and _same(specs[n], base)]
-        if len(adapters) > 1 or plain:
-            out.update(_load_shared(cfg, base, {n: specs[n] for n in adapters}, plain, dev))
-    for name, path in specs.items():
-        if name not in out:
-            model, tokenizer, stored = load_for_inference(path, cfg.model, dev)
-            out[name] = LoadedModel(name, model, tokenizer, template_for(stored, cfg))
-    return {name: out[name] for name in specs}
-
-
-def _load_shared(
-    cfg: Config, base: str, adapters: dict[str, str], plain: list[str], dev
-) -> dict[str, LoadedModel]:
-    from peft import PeftModel
-
-    from tunesmith.model.load import TEMPLATE_FILE, load_model, load_template, load_tokenizer
-
-    base_cfg = cfg.model.model_copy(update={"name": base})
-    model, base_tok = load_model(base_cfg, dev), load_tokenizer(base_cfg)
-    peft, out = None, {}
-    for i, (name, path) in enumerate(adapters.items()):
-        d = Path(path) / "final" if (Path(path) / "final").is_dir() else Path(path)
-        tag = f"adapter{i}"  # PEFT adapter names are module keys: served names may hold dots or slashes
-        if peft is None:
-            peft = PeftModel.from_pretrained(model, str(d), adapter_name=tag)
-        else:
-            peft.load_adapter(str(d), adapter_name=tag)
-        # the adapter's own saved tokenizer when it has one, through load_tokenizer's checks like the base's
-        tok = (
-            load_tokenizer(base_cfg.model_copy(update={"name": str(d)}))
-            if (d / "tokenizer_config.json").is_file()
-            else base_tok
-        )
-        stored = load_template(d) if (d / TEMPLATE_FILE).is_file() else None
-        out[name] = LoadedModel(name, peft, tok, template_for(stored, cfg), adapter=tag)
-    peft.eval()
-    for name in plain:
-        out[name] = LoadedModel(name, peft, base_tok, template_for(None, cfg), adapter=None)
-    return out

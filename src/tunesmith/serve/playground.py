@@ -2,7 +2,8 @@
 test questions it offers as one-click examples.
 
 Two models side by side; each answer streams over SSE (fetch + ReadableStream) from /v1/chat/completions,
-with token count, time to first token and total latency. Kept as a Python string so it ships inside the
+with token count, time to first token and total latency, and, under serve.rag, the passages retrieved for it
+(the stream's first chunk carries them in `retrieval`). Kept as a Python string so it ships inside the
 package without package-data configuration.
 """
 
@@ -19,7 +20,8 @@ from tunesmith.data.sources import read_jsonl, read_rows
 from tunesmith.data.split import split
 
 _PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>tunesmith playground</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1rem; color: #222; }
@@ -35,6 +37,9 @@ button { font: inherit; padding: .35rem .9rem; cursor: pointer; }
 .answer { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: .9rem; min-height: 4rem; }
 .stat { color: #667; font-size: .8rem; margin-top: .4rem; }
 .error { color: #b00020; }
+.passages { margin-top: .5rem; font-size: .8rem; color: #334; }
+.passages li { white-space: pre-wrap; margin-bottom: .35rem; }
+.passages .src { color: #778; font-size: .75rem; }
 </style></head>
 <body>
 <h1>tunesmith playground</h1>
@@ -50,15 +55,19 @@ button { font: inherit; padding: .35rem .9rem; cursor: pointer; }
   <div class="row"><button id="send" type="submit">Ask both</button></div>
 </form>
 <div class="panes">
-  <div class="pane"><h2 id="left-name"></h2><div class="answer" id="left-answer"></div><div class="stat" id="left-stat"></div></div>
-  <div class="pane"><h2 id="right-name"></h2><div class="answer" id="right-answer"></div><div class="stat" id="right-stat"></div></div>
+  <div class="pane"><h2 id="left-name"></h2><div class="answer" id="left-answer"></div>
+    <div class="stat" id="left-stat"></div><div class="passages" id="left-passages"></div></div>
+  <div class="pane"><h2 id="right-name"></h2><div class="answer" id="right-answer"></div>
+    <div class="stat" id="right-stat"></div><div class="passages" id="right-passages"></div></div>
 </div>
 <script>
 const CFG = __CONFIG__;
 const $ = (id) => document.getElementById(id);
 for (const side of ["left", "right"]) {
   const sel = $(side + "-model");
-  for (const m of CFG.models) { const o = document.createElement("option"); o.value = o.textContent = m; sel.appendChild(o); }
+  for (const m of CFG.models) {
+    const o = document.createElement("option"); o.value = o.textContent = m; sel.appendChild(o);
+  }
   sel.value = CFG.pair[side === "left" ? 0 : 1];
 }
 $("key-label").hidden = !CFG.auth;
@@ -68,13 +77,36 @@ for (const q of CFG.examples) {
   $("examples").appendChild(b);
 }
 
+// serve.rag: the passages the answer was given, best first (textContent only: passages are not HTML)
+function showPassages(side, list) {
+  const box = $(side + "-passages"); box.textContent = "";
+  const det = document.createElement("details"); det.open = true;
+  const sum = document.createElement("summary");
+  sum.textContent = list.length ? list.length + " retrieved passages" : "no passage retrieved";
+  const ol = document.createElement("ol");
+  for (const p of list) {
+    const li = document.createElement("li"), src = document.createElement("div");
+    li.textContent = p.text; src.className = "src";
+    src.textContent = p.id + " | " + p.source + " | score " + p.score.toFixed(3);
+    li.appendChild(src); ol.appendChild(li);
+  }
+  det.append(sum, ol); box.appendChild(det);
+}
+
+function stats(t0, first, tokens, end) {
+  const ttft = first === null ? "-" : Math.round(first - t0) + " ms to first token";
+  return tokens + " tokens | " + ttft + " | " + Math.round(end - t0) + " ms";
+}
+
 async function run(side, question) {
   const model = $(side + "-model").value, out = $(side + "-answer"), stat = $(side + "-stat");
-  $(side + "-name").textContent = model; out.textContent = ""; out.className = "answer"; stat.textContent = "...";
+  $(side + "-name").textContent = model; out.textContent = ""; out.className = "answer";
+  stat.textContent = "..."; $(side + "-passages").textContent = "";
   const t0 = performance.now(); let first = null, tokens = 0, pieces = 0;
   const headers = {"Content-Type": "application/json"};
   if ($("api-key").value) headers["Authorization"] = "Bearer " + $("api-key").value;
-  const body = {model, messages: [{role: "user", content: question}], stream: true, max_tokens: Number($("max-tokens").value)};
+  const body = {model, messages: [{role: "user", content: question}], stream: true,
+                max_tokens: Number($("max-tokens").value)};
   try {
     const res = await fetch("/v1/chat/completions", {method: "POST", headers, body: JSON.stringify(body)});
     if (!res.ok) {
@@ -95,18 +127,21 @@ async function run(side, question) {
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
           const msg = JSON.parse(line.slice(6));
           if (msg.error) throw new Error(msg.error.message);  // the server failed after the stream began
+          if (msg.retrieval) showPassages(side, msg.retrieval);
           const delta = msg.choices && msg.choices[0] && msg.choices[0].delta;
-          if (delta && delta.content) { if (first === null) first = performance.now(); out.textContent += delta.content; pieces++; }
+          if (delta && delta.content) {
+            if (first === null) first = performance.now();
+            out.textContent += delta.content; pieces++;
+          }
           if (msg.usage) tokens = msg.usage.completion_tokens;
-          const ms = performance.now() - t0;
-          stat.textContent = (tokens || pieces) + " tokens | " + (first === null ? "-" : Math.round(first - t0) + " ms to first token") + " | " + Math.round(ms) + " ms";
+          stat.textContent = stats(t0, first, tokens || pieces, performance.now());
         }
       }
     }
     if (!finished) throw new Error("the answer was cut off (the stream ended without [DONE])");
     const total = (performance.now() - t0) / 1000;
-    stat.textContent = tokens + " tokens | " + (first === null ? "-" : Math.round(first - t0) + " ms to first token") +
-      " | " + Math.round(total * 1000) + " ms total | " + (tokens / total).toFixed(1) + " tokens/s";
+    stat.textContent = stats(t0, first, tokens, performance.now()) + " total | " +
+      (tokens / total).toFixed(1) + " tokens/s";
   } catch (err) {
     out.className = "answer error"; out.textContent = "error: " + err.message; stat.textContent = "";
   }
@@ -146,7 +181,7 @@ def example_questions(cfg: Config, limit: int = 5) -> list[str]:
 
 
 def user_question(example: Example) -> str:
-    """The last user turn of an example: what a person would type to ask it (no system prompt, no template)."""
+    """The last user turn of an example: what a person would type to ask it (no system prompt or template)."""
     return next((m["content"] for m in reversed(as_messages(example)) if m["role"] == "user"), "")
 
 

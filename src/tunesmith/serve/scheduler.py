@@ -116,7 +116,7 @@ class Scheduler:
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop the worker after the batch in flight; jobs still waiting get an error rather than no answer."""
+        """Stop the worker after the batch in flight; jobs still waiting get an error, not silence."""
         if self._thread is not None:
             self.inbox.put(None)
             self._thread.join(timeout=30)

@@ -23,7 +23,8 @@ class ApiError(Exception):
         kind: str = "invalid_request_error",
     ) -> None:
         super().__init__(message)
-        # a message quoting the request may hold lone surrogates ("\ud800" is valid JSON): no UTF-8 body could carry them
+        # a message quoting the request may hold lone surrogates ("\ud800" is valid JSON), which no UTF-8
+        # body could carry
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 

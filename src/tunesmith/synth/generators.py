@@ -21,7 +21,8 @@ Write {n} question-answer pairs about this passage.
 - Each question names its subject; never say "the passage" or "the text".
 - Each answer is one or two sentences copied or paraphrased from the passage, adding nothing.
 {reply}"""
-# How to reply. Strong (remote) models follow JSON; SmolLM2-135M never did in our trials, but writes Q:/A: lines.
+# How to reply. Strong (remote) models follow JSON; SmolLM2-135M never did in our trials, but writes Q:/A:
+# lines.
 REPLY = {
     "json": "Reply with only a JSON array of {n} objects with the keys question and answer.",
     "lines": "Reply with {n} pairs as Q: and A: lines, nothing else.",
@@ -113,7 +114,8 @@ class RemoteGenerator:
             raise UserError(
                 "synth.model: name the generator model at synth.base_url (e.g. synth.model=gpt-4o-mini)"
             )
-        # HTTP retries (429, 5xx, timeouts) are the client's; synth.max_retries also bounds malformed-output retries
+        # HTTP retries (429, 5xx, timeouts) are the client's; synth.max_retries also bounds malformed-output
+        # retries
         self.client = ChatClient(
             s.base_url,
             s.model,

@@ -1,7 +1,7 @@
 """Generator output -> QA pairs, and the filters that decide which pairs are kept.
 
-Parsing accepts JSON (array, object, fenced, truncated) or Q:/A: lines; `verdict` names the filter that drops a
-pair (length, grounding, echo, duplicate, leakage) or says 'kept'. `FILTERS` is every reason a run reports.
+Parsing accepts JSON (array, object, fenced, truncated) or Q:/A: lines; `verdict` names the filter that drops
+a pair (length, grounding, echo, duplicate, leakage) or says 'kept'. `FILTERS` is every reason a run reports.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _STOPWORDS = (
     "from which who what when where how why do does did not no can will would should may might has have had"
 )
 _STOP = frozenset(_STOPWORDS.split())
-# why a pair or a chunk's output is dropped: "malformed" (no pair parsed, after retries), then verdict's filters
+# why a pair or a chunk's output is dropped: "malformed" (no pair parsed, after retries), then verdict's
+# filters
 FILTERS = ("malformed", "length", "grounding", "echo", "duplicate", "leakage")
 
 
@@ -149,7 +150,11 @@ class Questions:
 
 
 def verdict(pair: dict, chunk: Chunk, s: SynthConfig, mine: Questions, other: Questions) -> str:
-    """'kept' or the filter that drops the pair: length (answer chars; question content words), grounding, echo, duplicate (same side) or leakage (other side)."""
+    """'kept' or the filter that drops the pair.
+
+    In order: length (answer chars; question content words), grounding, echo, duplicate (same side) or
+    leakage (other side).
+    """
     q, a = pair["question"], pair["answer"]
     if not (s.min_answer_chars <= len(a) <= s.max_answer_chars) or len(content_words(q)) < 2:
         return "length"  # a question needs two content words to name its subject ("[1]" and "Why?" do not)

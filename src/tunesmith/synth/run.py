@@ -2,7 +2,8 @@
 
 Files written next to `--out qa.jsonl` (one chunk's pairs all go to one side, chosen by a hash of the
 chunk id with synth.test_size, like data/split.py):
-- `qa.jsonl`: train pairs, `qa.test.jsonl`: test pairs; `qa` schema + provenance `source`, `chunk`, `generator`
+- `qa.jsonl`: train pairs, `qa.test.jsonl`: test pairs; `qa` schema + provenance `source`, `chunk`,
+  `generator`
 - `qa.rejected.jsonl`: every dropped pair (and each chunk's unparseable output) with its `reason` (the
   filter), `side`, `source`, `chunk` and `generator`: nothing generated is lost
 - `qa.done.jsonl`: one line per finished chunk (also those whose pairs were all dropped)
@@ -136,9 +137,8 @@ def run_synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | N
         "dropped": dict.fromkeys(FILTERS, 0),
         "examples": {k: [] for k in ("kept", *FILTERS)},
     }
-    size = max(
-        cfg.generate.batch_size, s.concurrency
-    )  # one round = one local batch or `concurrency` requests
+    # one round = one local batch or `concurrency` requests
+    size = max(cfg.generate.batch_size, s.concurrency)
     columns = (
         TextColumn("synth"),
         BarColumn(),
@@ -153,9 +153,8 @@ def run_synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | N
             rows = _round(gen, batch, s, report, kept, test_ids)
             for name in ("train", "test", "rejected"):
                 _append(files[name], rows[name])
-            _append(
-                files["done"], [{"chunk": c.id} for c in batch]
-            )  # after the pairs: a kill in between redoes the chunk
+            # after the pairs: a kill in between redoes the chunk
+            _append(files["done"], [{"chunk": c.id} for c in batch])
             report["chunks_processed"] += len(batch)
             bar.advance(task, len(batch))
     # only files that exist: a side that kept nothing has no file, and no path is shown for it
@@ -203,8 +202,8 @@ def require_kept(report: dict, out: Path) -> None:
     ]
     why = f"dropped: {', '.join(counts)}" if counts else "the generator wrote no pairs"
     before = (
-        f"; {report['chunks_done_before']} chunks were done by an earlier run: delete {report['files']['done']} to ask "
-        f"again"
+        f"; {report['chunks_done_before']} chunks were done by an earlier run: "
+        f"delete {report['files']['done']} to ask again"
         if report["chunks_done_before"]
         else ""
     )
@@ -229,12 +228,13 @@ def synth(cfg: Config, docs: list[Path], out: Path, generator: Generator | None 
 
 
 def synth_cli(cfg: Config, docs: list[Path], out: Path, console, generator: Generator | None = None) -> dict:
-    """`tunesmith synth`: run, print the quality report (counts per filter and examples), then fail if nothing was kept."""
+    """`tunesmith synth`: run, print the quality report (counts per filter, examples); fail if none kept."""
     from rich.table import Table
 
     r = run_synth(cfg, docs, out, generator)
     table = Table(
-        title=f"synth: {r['documents']} documents, {r['chunks']} chunks ({r['chunks_done_before']} done before)"
+        title=f"synth: {r['documents']} documents, {r['chunks']} chunks "
+        f"({r['chunks_done_before']} done before)"
     )
     table.add_column("")
     table.add_column("count", justify="right")

@@ -98,8 +98,9 @@ def save(
 ) -> Path:
     """Write checkpoints/step-{step} atomically, then prune to keep_last; a failure never touches older ones.
 
-    `cursor`: the data stream's state plus the loop's counters (e.g. tokens seen); `scaler`: fp16's loss scale,
-    stored when enabled so a resumed run scales (and skips) exactly as an uninterrupted one.
+    `cursor`: the data stream's state plus the loop's counters (e.g. tokens seen, the best-checkpoint
+    selection); `scaler`: fp16's loss scale, stored when enabled so a resumed run scales (and skips) exactly
+    as an uninterrupted one.
     """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,8 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def _newest_intact(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; each corrupt one skipped is named on stderr; none intact -> UserError."""
+    """The newest checkpoint that verifies; each corrupt one skipped is named on stderr; none intact ->
+    UserError."""
     found = checkpoints(run_dir)
     bad = []
     for ckpt in reversed(found):
@@ -230,18 +232,20 @@ def fingerprint_of(path: Path) -> dict | None:
 
 
 def load(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Restore weights, optimizer, scheduler, RNG and (fp16) the loss scaler from `path`; return the cursor."""
+    """Restore weights, optimizer, scheduler, RNG and (fp16) the loss scaler from `path`; the cursor."""
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise UserError(
-            f"{path}: checkpoint does not match the model ({len(missing)} unknown tensors, e.g. '{missing[0]}'); was lora/model changed?"
+            f"{path}: checkpoint does not match the model ({len(missing)} unknown tensors, e.g. "
+            f"'{missing[0]}'); was lora/model changed?"
         )
     absent = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if absent:  # else those parameters would silently keep their fresh initial values
         raise UserError(
-            f"{path}: checkpoint does not match the model ({len(absent)} trainable tensors missing, e.g. '{absent[0]}'); was lora/model changed?"
+            f"{path}: checkpoint does not match the model ({len(absent)} trainable tensors missing, e.g. "
+            f"'{absent[0]}'); was lora/model changed?"
         )
     with torch.no_grad():
         for name, tensor in weights.items():
@@ -254,3 +258,70 @@ def load(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler |
     if scaler is not None and scaler.is_enabled() and "scaler" in state:  # older checkpoints: a fresh scale
         scaler.load_state_dict(state["scaler"])
     return json.loads((path / "cursor.json").read_text())
+
+
+# ---- best/: the best eval point, in final/'s format (train.select)
+
+BEST = "best"
+BEST_JSON = "best.json"
+
+
+def save_best(run_dir: Path, model, tokenizer, spec: dict, merge: bool, info: dict) -> Path:
+    """Write <run>/best exactly as final/ is written (save_final) plus best.json; it replaces the old best/
+    whole. RNG states are kept as they were, so keeping a best never changes the training that follows."""
+    from tunesmith.model.export import save_final
+
+    rng = _rng_state()  # a merge loads the base model again; whatever that draws must not reach training
+    try:
+        staging = save_final(model, tokenizer, run_dir / f".{BEST}-staging", spec, merge=merge)
+    finally:
+        _set_rng_state(rng)
+    return _publish_best(staging, run_dir, info)
+
+
+def link_best(run_dir: Path, final: Path, info: dict) -> Path:
+    """<run>/best as hard links to final/'s files (the last eval is the best: same weights, no copy)."""
+    staging = run_dir / f".{BEST}-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(final, staging, copy_function=_link_or_copy)
+    return _publish_best(staging, run_dir, info)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # final/ files are never rewritten in place (a new final/ is a new dir)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish_best(staging: Path, run_dir: Path, info: dict) -> Path:
+    """best.json into the staging dir, then rename it to best/: a reader sees the old best/ or the new one
+    whole (or, for the instant between the two renames, none), never half of one."""
+    (staging / BEST_JSON).write_text(json.dumps(info, indent=2))
+    best = run_dir / BEST
+    old = run_dir / f".{BEST}.old-{os.getpid()}"
+    if best.exists():
+        os.rename(best, old)
+    os.rename(staging, best)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """<run>/best/best.json (None when there is no best/)."""
+    path = run_dir / BEST / BEST_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def rewind_best(run_dir: Path, step: int) -> Path | None:
+    """Resuming at `step`: a best/ kept after it belongs to steps about to be redone; it moves to
+    best.rewound/ (replacing an older one) so best/ never holds weights the resumed run has not reached.
+    Returns where it went."""
+    info = read_best(run_dir)
+    if info is None or int(info.get("step", 0)) <= step:
+        return None
+    dest = run_dir / f"{BEST}.rewound"
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(run_dir / BEST, dest)
+    return dest

@@ -17,7 +17,7 @@ def init(d: Dist, device: torch.device) -> None:
 
 
 def wrap(model: torch.nn.Module, d: Dist, device: torch.device, fsdp: bool) -> torch.nn.Module:
-    """DDP by default, FSDP2 (fully_shard per decoder layer, then the root) when asked; identity for world=1."""
+    """DDP by default, FSDP2 (fully_shard per decoder layer, then the root) if asked; identity at world=1."""
     if d.world == 1:
         return model
     if fsdp:

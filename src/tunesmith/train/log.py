@@ -1,10 +1,17 @@
-"""Where training reports go: metrics.jsonl, an optional TensorBoard writer, a Rich progress bar, the loss PNG."""
+"""Where training reports go: metrics.jsonl (fanned out to the trackers of train.report_to), the progress
+display (a Rich bar on a terminal, plain periodic lines otherwise), the loss PNG."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
+from rich import get_console
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,46 +21,26 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from tunesmith.config import UserError
+from tunesmith.train.track import Tracker
 
-
-class NullWriter:
-    """Stands in for TensorBoard when it is off (and on ranks other than 0)."""
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def tensorboard_writer(run_dir: Path, enabled: bool):
-    """A SummaryWriter under <run>/tensorboard, or a NullWriter."""
-    if not enabled:
-        return NullWriter()
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(
-            "train.report_to=[tensorboard] needs the tensorboard package (pip install 'tunesmith[tensorboard]')"
-        ) from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+# Plain progress lines (stdout not a terminal): at most one per this many seconds, so a 10-minute run prints
+# about 40 lines however small train.log_every is, and a run whose log rows come rarer prints each of them.
+PLAIN_EVERY_S = 15.0
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step / eval to metrics.jsonl and mirrors scalars to `writer`."""
+    """Appends one JSON object per logged step / eval to metrics.jsonl and hands each row to every tracker."""
 
-    def __init__(self, path: Path, writer, enabled: bool = True):
-        self.path, self.writer, self.enabled = path, writer, enabled
+    def __init__(self, path: Path, trackers: list[Tracker], enabled: bool = True):
+        self.path, self.trackers, self.enabled = path, trackers, enabled
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.writer.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+        for tracker in self.trackers:
+            tracker.metrics(row)
 
 
 def rewind(path: Path, step: int) -> int:
@@ -88,9 +75,12 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """step/total, loss, lr, real tokens/s (metrics.jsonl's tokens_per_s of the last log) and ETA; disabled bars
-    print nothing (other ranks, tests)."""
+def progress_bar(enabled: bool, console: Console | None = None) -> Progress | PlainProgress:
+    """step/total, loss, lr, real tokens/s (metrics.jsonl's tokens_per_s of the last log) and ETA: a Rich bar
+    on a terminal, plain periodic lines when stdout is redirected; a disabled bar prints nothing."""
+    console = console or get_console()
+    if enabled and not (console.is_terminal or console.is_jupyter):
+        return PlainProgress(out=console.file)
     return Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -101,8 +91,73 @@ def progress_bar(enabled: bool) -> Progress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        console=console,
         disable=not enabled,
     )
+
+
+class PlainProgress:
+    """The progress bar's stand-in for a log file:
+    `step 120/240  loss 1.2340  lr 1.20e-03  420 tok/s  eta 2m10s`.
+
+    Takes the Rich bar's calls (add_task, update). A line is printed when a train log row arrives (an update
+    with `loss`, then the step's `completed`) and `every_s` seconds have passed since the last line; the first
+    and the last log row are always printed. Values are the log row's, as in metrics.jsonl.
+    """
+
+    def __init__(
+        self,
+        every_s: float = PLAIN_EVERY_S,
+        out: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.every_s, self.out, self.clock = every_s, out, clock
+        self.fields: dict = {}
+        self.total = self.start = 0
+        self.t0, self.last = 0.0, None
+        self.logged = False  # a train log row came since the last `completed`
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
+        """Start counting at `completed` (a resumed segment): ETA is over this segment's pace."""
+        self.total, self.start, self.t0 = total, completed, self.clock()
+        self.fields.update(fields)
+        return 0
+
+    def update(self, task: int, completed: int | None = None, **fields) -> None:
+        """Take new field values; after a log row's step completes, print its line when one is due."""
+        self.logged = self.logged or "loss" in fields
+        self.fields.update(fields)
+        if completed is None or not self.logged:
+            return
+        self.logged = False
+        now = self.clock()
+        if self.last is None or completed >= self.total or now - self.last >= self.every_s:
+            self.last = now
+            print(self.line(completed, now), file=self.out or sys.stdout, flush=True)
+
+    def line(self, done: int, now: float) -> str:
+        """One progress line at step `done` (ETA from this segment's steps per second so far)."""
+        f = self.fields
+        ran = done - self.start
+        eta = _duration((now - self.t0) / ran * (self.total - done)) if ran > 0 else "?"
+        return (
+            f"step {done}/{self.total}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
+            f"{f['tps']:,.0f} tok/s  eta {eta}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    """2m10s, 1h05m, 45s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def plot_losses(rows: list[dict], out: Path) -> Path | None:

@@ -26,21 +26,23 @@ import torch
 from tunesmith.config import Config, TrainingDiverged
 from tunesmith.data.pack import EpochStream
 from tunesmith.data.render import IGNORE
-from tunesmith.eval.loss import evaluate_loss
 from tunesmith.model.export import save_final
 from tunesmith.model.loss import loss_sum, next_token_targets
 from tunesmith.runtime import Dist, autocast, print0
-from tunesmith.train import checkpoint, distributed
-from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics, tensorboard_writer
+from tunesmith.train import checkpoint, distributed, evals, select, track
+from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics
 from tunesmith.train.prepare import Run, prepare
-from tunesmith.train.record import end_segment
+from tunesmith.train.record import end_segment, failed_on_error
 from tunesmith.train.run_plan import finish_plan, mfu
 
-__all__ = ["TrainingDiverged", "train"]  # TrainingDiverged lives in config/errors.py (torch-free, for the CLI)
+__all__ = [
+    "TrainingDiverged",
+    "train",
+]  # TrainingDiverged lives in config/errors.py (torch-free, for the CLI)
 
-# fp16 loss scaling: an inf/NaN gradient is a skipped step and halves the scale. Once the scale would drop below
-# this, gradients overflow fp16 even scaled down 10^4-fold (about 30 skips in a row from the initial 2^16):
-# no scale is the problem any more, the weights or the data are, and the run stops as a divergence.
+# fp16 loss scaling: an inf/NaN gradient is a skipped step and halves the scale. Once the scale would drop
+# below this, gradients overflow fp16 even scaled down 10^4-fold (about 30 skips in a row from the initial
+# 2^16): no scale is the problem any more, the weights or the data are, and the run stops as a divergence.
 MIN_LOSS_SCALE = 1e-4
 
 
@@ -63,7 +65,8 @@ class StopFlag:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[StopFlag]:
-    """SIGINT/SIGTERM set the flag instead of killing the process; the old handlers return however the loop ends."""
+    """SIGINT/SIGTERM set the flag instead of killing the process; the old handlers return however the loop
+    ends."""
     stop = StopFlag()
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -96,8 +99,9 @@ def _diverged(
 ) -> str | None:
     """None while loss and gradient norm are finite (one device sync for both), else the one-line reason.
 
-    fp16 (scaler enabled): an inf/NaN gradient with a finite loss is an overflow the scaler handles by skipping
-    the step and halving the scale, so it is None too, until the scale would fall below MIN_LOSS_SCALE.
+    fp16 (scaler enabled): an inf/NaN gradient with a finite loss is an overflow the scaler handles by
+    skipping the step and halving the scale, so it is None too, until the scale would fall below
+    MIN_LOSS_SCALE.
     """
     loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]).tolist()
     if math.isfinite(loss_v) and math.isfinite(norm_v):
@@ -111,8 +115,8 @@ def _diverged(
         return None  # a skipped step: scaler.step leaves the weights alone, scaler.update lowers the scale
     else:
         head = (
-            f"gradient norm is {norm_v} at step {step} with the fp16 loss scale down to {scaler.get_scale():.3g} "
-            f"(every recent step overflowed; loss {loss_v:.4g}, batch with {batch})"
+            f"gradient norm is {norm_v} at step {step} with the fp16 loss scale down to "
+            f"{scaler.get_scale():.3g} (every recent step overflowed; loss {loss_v:.4g}, batch with {batch})"
         )
     # before this step (a corrupt later one skipped on resume may still sit there until it is re-saved)
     kept = [c for c in checkpoint.checkpoints(run) if int(c.name.split("-")[1]) < step]
@@ -122,14 +126,16 @@ def _diverged(
     return (
         f"{head}; stopped before the update, {kept_msg}, no final/ written "
         f"(usual causes: train.lr too high (now {lr:g}), train.precision=fp16 overflowing (use bf16 or "
-        "fp32), bad labels in that batch; after a fix continue with train.resume=auto train.resume_changed=allow)"
+        "fp32), bad labels in that batch; after a fix continue with train.resume=auto "
+        "train.resume_changed=allow)"
     )
 
 
 def _gather(
     stream, micro_per_step: int, d: Dist, dev: torch.device
 ) -> tuple[list[dict], list[str], int, int]:
-    """This rank's micro-batches of one global step, their rows' places, and the global label and real-token counts.
+    """This rank's micro-batches of one global step, their rows' places, and the global label and real-token
+    counts.
 
     The counts come from the host-side batches before any copy to the device, so a single-process step
     never waits on the device for them; under torchrun one all-reduce sums them over ranks.
@@ -164,7 +170,8 @@ def _forward_backward(
     """Backward of (sum of token losses / global label count) for each micro-batch; returns the summed loss.
 
     DDP averages gradients over ranks, so each rank scales by `world` to keep the update the mean over all
-    label tokens of the global batch. `scaler` multiplies the loss by the fp16 loss scale (identity otherwise).
+    label tokens of the global batch. `scaler` multiplies the loss by the fp16 loss scale (identity
+    otherwise).
     """
     step_loss = torch.zeros((), device=dev)
     for i, batch in enumerate(mine):
@@ -183,43 +190,53 @@ def train(cfg: Config) -> dict:
     r = prepare(cfg)
     tc, d, dev = cfg.train, r.dist, r.dev
     log = MetricsLog(
-        r.dir / "metrics.jsonl", tensorboard_writer(r.dir, "tensorboard" in tc.report_to and d.is_main), enabled=d.is_main
+        r.dir / "metrics.jsonl",
+        track.open_trackers(cfg, r.dir, r.start) if d.is_main else [],  # train.report_to, rank 0 only
+        enabled=d.is_main,
     )
     done, tokens, last_eval, last_loss = r.start, r.tokens, {}, None
-    t_train, window_tokens, window_s = (
-        0.0,
-        0,
-        0.0,
-    )  # training-step seconds only: eval and checkpoints excluded
+    # the best eval so far and the patience count (restored from the checkpoint on a resume)
+    sel = select.start(tc.select, tc.select_mode, tc.early_stop_min_delta, tc.early_stop_patience, r.select)
+    early = _early(sel, done, r.total)  # a run that stopped early, resumed: nothing left to train
+    # training-step seconds only: eval and checkpoints excluded
+    t_train, window_tokens, window_s = 0.0, 0, 0.0
 
-    with _stop_on_signals() as stop, progress_bar(d.is_main) as bar:
+    # an exception out of the loop marks the segment failed in manifest.json (`tunesmith runs` shows it)
+    with (
+        track.closed_on_error(log.trackers, r.dir),  # exits after failed_on_error recorded the end
+        failed_on_error(r.dir, d.is_main, lambda: done),
+        _stop_on_signals() as stop,
+        progress_bar(d.is_main) as bar,
+    ):
         task = bar.add_task(
             "train", total=r.total, completed=r.start, loss=float("nan"), lr=r.sched.get_last_lr()[0], tps=0.0
         )
-        for step in range(r.start, r.total):
+        for step in range(r.start, r.start if early else r.total):
             t_step = time.time()
-            # (1) this rank's micro-batches of the global step, (2) forward/backward of each (fp16: loss scaled)
+            # (1) this rank's micro-batches of the global step, (2) forward/backward of each (fp16: loss
+            # scaled)
             mine, wheres, n_labels, real = _gather(r.stream, r.micro_per_step, d, dev)
             step_loss = _forward_backward(
                 r.model, mine, n_labels, d.world, r.amp, dev, tc.label_smoothing, r.scaler
             )
             step_loss = distributed.all_reduce_sum(step_loss, d) / n_labels
-            # (3) unscale and clip; a NaN/inf loss or gradient stops the run before it reaches the weights (fp16:
-            # an inf gradient is a step the scaler skips, until the scale collapses); step, schedule
+            # (3) unscale and clip; a NaN/inf loss or gradient stops the run before it reaches the weights
+            # (fp16: an inf gradient is a step the scaler skips, until the scale collapses); step, schedule
             r.scaler.unscale_(r.opt)
             grad_norm = _grad_norm(r.core, tc.max_grad_norm)
             lr = r.sched.get_last_lr()[0]
             reason = _diverged(step_loss, grad_norm, step + 1, wheres, lr, r.dir, r.scaler)
             if reason is not None:
                 if d.is_main:
-                    end_segment(r.dir, step, "diverged")
+                    end_segment(r.dir, step, "diverged", error=reason)
                 raise TrainingDiverged(reason)
             r.scaler.step(r.opt)  # opt.step(), unless fp16 found an inf/NaN gradient
             r.scaler.update()
             r.sched.step()
             r.opt.zero_grad(set_to_none=True)
 
-            # (4) log: real (non-pad) tokens per second of training steps, MFU from the planner's FLOPs per token
+            # (4) log: real (non-pad) tokens per second of training steps, MFU from the planner's FLOPs per
+            # token
             done, tokens, window_tokens = step + 1, tokens + real, window_tokens + real
             seconds = time.time() - t_step
             t_train, window_s = t_train + seconds, window_s + seconds
@@ -243,21 +260,12 @@ def train(cfg: Config) -> dict:
                 bar.update(task, loss=row["loss"], tps=tps)
             bar.update(task, completed=done, lr=lr)
 
-            # (5) eval and checkpoint (the cursor carries the token count, so a resumed run counts on)
+            # (5) eval, keep the best (best/), maybe stop early; checkpoint (the cursor carries the token
+            # count and the selection, so a resumed run counts on and keeps its best and patience)
             if r.data.test and ((tc.eval_every and done % tc.eval_every == 0) or done == r.total):
-                last_eval = evaluate_loss(
-                    r.model,
-                    r.data.test,
-                    tc.batch_size,
-                    cfg.data.max_length,
-                    r.pad_id,
-                    cfg.data.packing,
-                    dev,
-                    r.amp,
-                    shard=(d.rank, d.world),
-                )
-                log.write({"step": done, "split": "eval", **last_eval})
-            if (tc.save_every and (done % tc.save_every == 0 or done == r.total)) or stop.signum:
+                last_eval, sel = _eval_and_select(r, log, sel, done)
+                early = _early(sel, done, r.total)
+            if (tc.save_every and (done % tc.save_every == 0 or done == r.total or early)) or stop.signum:
                 if d.is_main:
                     checkpoint.save(
                         r.dir,
@@ -265,7 +273,7 @@ def train(cfg: Config) -> dict:
                         r.core,
                         r.opt,
                         r.sched,
-                        {**r.stream.state(), "tokens": tokens},
+                        {**r.stream.state(), "tokens": tokens, "select": sel.to_dict()},
                         tc.keep_last,
                         fingerprint=r.fingerprint,
                         scaler=r.scaler,
@@ -273,8 +281,13 @@ def train(cfg: Config) -> dict:
                 distributed.barrier(d)
             if stop.signum:
                 print0(
-                    f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with train.resume=auto"
+                    f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with "
+                    "train.resume=auto"
                 )
+                break
+            if early:
+                log.write({"step": done, "split": "event", "event": "early_stop", "reason": early})
+                print0(f"stopped early at step {done} of {r.total}: {early}")
                 break
 
     result = {
@@ -285,28 +298,28 @@ def train(cfg: Config) -> dict:
         "tokens": tokens,
         "train_seconds": t_train,
         "wall_seconds": time.time() - r.t0,
+        "best": sel.to_dict() if sel.step is not None else None,
+        "early_stop": {"step": done, "reason": early} if early else None,
     }
-    return _finish(r, result, stop.signum, tokens - r.tokens)
+    return _finish(r, result, stop.signum, tokens - r.tokens, sel, log.trackers)
 
 
-def _finish(r: Run, result: dict, signum: int, segment_tokens: int) -> dict:
-    """Stopped by a signal: exit 128+signum (checkpoint saved). Finished: final/, loss.png, measured plan, manifest."""
+def _finish(
+    r: Run, result: dict, signum: int, segment_tokens: int, sel: select.Selection, trackers: list
+) -> dict:
+    """Stopped by a signal: exit 128+signum (checkpoint saved). Finished (or stopped early): final/, best/
+    when the last eval was the best, loss.png, measured plan, manifest, and the held-out curve."""
     d, done = r.dist, result["steps"]
     if signum:
         if d.is_main:
             end_segment(r.dir, done, "stopped")
+            track.finish(trackers, r.dir, "stopped")
         distributed.shutdown(d)
         raise SystemExit(128 + signum)
     if d.is_main:
-        cfg = r.cfg
-        spec = {
-            "template": r.data.template.to_dict(),
-            "max_length": cfg.data.max_length,
-            "truncation": cfg.data.truncation,
-            "fields": cfg.data.fields,
-            "base_model": cfg.model.name,
-        }
-        save_final(r.core, r.tok, r.dir / "final", spec, merge=bool(cfg.lora and cfg.lora.merge))
+        save_final(r.core, r.tok, r.dir / "final", _spec(r), merge=bool(r.cfg.lora and r.cfg.lora.merge))
+        if sel.step == done:  # the last eval is the best: best/ is final/ (hard links)
+            checkpoint.link_best(r.dir, r.dir / "final", select.best_info(sel, result["eval"]))
         plot_losses(read_metrics(r.dir / "metrics.jsonl"), r.dir / "loss.png")
         # this segment's tokens over this segment's step time: the rate the process ran at
         result["plan"] = finish_plan(
@@ -319,8 +332,55 @@ def _finish(r: Run, result: dict, signum: int, segment_tokens: int) -> dict:
             r.before_model,
         )
         (r.dir / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
-        end_segment(r.dir, done, "finished")
+        end_segment(
+            r.dir, done, "finished", extra={"early_stop": result["early_stop"], "best": result["best"]}
+        )
+        track.finish(trackers, r.dir, "finished", r.dir / "final" if r.cfg.train.report_model else None)
+        _print_curve(r, sel)
         print0(f"done: {result['steps']} steps, final model in {r.dir / 'final'}")
     distributed.barrier(d)
     distributed.shutdown(d)
     return result
+
+
+def _spec(r: Run) -> dict:
+    """What final/ and best/ record beside the weights: template, length, truncation, fields, base model."""
+    cfg = r.cfg
+    return {
+        "template": r.data.template.to_dict(),
+        "max_length": cfg.data.max_length,
+        "truncation": cfg.data.truncation,
+        "fields": cfg.data.fields,
+        "base_model": cfg.model.name,
+    }
+
+
+def _early(sel: select.Selection, done: int, total: int) -> str | None:
+    """Why the run stops early after the eval at `done` (None: it goes on, or has reached its end anyway)."""
+    return select.stop_reason(sel) if select.should_stop(sel) and done < total else None
+
+
+def _eval_and_select(
+    r: Run, log: MetricsLog, sel: select.Selection, done: int
+) -> tuple[dict, select.Selection]:
+    """Evaluate, log the eval row, update the selection; a new best before the last step is written to best/
+    (the last step's best is linked from final/ once that is written)."""
+    results, compared = evals.evaluate(r, done == r.total, sel.metric)
+    epoch = _epoch(r.stream)
+    log.write({"step": done, "split": "eval", "epoch": epoch, **results})
+    sel, is_best = select.observe(sel, select.metric_value(sel, compared), done, epoch)
+    if is_best and done < r.total:
+        if r.dist.is_main:
+            merge = bool(r.cfg.lora and r.cfg.lora.merge)
+            checkpoint.save_best(r.dir, r.core, r.tok, _spec(r), merge, select.best_info(sel, results))
+        distributed.barrier(r.dist)
+    return results, sel
+
+
+def _print_curve(r: Run, sel: select.Selection) -> None:
+    """The held-out curve this run trained through and the step best/ keeps (two evals or more)."""
+    evals = [row for row in read_metrics(r.dir / "metrics.jsonl") if row.get("split") == "eval"]
+    if len(evals) >= 2:
+        print0(select.format_curve(evals, sel, r.dir / "best"))
+    elif sel.step is not None and not r.cfg.train.eval_every:
+        print0("note: train.eval_every=0: the final eval is the only one, so best/ is final/ (hard links)")

@@ -21,6 +21,8 @@ from tunesmith.model.load import load_config_only
 from tunesmith.model.loss import label_fraction
 from tunesmith.plan.devices import calibrated_peak_flops
 from tunesmith.runtime import device, fast_bf16, print0
+from tunesmith.train.select import KNOWN
+from tunesmith.train.track import missing_packages
 
 ROUNDTRIP_SAMPLE = 200  # examples whose texts go through encode -> decode
 ROUNDTRIP_ERROR_SHARE = 0.25  # more texts than this not surviving it: the tokenizer does not fit the data
@@ -45,7 +47,8 @@ class Report:
 
 
 def check(cfg: Config, tokenizer, data: Prepared, warn: Callable[[str], None] | None = None) -> Report:
-    """preflight() with the model's config (read without weights): each warning printed, the first error raised."""
+    """preflight() with the model's config (read without weights): each warning printed, the first error
+    raised."""
     report = preflight(cfg, tokenizer, data, load_config_only(cfg.model))
     for message in report.warnings:
         (warn or _warn_stderr)(f"warning: {message}")
@@ -58,11 +61,13 @@ def _warn_stderr(message: str) -> None:
 
 
 def preflight(cfg: Config, tokenizer, data: Prepared, model_config) -> Report:
-    """Tokenizer vs model and data, labels, context, truncation, precision: errors and warnings, nothing raised."""
+    """Tokenizer vs model and data, labels, context, selection, truncation, precision: errors and warnings,
+    nothing raised."""
     report = Report()
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     check_tokenizer(cfg, tokenizer, data, text, report)
     check_context(cfg, text, report)
+    check_select(cfg, data, report)
     if data.train:  # a streamed corpus renders only its held-out file
         check_labels(cfg, data, report)
         check_roundtrip(cfg, tokenizer, data, report)
@@ -71,27 +76,32 @@ def preflight(cfg: Config, tokenizer, data: Prepared, model_config) -> Report:
     message = precision_warning(cfg.train.precision, dev.type, fast_bf16(dev), _measured_bf16_slowdown)
     if message:
         report.warnings.append(message)
+    report.errors += missing_packages(cfg.train.report_to)  # a tracker that cannot log: before any step
     return report
 
 
 def check_tokenizer(cfg: Config, tok, data: Prepared, model_config, report: Report) -> None:
-    """EOS set and in the vocabulary; every id the run can feed (vocab, samples, pad) has an embedding row; chat template."""
+    """EOS set and in the vocabulary; every id the run can feed (vocab, samples, pad) has an embedding row;
+    chat template."""
     name = f"model.name '{cfg.model.name}'"
     if tok.eos_token_id is None:
         report.errors.append(
-            f"{name}: the tokenizer has no eos_token, so answers could never end (set eos_token in its tokenizer_config.json)"
+            f"{name}: the tokenizer has no eos_token, so answers could never end (set eos_token in its "
+            "tokenizer_config.json)"
         )
     elif tok.eos_token not in tok.get_vocab():
         report.errors.append(
-            f"{name}: the tokenizer's eos_token {tok.eos_token!r} is not in its vocabulary (fix eos_token in tokenizer_config.json)"
+            f"{name}: the tokenizer's eos_token {tok.eos_token!r} is not in its vocabulary (fix eos_token in "
+            "tokenizer_config.json)"
         )
     rows = getattr(model_config, "vocab_size", None)
     if rows and len(tok) > rows:
         specials = {k: getattr(tok, f"{k}_token_id") for k in ("eos", "pad", "bos")}
         past = ", ".join(f"{k} = id {v}" for k, v in specials.items() if v is not None and v >= rows)
         report.errors.append(
-            f"{name}: the tokenizer has {len(tok)} tokens but the model's embedding has vocab_size={rows} rows"
-            f"{f' ({past})' if past else ''}: ids >= {rows} have no embedding (use the tokenizer the model was trained with)"
+            f"{name}: the tokenizer has {len(tok)} tokens but the model's embedding has vocab_size={rows} "
+            f"rows{f' ({past})' if past else ''}: ids >= {rows} have no embedding (use the tokenizer the "
+            "model was trained with)"
         )
     elif rows:  # and the ids the run will really feed
         top, where = max(
@@ -103,12 +113,40 @@ def check_tokenizer(cfg: Config, tok, data: Prepared, model_config, report: Repo
             )
     if (cfg.data.template == "chat" or cfg.data.format == "chat") and not getattr(tok, "chat_template", None):
         report.errors.append(
-            f"data.template=chat but the tokenizer of {name} has no chat_template (use data.template=qa or a template string)"
+            f"data.template=chat but the tokenizer of {name} has no chat_template (use data.template=qa or a "
+            "template string)"
+        )
+
+
+def check_select(cfg: Config, data: Prepared, report: Report) -> None:
+    """train.select names a metric the training eval computes; early stopping has evals to count."""
+    tc = cfg.train
+    if tc.select not in KNOWN:
+        report.errors.append(
+            f"train.select={tc.select!r}: not a metric the training eval computes (known: {', '.join(KNOWN)})"
+        )
+    elif tc.select.startswith("probe_") and (
+        not cfg.eval.probe or cfg.data.format == "text" or not data.train
+    ):
+        report.errors.append(
+            f"train.select={tc.select}: the probe asks eval.probe trained questions (now {cfg.eval.probe}) "
+            "of qa, alpaca or chat data held in memory (set eval.probe, or train.select=eval_loss)"
+        )
+    elif tc.early_stop_patience and not data.test:
+        report.errors.append(
+            f"train.early_stop_patience={tc.early_stop_patience}: there is no held-out split to evaluate "
+            "(set data.test_size or data.test_path, or train.early_stop_patience=0)"
+        )
+    elif tc.early_stop_patience and not tc.eval_every:
+        report.warnings.append(
+            f"train.early_stop_patience={tc.early_stop_patience} with train.eval_every=0: the final eval is "
+            "the only one, so the run never stops early (set train.eval_every)"
         )
 
 
 def model_context(model_config) -> int | None:
-    """The model's context length from its config (max_position_embeddings or the config's equivalent), else None."""
+    """The model's context length from its config (max_position_embeddings or the config's equivalent), else
+    None."""
     for key in _CONTEXT_KEYS:
         value = getattr(model_config, key, None)
         if isinstance(value, int) and value > 0:
@@ -161,8 +199,8 @@ def check_roundtrip(cfg: Config, tok, data: Prepared, report: Report) -> None:
     where, t, b = bad[0]
     share = len(bad) / len(texts)
     message = (
-        f"model.name '{cfg.model.name}': the tokenizer does not reproduce {len(bad)} of {len(texts)} sampled texts "
-        f"({share:.0%}; first: {where}: {_clip(t)} -> {_clip(b)})"
+        f"model.name '{cfg.model.name}': the tokenizer does not reproduce {len(bad)} of {len(texts)} sampled "
+        f"texts ({share:.0%}; first: {where}: {_clip(t)} -> {_clip(b)})"
     )
     if share > ROUNDTRIP_ERROR_SHARE:
         report.errors.append(message + ": it does not fit this data (wrong or broken tokenizer files?)")
@@ -199,7 +237,7 @@ def _clip(text: str, n: int = 40) -> str:
 
 
 def check_truncation(cfg: Config, tok, data: Prepared, report: Report) -> None:
-    """More than a few percent of training examples cut at data.max_length: say how far it would have to grow."""
+    """More than a few percent of training examples cut at data.max_length: how far it would have to grow."""
     d = cfg.data
     if d.format == "text":
         return  # a long document becomes consecutive blocks, nothing is cut
@@ -216,15 +254,16 @@ def check_truncation(cfg: Config, tok, data: Prepared, report: Report) -> None:
     if share > WARN_CUT_SHARE:
         report.warnings.append(
             f"{len(cut)} of {len(data.train)} training examples ({share:.0%}) are cut at data.max_length="
-            f"{d.max_length} (data.truncation={d.truncation}); data.max_length={max(cut)} (+{max(cut) - d.max_length}) "
-            "would keep them whole"
+            f"{d.max_length} (data.truncation={d.truncation}); data.max_length={max(cut)} "
+            f"(+{max(cut) - d.max_length}) would keep them whole"
         )
 
 
 def precision_warning(
     precision: str, device_type: str, native_bf16: bool, slowdown: Callable[[str], float]
 ) -> str | None:
-    """A warning when train.precision=bf16 asks for bf16 where its matmuls are emulated (`slowdown`: measured fp32/bf16)."""
+    """A warning when train.precision=bf16 asks for bf16 where its matmuls are emulated (`slowdown`: measured
+    fp32/bf16)."""
     if precision != "bf16" or native_bf16:
         return None
     if device_type != "cpu":
@@ -232,11 +271,13 @@ def precision_warning(
             f"train.precision=bf16: this {device_type} device has no native bf16 (use train.precision=auto)"
         )
     return (
-        f"train.precision=bf16: this CPU has no native bf16 matmuls (no AVX512-BF16/AMX): bf16 autocast measured "
-        f"{slowdown(device_type):.1f}x slower than fp32 here (train.precision=auto picks fp32 on this machine)"
+        f"train.precision=bf16: this CPU has no native bf16 matmuls (no AVX512-BF16/AMX): bf16 autocast "
+        f"measured {slowdown(device_type):.1f}x slower than fp32 here (train.precision=auto picks fp32 on "
+        "this machine)"
     )
 
 
 def _measured_bf16_slowdown(device_type: str) -> float:
-    """fp32 / bf16-autocast Linear FLOP/s on this device, measured once per machine (the plan's calibration cache)."""
+    """fp32 / bf16-autocast Linear FLOP/s on this device, measured once per machine (the plan's calibration
+    cache)."""
     return calibrated_peak_flops(device_type) / calibrated_peak_flops(device_type, bf16=True)

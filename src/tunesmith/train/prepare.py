@@ -65,6 +65,7 @@ class Run:
     total: int  # optimizer steps of the whole run
     start: int  # first step of this segment (> 0 when resumed)
     tokens: int  # real (non-pad) tokens trained on before `start`
+    select: dict | None  # the best-checkpoint selection a resumed checkpoint saved (train/select.py)
     micro_per_step: int  # micro-batches of one optimizer step over all ranks
     pad_id: int
     fingerprint: dict  # what this segment trains under (record.fingerprint), stored in each checkpoint
@@ -74,8 +75,9 @@ class Run:
 
 
 def prepare(cfg: Config) -> Run:
-    """Set up a run: data, pre-flight, run guard, model (+LoRA), optimizer, schedule, loss scaler, resume, plan."""
-    huge_pages_for_tensors()  # before any large tensor: a step re-allocates hundreds of MB (see its docstring)
+    """Set up a run: data, pre-flight, run guard, model (+LoRA), optimizer, schedule, scaler, resume, plan."""
+    # before any large tensor: a step re-allocates hundreds of MB (see its docstring)
+    huge_pages_for_tensors()
     d = dist_info()
     dev = device(d)
     distributed.init(d, dev)
@@ -89,8 +91,8 @@ def prepare(cfg: Config) -> Run:
     data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run if d.is_main else None)
     check(cfg, tok, data)  # before any weight moves: one line per warning, the first problem as a UserError
     if cfg.train.fsdp and d.world > 1 and autocast_dtype(cfg.train.precision, dev) == torch.float16:
-        # measured (torch 2.13, gloo): GradScaler fails on FSDP2's sharded gradients, ShardedGradScaler leaves them
-        # scaled (grad norm x 65536), so fp16 there would clip and report silently wrong gradients
+        # measured (torch 2.13, gloo): GradScaler fails on FSDP2's sharded gradients, ShardedGradScaler leaves
+        # them scaled (grad norm x 65536), so fp16 there would clip and report silently wrong gradients
         raise UserError(
             "train.precision=fp16 with train.fsdp=true: loss scaling does not work on FSDP2's sharded "
             "gradients (use train.precision=bf16, or DDP: train.fsdp=false)"
@@ -108,7 +110,7 @@ def prepare(cfg: Config) -> Run:
     # fp16's 5 exponent bits flush small gradients to zero: scale the loss up, unscale before clipping.
     # Disabled (every call a no-op) for the other precisions; DDP's all-reduced gradients agree on infs.
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    start, tokens = _resume(ckpt, model, opt, sched, scaler, stream)
+    start, tokens, selection = _resume(ckpt, model, opt, sched, scaler, stream)
 
     if d.is_main:
         begin_segment(
@@ -130,8 +132,11 @@ def prepare(cfg: Config) -> Run:
         )
         if ckpt is not None and rewind(run / "metrics.jsonl", start):
             print0(
-                f"note: metrics logged after step {start} (redone now) moved to {run / 'metrics.rewound.jsonl'}"
+                f"note: metrics logged after step {start} (redone now) moved to "
+                f"{run / 'metrics.rewound.jsonl'}"
             )
+        if ckpt is not None and (moved_best := checkpoint.rewind_best(run, start)) is not None:
+            print0(f"note: best/ was kept after step {start} (redone now); it is now {moved_best}")
     plan = start_plan(cfg, run, data.train, total, micro_per_step, d.is_main)
     wrapped = distributed.wrap(model, d, dev, tc.fsdp)
     return Run(
@@ -151,6 +156,7 @@ def prepare(cfg: Config) -> Run:
         total=total,
         start=start,
         tokens=tokens,
+        select=selection,
         micro_per_step=micro_per_step,
         pad_id=pad_id(tok),
         fingerprint=fp,
@@ -190,8 +196,8 @@ def _open_run(cfg: Config, run: Path, data: Prepared, tok, d: Dist) -> tuple[Pat
             print0(f"note: {run} held an earlier run; its files are now in {moved}")
         if changed:
             print0(
-                f"warning: resuming although {', '.join(c['key'] for c in changed)} changed (train.resume_changed=allow; "
-                "recorded in manifest.json)"
+                f"warning: resuming although {', '.join(c['key'] for c in changed)} changed "
+                "(train.resume_changed=allow; recorded in manifest.json)"
             )
         save_config(cfg, run / "config.yaml")
     return ckpt, fp, changed
@@ -207,7 +213,8 @@ def _load_model(cfg: Config, dev: torch.device) -> torch.nn.Module:
     model.train()
     trainable, total_params = trainable_summary(model)
     print0(
-        f"model: {total_params:,} params, {trainable:,} trainable ({'LoRA' if cfg.lora else 'full'}) on {dev.type}"
+        f"model: {total_params:,} params, {trainable:,} trainable "
+        f"({'LoRA' if cfg.lora else 'full'}) on {dev.type}"
     )
     return model
 
@@ -231,13 +238,14 @@ def _stream(
     return stream, total_steps(tc, stream.batches_per_epoch, micro_per_step)
 
 
-def _resume(ckpt: Path | None, model, opt, sched, scaler, stream) -> tuple[int, int]:
-    """Restore weights, optimizer, schedule, loss scale, RNG and data cursor; (first step, real tokens seen before it)."""
+def _resume(ckpt: Path | None, model, opt, sched, scaler, stream) -> tuple[int, int, dict | None]:
+    """Restore weights, optimizer, schedule, loss scale, RNG and data cursor; (first step, real tokens seen
+    before it, the best-checkpoint selection saved with it)."""
     if ckpt is None:
-        return 0, 0
+        return 0, 0, None
     cursor = checkpoint.load(ckpt, model, opt, sched, scaler)
     stream.load_state(cursor)
-    shown = {k: v for k, v in cursor.items() if k not in ("step", "tokens")}
+    shown = {k: v for k, v in cursor.items() if k not in ("step", "tokens", "select")}
     print0(f"resumed from {ckpt} at step {cursor['step']} (data cursor {json.dumps(shown)[:200]})")
     # checkpoints of older tunesmith have no count: the run's token total then starts over from this segment
-    return cursor["step"], int(cursor.get("tokens", 0))
+    return cursor["step"], int(cursor.get("tokens", 0)), cursor.get("select")

@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -43,7 +46,9 @@ RESUME_FREE = frozenset(
         "train.save_every",
         "train.keep_last",
         "train.eval_every",
+        "train.eval_limit",
         "train.report_to",
+        "train.report_model",
         "train.select",
         "train.select_mode",
         "train.early_stop_patience",
@@ -68,9 +73,15 @@ RUN_FILES = (
     "checkpoints",
     "final",
     "best",
+    "best.rewound",
     "export",
+    "export-best",
+    "export-final",
     "eval",
     "tensorboard",
+    "mlflow",
+    "wandb",
+    "tracking.json",
     "metrics.jsonl",
     "metrics.rewound.jsonl",
     MANIFEST,
@@ -212,11 +223,14 @@ def check_resume(run: Path, new: dict, old: dict | None, allow: bool) -> list[di
 
 
 def check_fresh(run: Path, new: dict, overwrite: bool) -> None:
-    """A fresh run into a dir that holds a finished run (final/) of another fingerprint: UserError unless overwrite."""
+    """A fresh run into a dir with a finished run (final/) of another config: UserError unless overwrite."""
     if overwrite or not (run / "final").exists():
         return
     old = recorded_fingerprint(run)
-    way_out = f"set train.overwrite=true to move it to {run}/previous-<time>/ and start over, or choose another out_dir"
+    way_out = (
+        f"set train.overwrite=true to move it to {run}/previous-<time>/ and start over, "
+        "or choose another out_dir"
+    )
     if old is None:
         raise UserError(f"{run}: holds a finished model (final/) with no record of its config ({way_out})")
     changed = changes(old, new)
@@ -227,7 +241,7 @@ def check_fresh(run: Path, new: dict, overwrite: bool) -> None:
 
 
 def move_aside(run: Path) -> Path | None:
-    """Move an earlier run's files into <run>/previous-<time>/ (None if no run trained here): nothing is deleted."""
+    """Move an earlier run's files into <run>/previous-<time>/ (None if none trained here): none deleted."""
     if not any((run / name).exists() for name in _TRAINED):
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -266,7 +280,7 @@ def _legacy_segment(old: dict) -> dict:
 def begin_segment(
     run: Path, fp: dict, start: int, resumed_from: Path | None, changed: list[dict], **fields
 ) -> None:
-    """Write manifest.json for a new segment: `fields` and the fingerprint on top, the segment appended to the history."""
+    """Write manifest.json for a new segment: `fields` and the fingerprint on top, the segment appended."""
     old = (
         read_manifest(run) if resumed_from is not None else None
     )  # a fresh run's predecessor was moved aside
@@ -285,6 +299,9 @@ def begin_segment(
             "versions": versions,
             "git_rev": rev,
             "hardware": fields.get("hardware"),
+            # who writes this segment: `tunesmith runs` tells a live run from one whose process died
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
         }
     )
     _write(
@@ -293,10 +310,28 @@ def begin_segment(
     )
 
 
-def end_segment(run: Path, step: int, status: str) -> None:
-    """Close the latest segment: the step it reached and how it ended (finished, stopped, diverged)."""
+def end_segment(
+    run: Path, step: int, status: str, error: str | None = None, extra: dict | None = None
+) -> None:
+    """Close the latest segment: the step it reached, how it ended (finished, stopped, diverged, failed)."""
     record = read_manifest(run)
     if not record or not record.get("segments"):
         return
     record["segments"][-1].update(ended_at_step=step, status=status, ended=_now())
+    if error is not None:
+        record["segments"][-1]["error"] = error
+    record["segments"][-1].update(extra or {})  # e.g. early_stop and best (train/loop.py)
     _write(run / MANIFEST, record)
+
+
+@contextmanager
+def failed_on_error(run: Path, enabled: bool, step: Callable[[], int]) -> Iterator[None]:
+    """An exception out of the block closes a still-running segment as failed, with the step reached and the
+    error's one line, then propagates (a segment the block closed itself, e.g. diverged, is left as it is)."""
+    try:
+        yield
+    except Exception as e:
+        record = read_manifest(run) if enabled else None
+        if record and record.get("segments") and record["segments"][-1].get("status") == "running":
+            end_segment(run, step(), "failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
+        raise

@@ -1,5 +1,6 @@
-"""A run's plan.json: the planner's prediction from the run's real data before training, the measurement after
-(real tokens/s, MFU, peak memory), compared side by side and printed; also how `tunesmith plan` prints a plan."""
+"""A run's plan.json: the planner's prediction from the run's real data before training, the measurement
+after (real tokens/s, MFU, peak memory), compared side by side and printed; also how `tunesmith plan` prints a
+plan."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def mfu(plan: dict, tokens_per_s: float) -> float | None:
 
 
 def reset_peak_rss() -> int | None:
-    """Restart this process's peak-RSS record from now (Linux VmHWM); the RSS now, or None where unsupported."""
+    """Restart this process's peak-RSS record from now (Linux VmHWM); the RSS now, None where unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # "5": reset the peak resident set size to the current one (Linux >= 4.0)
@@ -67,7 +68,7 @@ def _proc_status_bytes(key: str) -> int:
 
 
 def peak_memory_bytes(dev: torch.device, before_model: int | None = None) -> int:
-    """Training's peak memory: the CUDA allocator's peak on GPU; on CPU the peak RSS above the RSS before the model.
+    """Training's peak memory: the CUDA allocator peak on GPU; on CPU peak RSS above the RSS before the model.
 
     The planner predicts tensor bytes; on CPU the process also holds Python, the libraries and the data, so
     the RSS when the model started loading (`before_model`, from `reset_peak_rss()`, which also restarted the
@@ -115,15 +116,16 @@ def finish_plan(
         )
     if "process_bytes_before_model" in measured:
         table.caption = (
-            f"CPU memory: peak RSS minus the {_fmt_bytes(measured['process_bytes_before_model'])} held before the "
-            "model; RSS also keeps memory the allocator cached after frees (the plan counts tensors)"
+            f"CPU memory: peak RSS minus the {_fmt_bytes(measured['process_bytes_before_model'])} "
+            "held before the model; RSS also keeps memory the allocator cached after frees "
+            "(the plan counts tensors)"
         )
     Console().print(table)
     return full["comparison"]
 
 
-# What each compared figure counts, as the tables name it. tokens/s everywhere (plan, metrics.jsonl, the progress
-# bar) is real tokens: prompt and answer tokens, no padding.
+# What each compared figure counts, as the tables name it. tokens/s everywhere (plan, metrics.jsonl, the
+# progress bar) is real tokens: prompt and answer tokens, no padding.
 LABELS = {
     "tokens_per_s": "real tokens/s (training steps)",
     "mfu": "MFU",
@@ -141,7 +143,7 @@ def _fmt_bytes(x) -> str:
 
 
 def compare_measured(plan: dict, measured: dict) -> dict:
-    """The plan with the measured side filled in and a predicted-vs-measured table (ratio = measured / predicted).
+    """The plan with the measured side filled in and a predicted-vs-measured table (ratio measured/predicted).
 
     `measured` keys (any subset): tokens_per_s, mfu, peak_memory_bytes, wall_time_s.
     """
