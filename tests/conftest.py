@@ -1,7 +1,12 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# runs made by tests (and their trainer subprocesses) keep their plan history apart from the developer's
+os.environ["TUNESMITH_PLAN_HISTORY"] = os.path.join(
+    tempfile.mkdtemp(prefix="tunesmith-test-"), "history.jsonl"
+)
 
 import pytest  # noqa: E402
 

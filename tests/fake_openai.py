@@ -13,10 +13,13 @@ class FakeChatServer:
 
     A 200 carries `usage` counted in words (prompt: every message's words; completion: the content's); content
     given as bytes is sent as it is (text/html), for servers that answer with something else than JSON.
+    `max_in_flight` is the most requests it was answering at once (each request has its own thread).
     """
 
     def __init__(self, reply: Callable[[dict], tuple[int, str]]):
         self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -25,7 +28,14 @@ class FakeChatServer:
                 outer.requests.append(
                     {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
                 )
-                status, content = reply(body)
+                with lock:
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                try:
+                    status, content = reply(body)
+                finally:
+                    with lock:
+                        outer.in_flight -= 1
                 prompt = sum(len(m["content"].split()) for m in body["messages"])
                 answer = {
                     "id": "x",

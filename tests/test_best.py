@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tests import tiny
 from tunesmith import cli
-from tunesmith.config import UserError, load_config
+from tunesmith.config import UserError
 from tunesmith.train import loop as loop_mod
 from tunesmith.train import select
 from tunesmith.train.loop import train
@@ -21,19 +21,7 @@ from tunesmith.train.loop import train
 NEVER_BETTER = "train.early_stop_min_delta=1000"  # after the first eval nothing improves by more than this
 
 
-def cfg_for(tmp_path, model_dir, data, *over):
-    base = [
-        f"model.name={model_dir}",
-        f"data.path={data}",
-        f"out_dir={tmp_path / 'run'}",
-        "data.test_size=4",
-        "data.max_length=64",
-        "train.lr=3e-3",
-        "train.batch_size=4",
-        "train.log_every=1",
-        "train.scheduler=constant",
-    ]
-    return load_config(None, base + list(over))
+cfg_for = tiny.train_config  # a tiny run into <tmp_path>/run (tests/tiny.py)
 
 
 def rows(run: Path, split: str) -> list[dict]:

@@ -152,3 +152,30 @@ def test_save_and_describe_round_trip(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize(
+    "bad", ["timeout_s=0", "max_retries=-1", "api_key_env=[a]", "base_url=null", "model=null"]
+)
+def test_judge_and_endpoints_validate_the_same_endpoint_fields(bad):
+    def section(prefix: str, *more: str) -> list[str]:
+        return [f"{prefix}.{kv}" for kv in ("base_url=http://x/v1", "model=m", *more)]
+
+    # one shape: a bad base field is refused by both sections with the same message
+    judge_error = error(None, section("eval.judge", bad)).replace("eval.judge", "SECTION")
+    assert judge_error == error(None, section("eval.endpoints.x", bad)).replace("eval.endpoints.x", "SECTION")
+    # and the defaults agree; each keeps only its own extra (judge: format_retries, endpoints: concurrency)
+    judge = load_config(None, section("eval.judge")).eval.judge.model_dump()
+    endpoint = load_config(None, section("eval.endpoints.x")).eval.endpoints["x"].model_dump()
+    assert judge.pop("format_retries") is None and endpoint.pop("concurrency") == 4
+    assert (
+        judge
+        == endpoint
+        == {
+            "base_url": "http://x/v1",
+            "model": "m",
+            "api_key_env": None,
+            "timeout_s": 60.0,
+            "max_retries": 3,
+        }
+    )

@@ -155,3 +155,81 @@ def test_without_the_openai_package_the_error_says_what_to_install(monkeypatch):
         msg
         == "eval.judge: OpenAI-compatible endpoints need the `openai` package (pip install 'tunesmith[eval]')"
     )
+
+
+def _questions(source: str, first: int, n: int):
+    """Questions 'Question i?' for i in [first, first + n), each from line i + 1 of `source`."""
+    from tunesmith.data.formats import Example
+    from tunesmith.eval.questions import Questions
+
+    examples = [
+        Example(where=f"{source}:{i + 1}", fields={"question": f"Question {i}?", "answer": "A."})
+        for i in range(first, first + n)
+    ]
+    return Questions(examples, [], [], [f"Question {i}?" for i in range(first, first + n)], [], [])
+
+
+def _answer_endpoint(url: str, concurrency: int, n_test: int, n_probe: int):
+    """answer_endpoint for eval.endpoints.fake at `url`: test questions 0.., then probe questions after."""
+    from tunesmith.config import load_config
+    from tunesmith.eval.systems import Addons, System, answer_endpoint
+
+    ep = f"{{base_url: '{url}', model: m, concurrency: {concurrency}, max_retries: 0}}"
+    cfg = load_config(None, [f"eval.endpoints={{fake: {ep}}}", "eval.systems=[endpoint:fake]"])
+    test, probe = _questions("test.jsonl", 0, n_test), _questions("train.jsonl", n_test, n_probe)
+    return answer_endpoint(System("endpoint:fake", "endpoint:fake"), test, probe, Addons(), cfg)
+
+
+def _index(body: dict) -> int:
+    """i of the 'Question i?' asked."""
+    return int(body["messages"][-1]["content"].split()[1].rstrip("?"))
+
+
+def _sleep(i: int) -> float:
+    # the first of each pair is slower, so replies come back out of order within every wave of requests
+    return 0.4 if i % 2 == 0 else 0.2
+
+
+def test_endpoint_questions_go_concurrency_at_a_time_answers_in_order_each_timed_alone():
+    def reply(body: dict) -> tuple[int, str]:
+        time.sleep(_sleep(_index(body)))
+        return 200, f"answer {_index(body)}"
+
+    server = FakeChatServer(reply)
+    try:
+        answers = _answer_endpoint(server.url, 4, n_test=6, n_probe=2)
+        assert server.max_in_flight == 4  # 8 requests of 0.2-0.4 s: 4 in flight whenever 4 are left
+        assert [c.text for c in answers.test] == [f"answer {i}" for i in range(6)]
+        assert [c.text for c in answers.probe] == ["answer 6", "answer 7"]
+        # each latency is its own request's: a second-wave answer is not charged the wave before it
+        for i, latency in enumerate(answers.latencies):
+            assert _sleep(i) <= latency < _sleep(i) + 0.2, (i, latency)
+        assert answers.prompt_tokens == [2] * 8  # the fake counts words: "Question i?"
+        serial = FakeChatServer(lambda body: (time.sleep(0.05), (200, "ok"))[1])
+        try:
+            _answer_endpoint(serial.url, 1, n_test=3, n_probe=0)
+            assert (serial.max_in_flight, len(serial.requests)) == (1, 3)
+        finally:
+            serial.close()
+    finally:
+        server.close()
+
+
+def test_a_failing_question_is_one_line_naming_endpoint_and_question_and_stops_the_rest():
+    def reply(body: dict) -> tuple[int, str]:
+        if _index(body) == 2:
+            return 404, "The model 'm' does not exist"
+        time.sleep(0.2)
+        return 200, "fine"
+
+    server = FakeChatServer(reply)
+    try:
+        msg = one_line_error(UserError, lambda: _answer_endpoint(server.url, 2, n_test=8, n_probe=0))
+        assert msg.startswith(f"eval.endpoints.fake: {server.url}/chat/completions answered HTTP 404 (")
+        assert msg.endswith(
+            "check eval.endpoints.fake.model and eval.endpoints.fake.base_url) "
+            "(asking test.jsonl:3: Question 2?)"
+        )
+        assert len(server.requests) < 8  # the questions not yet sent when it failed never were
+    finally:
+        server.close()

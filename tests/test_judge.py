@@ -125,3 +125,14 @@ def test_judge_missing_api_key_env_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="TS_TEST_NO_SUCH_KEY is not set") as e:
         judge(cfg, [ITEM], tmp_path / "c.jsonl")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "server", [[(503, "busy"), (200, "no score here"), (200, '{"score": 3, "reason": "r"}')]], indirect=True
+)
+def test_judge_format_retries_apart_from_http_retries(server, tmp_path):
+    # the 503 is retried by the client (max_retries=1); the malformed reply is not asked again
+    # (format_retries=0), although max_retries alone would have asked it once more
+    cfg = cfg_for(server, max_retries=1, format_retries=0)
+    assert judge(cfg, [ITEM], tmp_path / "c.jsonl", backoff_s=0.01) == [None]
+    assert len(server.requests) == 2

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,22 +95,10 @@ def test_terminal_gets_the_rich_bar_a_redirected_stdout_plain_lines():
 
 def _train_cli(tmp_path: Path, stdout, steps: int) -> subprocess.Popen:
     """`tunesmith train` on a tiny model in a child process, stdout to `stdout`, stderr piped."""
-    model, data = tiny.save_model_dir(tmp_path / "model"), tiny.write_qa(tmp_path / "qa.jsonl")
-    (tmp_path / "c.yaml").write_text("data: {format: qa}\n")
-    overrides = [
-        f"model.name={model}",
-        f"data.path={data}",
-        f"out_dir={tmp_path / 'run'}",
-        "data.test_size=4",
-        "data.max_length=64",
-        "train.batch_size=4",
-        f"train.max_steps={steps}",
-        "train.log_every=1",
-    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("FORCE_TERMINAL", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "tunesmith", "train", str(tmp_path / "c.yaml"), *overrides],
+        tiny.train_command(tmp_path, f"train.max_steps={steps}", "train.log_every=1"),
         cwd=ROOT,
         env=env,
         stdout=stdout,

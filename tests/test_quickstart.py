@@ -46,6 +46,8 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     assert (out / "eval" / "report.html").stat().st_size > 10_000
     plan = json.loads((out / "plan.json").read_text())
     assert plan["measured"]["tokens_per_s"] > 0
+    # the shipped train.time_budget sized the run from its warm-up: 3 steps of SmolLM2 fit in minutes
+    assert plan["budget"]["steps"] == 3 and "time budget" in proc.stdout
 
 
 def test_course_config_runs_through_a_local_pythia_stand_in(tmp_path):

@@ -92,6 +92,21 @@ def test_bm25_ranks_the_passage_naming_the_entity_first(tmp_path):
     assert sorted(h.passage.id for h in r.search("amber cliffs", 5)) == ["train:13", "train:3"]
 
 
+def test_bm25_stemmer_matches_word_forms_and_a_stemmer_change_rebuilds(tmp_path):
+    pytest.importorskip("Stemmer")
+    passages = [Passage("a", "Quarterly earnings rose.", "doc"), Passage("b", "The harbour froze.", "doc")]
+    idx = tmp_path / "idx"
+    stemmed = open_retriever(passages, "bm25", idx, None, stemmer="english")
+    assert [h.passage.id for h in stemmed.search("earning", 2)] == ["a"]  # earning, earnings -> earn
+    assert json.loads((idx / "meta.json").read_text())["stemmer"] == "english"
+    # loaded from its files alone, queries are stemmed as the passages were
+    assert [h.passage.id for h in load_retriever(idx).search("earning", 2)] == ["a"]
+    exact = open_retriever(passages, "bm25", idx, None, stemmer="none")  # rebuilt, not the stemmed one
+    assert json.loads((idx / "meta.json").read_text())["stemmer"] == "none"
+    assert exact.search("earning", 2) == [] and [h.passage.id for h in exact.search("earnings", 2)] == ["a"]
+    assert load_retriever(idx).search("earning", 2) == []
+
+
 @needs_embedder
 @pytest.mark.parametrize("kind", ["dense", "hybrid"])
 def test_dense_and_hybrid_recall_every_question(tmp_path, minilm, kind):

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +28,11 @@ from tunesmith import cli
 from tunesmith.config import UserError, load_config
 from tunesmith.eval.compare import compare
 from tunesmith.runs.compare import compare_runs
-from tunesmith.runs.scan import ROW_KEYS, scan
+from tunesmith.runs.scan import ROW_KEYS, scan, status_of
 from tunesmith.runs.table import print_runs, select
 from tunesmith.train import checkpoint
 from tunesmith.train import loop as loop_mod
+from tunesmith.train.heartbeat import BEAT_S, Heartbeat
 from tunesmith.train.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,7 +342,12 @@ def test_a_live_run_is_running_and_a_killed_one_failed(tmp_path, model_dir, qa_f
     try:
         _wait_for_rows(run / "metrics.jsonl", 2, proc)
         [row] = scan(tmp_path / "live")
-        assert (row["status"], row["reason"]) == ("running", f"pid {proc.pid}")
+        beat = json.loads((run / "heartbeat.json").read_text())
+        assert (beat["pid"], beat["host"]) == (proc.pid, socket.gethostname())
+        assert row["status"] == "running"
+        assert re.fullmatch(
+            rf"pid {proc.pid}, heartbeat \d+s ago \((step \d+|before its first step)\)", row["reason"]
+        )
     finally:
         proc.kill()
         proc.wait(timeout=60)
@@ -349,3 +356,105 @@ def test_a_live_run_is_running_and_a_killed_one_failed(tmp_path, model_dir, qa_f
     lines = (run / "metrics.jsonl").read_text().splitlines()
     whole = [json.loads(x) for x in lines if x.endswith("}")]  # a kill can cut the last line short
     assert row["steps"] == whole[-1]["step"] >= 2
+
+
+# ---- live or not: the heartbeat, on run dirs made by hand (times set by hand, `now` given)
+
+NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+DEAD_PID = 2**22 + 7  # above Linux's largest pid: no such process
+HERE = socket.gethostname()
+
+
+def _running_run(tmp_path: Path, pid: int, host: str, beat: dict | None) -> tuple[Path, dict]:
+    """A run dir whose latest segment is still marked running by (pid, host), with this heartbeat.json."""
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    manifest = {"segments": [{"status": "running", "started_at_step": 0, "pid": pid, "host": host}]}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    if beat is not None:
+        (run / "heartbeat.json").write_text(json.dumps(beat))
+    return run, manifest
+
+
+def _beat(age: float, pid: int, host: str, step: int | None = 7, gap: float | None = None) -> dict:
+    return {"time": NOW - age, "step": step, "pid": pid, "host": host, "gap_s": gap}
+
+
+def test_a_fresh_heartbeat_from_another_host_is_running_a_stale_one_unknown(tmp_path):
+    run, manifest = _running_run(tmp_path, 4242, "gpu-7", _beat(30, 4242, "gpu-7"))
+    assert status_of(run, manifest, NOW) == ("running", "pid 4242 on gpu-7, heartbeat 30s ago (step 7)")
+    (run / "heartbeat.json").write_text(json.dumps(_beat(121, 4242, "gpu-7")))  # past 2 minutes: stale
+    status, reason = status_of(run, manifest, NOW)
+    assert status == "unknown"
+    assert reason.startswith("no heartbeat since 22:11 UTC (step 7) from pid 4242 on gpu-7: stopped without")
+
+
+def test_rare_log_rows_widen_the_fresh_window_to_four_gaps(tmp_path):
+    # rows 100 s apart (a slow step or log_every): fresh for 4 x 100 s, not 120 s
+    run, manifest = _running_run(tmp_path, 4242, "gpu-7", _beat(399, 4242, "gpu-7", gap=100.0))
+    assert status_of(run, manifest, NOW)[0] == "running"
+    (run / "heartbeat.json").write_text(json.dumps(_beat(401, 4242, "gpu-7", gap=100.0)))
+    assert status_of(run, manifest, NOW)[0] == "unknown"
+
+
+def test_on_this_host_a_fresh_heartbeat_needs_the_pid_alive(tmp_path):
+    run, manifest = _running_run(tmp_path, os.getpid(), HERE, _beat(5, os.getpid(), HERE, step=None))
+    assert status_of(run, manifest, NOW) == (
+        "running",
+        f"pid {os.getpid()}, heartbeat 5s ago (before its first step)",
+    )
+    # the process died a moment after its last beat (SIGKILL): failed, not running
+    dead, dead_manifest = _running_run(tmp_path / "b", DEAD_PID, HERE, _beat(5, DEAD_PID, HERE))
+    status, reason = status_of(dead, dead_manifest, NOW)
+    assert status == "failed" and reason.startswith(f"process {DEAD_PID} ended without closing its record")
+
+
+def test_a_stale_heartbeat_with_the_pid_alive_here_is_unknown_not_running(tmp_path):
+    # a recycled pid (or a hung trainer) is alive, but the run has not beaten for 10 minutes
+    run, manifest = _running_run(tmp_path, os.getpid(), HERE, _beat(600, os.getpid(), HERE))
+    status, reason = status_of(run, manifest, NOW)
+    assert status == "unknown"
+    assert reason.startswith(f"no heartbeat since 22:03 UTC (step 7) from pid {os.getpid()}: a slow step")
+
+
+def test_without_a_heartbeat_of_its_own_the_segment_falls_back_to_its_pid(tmp_path):
+    # a run written before heartbeats existed
+    run, manifest = _running_run(tmp_path, 4242, "gpu-7", None)
+    assert status_of(run, manifest, NOW) == (
+        "running",
+        "marked running by pid 4242 on gpu-7 (not checked from here)",
+    )
+    # an earlier segment's heartbeat (another pid) says nothing about this one: the pid does
+    run2, manifest2 = _running_run(tmp_path / "b", os.getpid(), HERE, _beat(3600, DEAD_PID, HERE))
+    assert status_of(run2, manifest2, NOW) == ("running", f"pid {os.getpid()}")
+    run3, manifest3 = _running_run(tmp_path / "c", DEAD_PID, HERE, None)
+    assert status_of(run3, manifest3, NOW)[0] == "failed"
+
+
+def test_the_heartbeat_is_written_at_start_then_at_most_every_beat_s(tmp_path):
+    clock = Clock()
+    beats = Heartbeat(tmp_path, clock=clock)
+    beats.start()
+    read = lambda: json.loads((tmp_path / "heartbeat.json").read_text())  # noqa: E731
+    assert read() == {"time": 0.0, "step": None, "pid": os.getpid(), "host": HERE, "gap_s": None}
+    for step, t in ((1, 5.0), (2, 10.0), (3, BEAT_S + 1), (4, BEAT_S + 3), (5, BEAT_S + 40)):
+        clock.now = t
+        beats.beat(step)
+        if step == 2:
+            assert read()["time"] == 0.0  # 10 s after the last write: not yet
+    assert read() == {"time": BEAT_S + 40, "step": 5, "pid": os.getpid(), "host": HERE, "gap_s": 37.0}
+    assert not (tmp_path / "heartbeat.json.tmp").exists()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_closed_segment_leaves_no_heartbeat(built):
+    runs = built[0] / "runs"
+    for name in ("fast", "stopped", "diverged", "raised"):
+        assert (runs / name / "manifest.json").is_file() and not (runs / name / "heartbeat.json").exists()

@@ -403,3 +403,38 @@ def test_closing_the_scheduler_answers_the_jobs_still_waiting():
             await asyncio.wait_for(job.future, timeout=10)  # before: no answer, ever
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("template", [QA, CHAT])
+def test_earlier_turns_reach_a_string_template_as_compares_fewshot(template, monkeypatch):
+    from tunesmith.eval.prompts import prompt_for
+
+    models = _models(template)
+    tok = models["tiny"].tokenizer
+    sent = []  # the prompt ids the scheduler was given
+    submit = Scheduler._submit
+    monkeypatch.setattr(
+        Scheduler,
+        "_submit",
+        lambda self, model, ids, *a, **kw: sent.append(ids) or submit(self, model, ids, *a, **kw),
+    )
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What was Q3 revenue?"},
+        {"role": "assistant", "content": "34 million"},
+        {"role": "user", "content": "How many employees?"},
+    ]
+    with TestClient(create_app(_cfg(), models)) as c:
+        body = c.post("/v1/chat/completions", json={"model": "tiny", "messages": turns}).json()
+    if template is QA:
+        # compare's +fewshot with one shot; the system turn is left out (no place in a string template)
+        question = Example("test", fields={"question": "How many employees?", "answer": "120"})
+        shot = Example("train", fields={"question": "What was Q3 revenue?", "answer": "34 million"})
+        expected = prompt_for(question, QA, tok, [shot], None)
+        assert tok.decode(expected) == (
+            "### Question:\nWhat was Q3 revenue?\n\n### Answer:\n34 million\n\n"
+            "### Question:\nHow many employees?\n\n### Answer:\n"
+        )
+    else:  # a chat template renders the whole conversation, as it always did
+        expected = render_prompt(Example("request", messages=turns), CHAT, tok)
+    assert sent == [expected] and body["usage"]["prompt_tokens"] == len(expected)

@@ -84,6 +84,30 @@ def test_grid_with_two_workers_trains_each_point_once_and_tables_its_metric(tmp_
 
 
 @pytest.mark.slow
+def test_a_grid_on_a_compare_metric_runs_compare_per_trial_and_keeps_the_max(tmp_path, model_dir, qa_file):
+    cfg = _config(tmp_path, model_dir, qa_file)
+    # lr 1e-5 leaves the tiny model saying nothing useful; 1e-2 for 20 steps teaches it the answers' words
+    shared = ["train.max_steps=20", "train.eval_every=0", "train.save_every=0", "sweep.metric=token_f1"]
+    shared += ["eval.systems=[tuned]", "eval.limit=4", "eval.probe=0", "eval.max_new_tokens=8"]
+    shared += ["eval.embedding_model=null"]
+    proc = _sweep(cfg, "--grid", "train.lr=1e-5,1e-2", *shared)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    sw = tmp_path / "sw"
+    assert _study(sw).direction.name == "MAXIMIZE"  # sweep.direction=auto: token F1 is better higher
+    rows = {
+        r["params"]["train.lr"]: r for r in map(json.loads, (sw / "results.jsonl").read_text().splitlines())
+    }
+    for row in rows.values():  # each trial's value is what its own compare wrote for the tuned model
+        metrics = json.loads((Path(row["run_dir"]) / "eval" / "metrics.json").read_text())
+        assert row["status"] == "complete" and row["token_f1"] == metrics["tuned"]["token_f1"]
+    # the two points differ, so picking the min instead of the max would fail here
+    assert rows[1e-2]["token_f1"] > rows[1e-5]["token_f1"]
+    best = load_config(sw / "best.yaml")
+    assert best.train.lr == 1e-2 and best.out_dir == rows[1e-2]["run_dir"]
+
+
+@pytest.mark.slow
 def test_killed_search_resumes_and_spends_exactly_the_budget(tmp_path, model_dir, qa_file):
     cfg = _config(tmp_path, model_dir, qa_file)
     args = ["--search", "train.lr=log:1e-4:1e-2", "lora.r=int:2:8", "train.scheduler=cat:cosine,linear"]

@@ -14,10 +14,11 @@ from tunesmith.data.pipeline import build
 from tunesmith.eval.addons import prepare_addons
 from tunesmith.eval.compare import compare
 from tunesmith.eval.questions import eval_sets
-from tunesmith.eval.systems import System, percentile, system_prompts, systems_of
+from tunesmith.eval.systems import Addons, System, answer_local, percentile, system_prompts, systems_of
 from tunesmith.eval.verdict import pairwise, verdict
 from tunesmith.model.load import load_tokenizer
 
+LINUX_RSS = Path("/proc/self/clear_refs").exists()  # where a CPU system's peak memory is measured
 NAMES = ["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "juniper"]
 # Training answers say TRAIN<i>; test answers say ZEBRA-<j>, a string that is nowhere in the training split.
 TRAIN = [
@@ -118,6 +119,13 @@ def test_rag_prompts_come_from_the_configured_corpus_only(files):
         )  # at most k = 2 passages (BM25 drops zero scores), all training
     for i, prompt in enumerate(probe):  # a probe question finds its own training pair first
         assert f"[1] Q: {TRAIN[i]['question']}\nA: {TRAIN[i]['answer']}" in prompt
+    # eval and serve take one path: the same section served loads eval's index (same passages), no rebuild
+    from tunesmith.retrieve.rag import open_rag
+
+    meta = root / "rag" / "retrieval" / "meta.json"
+    built = meta.stat().st_mtime_ns
+    served = open_rag(cfg, cfg.eval.rag, load_tokenizer(cfg.model), "serve.rag")
+    assert meta.stat().st_mtime_ns == built and len(served.passages) == len(TRAIN)
     # a folder of documents as the corpus: passages from it, and nothing from the training pairs
     docs = root / "docs"
     docs.mkdir()
@@ -154,6 +162,9 @@ def test_metrics_json_has_every_system_and_its_costs(five):
         assert ("loss" in m) == (name in ("base", "tuned"))  # loss only for the training prompt
         assert ("retrieval_recall" in m) == name.endswith("+rag")
         assert ("train_seconds" in m) == name.startswith("tuned")
+        if LINUX_RSS:  # measured on CPU too: the peak RSS above the RSS at the system's start, which for
+            # a 44k-parameter model can be 0 (its answers fit in pages the allocator already holds)
+            assert m["peak_memory_gb"] >= 0
     # shots and passages make longer prompts; the two RAG systems see the same passages
     assert metrics["base+fewshot"]["prompt_tokens"] > metrics["base"]["prompt_tokens"]
     assert metrics["base+rag"]["prompt_tokens"] == metrics["tuned+rag"]["prompt_tokens"]
@@ -166,6 +177,36 @@ def test_metrics_json_has_every_system_and_its_costs(five):
     html = (ev / "report.html").read_text()
     assert html.index('class="verdict"') < html.index("<h2>Summary</h2>") < html.index("Every metric")
     assert all(n in html for n in names) and html.count("<img") == 4  # grouped charts, not one per metric
+
+
+def test_cpu_peak_memory_counts_what_a_system_holds_while_answering_only(files, monkeypatch):
+    import torch
+
+    from tunesmith.eval import systems
+    from tunesmith.model.load import load_model
+
+    if not LINUX_RSS:
+        pytest.skip("peak RSS reset needs Linux /proc/self/clear_refs")
+    cfg = cfg_for(files, "rss", "data.template=chat", "eval.probe=0")
+    tok = load_tokenizer(cfg.model)
+    data = build(cfg, tok, Path(cfg.out_dir))
+    test, probe = eval_sets(cfg, data, data.template, tok)
+    model = load_model(cfg.model, torch.device("cpu")).eval()
+    real = systems.timed_generate
+
+    def holding_200_mib(model, tok, prompts, gen, progress=False):
+        held = torch.ones(50 * 2**20)  # 200 MiB of float32, touched, held while the system answers
+        out = real(model, tok, prompts, gen, progress)
+        del held
+        return out
+
+    monkeypatch.setattr(systems, "timed_generate", holding_200_mib)
+    before = torch.ones(100 * 2**20)  # a 400 MiB peak before the system starts: not its memory
+    del before
+    got = answer_local(model, tok, System("base", "base"), test, probe, Addons(), cfg, data.template)
+    # 200 MiB = 209.7 MB held: at least 200 MB (pages freed in the window, e.g. by gc, may offset a little;
+    # measured 199.96 MiB after other tests), and the 400 MiB peak before the reset does not count
+    assert 200e6 <= got.peak_memory_bytes < 300 * 2**20
 
 
 def test_verdict_names_the_winner_the_numbers_imply():

@@ -52,23 +52,16 @@ def tracked(tmp_path_factory):
     if not INSTALLED:
         pytest.skip("no tracker package is installed here (pip install 'tunesmith[track]')")
     tmp = tmp_path_factory.mktemp("tracked")
-    model, data = tiny.save_model_dir(tmp / "model"), tiny.write_qa(tmp / "qa.jsonl")
-    (tmp / "c.yaml").write_text("data: {format: qa}\n")
-    argv = [
-        f"model.name={model}",
-        f"data.path={data}",
-        f"out_dir={tmp / 'run'}",
-        "data.test_size=4",
-        "data.max_length=64",
-        "train.batch_size=4",
+    command = tiny.train_command(
+        tmp,
         f"train.max_steps={STEPS}",
         f"train.log_every={LOG_EVERY}",
         f"train.eval_every={EVAL_EVERY}",
         f"train.report_to=[{','.join(INSTALLED)}]",
         "train.report_model=true",
-    ]
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "tunesmith", "train", str(tmp / "c.yaml"), *argv],
+        command,
         cwd=ROOT,
         env=_env(tmp),
         capture_output=True,
@@ -260,17 +253,8 @@ def test_flat_params_are_dotted_scalars(tmp_path):
 
 
 def _in_process_cfg(tmp_path: Path, model_dir: Path, qa_file: Path, *over: str):
-    base = [
-        f"model.name={model_dir}",
-        f"data.path={qa_file}",
-        f"out_dir={tmp_path / 'run'}",
-        "data.test_size=4",
-        "data.max_length=64",
-        "train.batch_size=4",
-        "train.log_every=1",
-        "train.report_to=[mlflow]",
-    ]
-    return load_config(None, base + list(over))
+    base = ["train.log_every=1", "train.report_to=[mlflow]", *over]
+    return load_config(None, tiny.train_overrides(model_dir, qa_file, tmp_path / "run", *base))
 
 
 def _mlflow_run(run: Path):
@@ -312,6 +296,65 @@ def test_resumed_segment_continues_the_same_mlflow_run(tmp_path, model_dir, qa_f
     # params are written once; the segment's changed log-only key is a tag
     assert resumed.data.params["train.resume"] == "never"
     assert resumed.data.tags["resumed.train.resume"] == "auto"
+
+
+def _crash_in_step(monkeypatch, step: int) -> None:
+    """The forward of `step` raises (one micro-batch per step): the steps before it are logged; it fails."""
+    from tunesmith.train import loop as loop_mod
+
+    calls, real = {"n": 0}, loop_mod.loss_sum
+
+    def crash(model, batch, smoothing):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("the machine went away")
+        return real(model, batch, smoothing)
+
+    monkeypatch.setattr(loop_mod, "loss_sum", crash)
+
+
+def _crashed_then_resumed(tmp_path, model_dir, qa_file, monkeypatch, *resume_over: str) -> Path:
+    """Steps 1-3 logged, checkpoint at 2, a crash in step 4; then a resume redoes step 3 and ends at 4."""
+    from tunesmith.train import loop as loop_mod
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    common = ["train.max_steps=4", "train.save_every=2", "train.eval_every=0"]
+    real = loop_mod.loss_sum
+    _crash_in_step(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="went away"):
+        loop_mod.train(_in_process_cfg(tmp_path, model_dir, qa_file, *common))
+    monkeypatch.setattr(loop_mod, "loss_sum", real)
+    loop_mod.train(_in_process_cfg(tmp_path, model_dir, qa_file, *common, "train.resume=auto", *resume_over))
+    return tmp_path / "run"
+
+
+@needs("mlflow")
+def test_an_unchanged_resume_sends_no_step_twice(tmp_path, model_dir, qa_file, monkeypatch):
+    run = _crashed_then_resumed(tmp_path, model_dir, qa_file, monkeypatch)
+    rewound = [json.loads(x) for x in (run / "metrics.rewound.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rewound] == [3]  # logged by the crashed segment, redone by the resume
+    client, got = _mlflow_run(run)
+    history = client.get_metric_history(got.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # one value per step
+    # MLflow keeps the crashed segment's value at step 3, equal to the redone one (bit-identical resume)
+    redone = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert {m.step: m.value for m in history}[3] == rewound[0]["loss"] == redone[3]
+    assert not any(k.startswith("resume.redone_after_step") for k in got.data.params)
+
+
+@needs("mlflow")
+def test_a_changed_resume_logs_the_redone_steps_and_says_so(tmp_path, model_dir, qa_file, monkeypatch):
+    run = _crashed_then_resumed(
+        tmp_path, model_dir, qa_file, monkeypatch, "train.lr=1e-3", "train.resume_changed=allow"
+    )
+    client, got = _mlflow_run(run)
+    steps = sorted(m.step for m in client.get_metric_history(got.info.run_id, "train/loss"))
+    assert steps == [1, 2, 3, 3, 4]  # step 3 trained twice, at two learning rates: both values kept
+    assert got.data.params["resume.redone_after_step_2"] == (
+        "steps 3..3 logged again by a resume with train.resume_changed=allow (changed: train.lr): "
+        "the later value at each of those steps is this segment's"
+    )
 
 
 @needs("mlflow")

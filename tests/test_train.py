@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from tests import tiny
-from tunesmith.config import load_config
 from tunesmith.train import checkpoint
 from tunesmith.train import loop as loop_mod
 from tunesmith.train.loop import TrainingDiverged, train
@@ -22,19 +21,7 @@ from tunesmith.train.loop import TrainingDiverged, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cfg_for(tmp_path, model_dir, data, *over):
-    base = [
-        f"model.name={model_dir}",
-        f"data.path={data}",
-        f"out_dir={tmp_path / 'run'}",
-        "data.test_size=4",
-        "data.max_length=64",
-        "train.lr=3e-3",
-        "train.batch_size=4",
-        "train.log_every=1",
-        "train.scheduler=constant",
-    ]
-    return load_config(None, base + list(over))
+cfg_for = tiny.train_config  # a tiny run into <tmp_path>/run (tests/tiny.py)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from tunesmith.config import Config, load_config
 
 CORPUS = [
     "What was the revenue of Acme in Q3 2020? The revenue of Acme in Q3 2020 was $34 million.",
@@ -112,3 +115,33 @@ def write_qa(path: Path, n: int = 40, seed: int = 0) -> Path:
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ---- a tiny training run: the overrides every end-to-end test starts from
+
+
+def train_overrides(model_dir: Path, data: Path, out_dir: Path, *over: str) -> list[str]:
+    """`key=value` overrides of a tiny run: 4 held-out examples, 64 tokens, batch 4; `over` appended."""
+    return [
+        f"model.name={model_dir}",
+        f"data.path={data}",
+        f"out_dir={out_dir}",
+        "data.test_size=4",
+        "data.max_length=64",
+        "train.batch_size=4",
+        *over,
+    ]
+
+
+def train_config(tmp_path: Path, model_dir: Path, data: Path, *over: str) -> Config:
+    """The in-process config of a tiny run into <tmp_path>/run: lr 3e-3, constant schedule, a row per step."""
+    base = ["train.lr=3e-3", "train.log_every=1", "train.scheduler=constant"]
+    return load_config(None, train_overrides(model_dir, data, tmp_path / "run", *base, *over))
+
+
+def train_command(tmp: Path, *over: str) -> list[str]:
+    """`python -m tunesmith train` of a tiny run into <tmp>/run: writes <tmp>/model, qa.jsonl and c.yaml."""
+    model, data = save_model_dir(tmp / "model"), write_qa(tmp / "qa.jsonl")
+    (tmp / "c.yaml").write_text("data: {format: qa}\n")
+    overrides = train_overrides(model, data, tmp / "run", *over)
+    return [sys.executable, "-m", "tunesmith", "train", str(tmp / "c.yaml"), *overrides]

@@ -74,15 +74,16 @@ def data_inspect(config: Path = CONFIG, overrides: list[str] = OVERRIDES) -> Non
     _preflight(cfg, tok)  # the warnings train would print; its first error fails inspect the same way
 
 
-def _preflight(cfg, tok):
+def _preflight(cfg, tok, auto: str = "recorded_or_pool"):
     """The data as train builds it (cached in <out_dir>/data), checked as train checks it.
 
-    Warnings first, then the first error.
+    Warnings first, then the first error. `auto`: which pairs data.limit=auto takes (data/pipeline.py).
     """
     from tunesmith.data.pipeline import build, build_heldout
     from tunesmith.train.preflight import check
 
-    data = (build_heldout if cfg.data.streaming else build)(cfg, tok, cfg.out_dir)
+    streaming = cfg.data.streaming
+    data = build_heldout(cfg, tok, cfg.out_dir) if streaming else build(cfg, tok, cfg.out_dir, auto)
     check(
         cfg,
         tok,
@@ -123,14 +124,24 @@ def plan(
         if device:
             cfg.plan.device = device
         # The data's real token counts (packing considered) make the step count and FLOPs exact.
-        samples = _preflight(cfg, load_tokenizer(cfg.model)).train
-        result = plan_for_data(cfg, samples)
+        data = _preflight(cfg, load_tokenizer(cfg.model), auto="pool")
+        if cfg.train.time_budget is not None and not cfg.data.streaming:
+            from tunesmith.train.budget import plan_with_budget
+
+            result = plan_with_budget(cfg, data)  # the sized run, from the planner's speed
+        else:
+            result = plan_for_data(cfg, data.train)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "plan.json").write_text(json.dumps(result, indent=2, default=str))
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print_plan(result, console)
+        if result.get("budget"):
+            from tunesmith.plan.budget import sizing_lines
+
+            for line in sizing_lines(result["budget"]):
+                console.print(line, markup=False, highlight=False)
 
 
 @app.command()

@@ -6,7 +6,8 @@ Retries (408/409/429/5xx, timeouts, refused connections; exponential backoff wit
 Retry-After) and timeouts are the `openai` client's own. What we add: the key is read only from the
 configured environment variable, and every failure a user can fix becomes one line naming the config key
 (`where`) to change. `EndpointFailed` marks the failures that might pass if asked again later (the endpoint
-is overloaded or down).
+is overloaded or down). `chat_many` keeps several requests in flight over the one client (its connection
+pool is shared safely between threads) and returns the replies in the order asked.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 from tunesmith.config import UserError
+from tunesmith.config.schema import ChatEndpointConfig
 
 # A placeholder the `openai` client needs when no key is configured; the Authorization header is then left
 # out, so a local server never sees a made-up key (and OPENAI_API_KEY is never sent to a server it was not
@@ -141,6 +143,40 @@ class ChatClient:
             getattr(raw, "retries_taken", 0),
         )
 
+    def chat_many(
+        self,
+        conversations: list[list[dict[str, str]]],
+        *,
+        concurrency: int,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        labels: list[str] | None = None,
+    ) -> list[Reply]:
+        """`chat` over every conversation, `concurrency` requests in flight; replies in the order asked.
+
+        The first failure in that order is raised with its conversation's label (default: its number)
+        appended, and the requests not yet sent are cancelled.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = labels or [f"conversation {i + 1}" for i in range(len(conversations))]
+        replies: list[Reply] = []
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="chat") as pool:
+            futures = [
+                pool.submit(self.chat, m, max_tokens=max_tokens, temperature=temperature, stop=stop)
+                for m in conversations
+            ]
+            for future, name in zip(futures, names, strict=True):
+                try:
+                    replies.append(future.result())
+                except BaseException as e:  # re-raised: only stop what has not started (Ctrl-C included)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    if isinstance(e, UserError):
+                        raise type(e)(f"{e} (asking {_clip(name, 100)})") from None
+                    raise
+        return replies
+
     def _gave_up(self, cause: str, knob: str = "") -> str:
         return (
             f"{self.where}: {self.url} failed {self.max_retries + 1} times ({cause}; is the server up? "
@@ -150,7 +186,8 @@ class ChatClient:
     def _status_error(self, e) -> UserError:
         status = e.status_code
         body = e.body if isinstance(e.body, dict) else {}
-        detail = _clip(body.get("message") or e.response.text or e.message)
+        # `message`: OpenAI's {"error": {...}} (the client unwraps it); `detail`: a FastAPI HTTPException's
+        detail = _clip(body.get("message") or body.get("detail") or e.response.text or e.message)
         if status in (408, 409, 429) or status >= 500:  # the client retried these already
             return EndpointFailed(self._gave_up(f"HTTP {status}: {detail}"))
         if status in (401, 403):
@@ -181,3 +218,15 @@ class ChatClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def chat_client(cfg: ChatEndpointConfig, where: str) -> ChatClient:
+    """The client of a section of endpoint fields (eval.judge, eval.endpoints.NAME) that `where` names."""
+    return ChatClient(
+        cfg.base_url,
+        cfg.model,
+        api_key_env=cfg.api_key_env,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        where=where,
+    )

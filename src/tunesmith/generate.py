@@ -6,8 +6,9 @@ position, and results come back in input order. Stop strings are checked per row
 so one row can finish while the rest of its batch goes on.
 
 Below the engine, one small bridge from requests to ids: `template_for` (the template a model was trained
-with) and `prompt_ids` (a conversation -> prompt ids through data/render.py's `render_prompt`), shared by the
-server and the `generate`/`chat` commands. The commands themselves (argv, files, the REPL) live in cli.py.
+with), `prompt_ids` (a conversation -> prompt ids through data/render.py's `render_prompt`) for the
+`generate`/`chat` commands, and `conversation_ids` for the server (string templates keep earlier turns).
+The commands themselves (argv, files, the REPL) live in cli.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunesmith.config import Config, GenerateConfig
 from tunesmith.data.formats import Example, Template, get_template
-from tunesmith.data.render import render_prompt
+from tunesmith.data.render import render_fewshot, render_prompt
 from tunesmith.model.load import pad_id
 
 OnToken = Callable[[int, int], None]  # (row, token id) for each new token of a row still running
@@ -312,5 +313,40 @@ def prompt_ids(template: Template, tokenizer, messages: list[dict[str, str]]) ->
     text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     if template.format == "text":  # raw-text models continue the text as given
         return tokenizer(text, add_special_tokens=True)["input_ids"]
-    fields = {"instruction": text, "input": ""} if template.format == "alpaca" else {"question": text}
-    return render_prompt(Example(where="request", fields=fields), template, tokenizer)
+    return render_prompt(Example(where="request", fields=_turn_fields(template, text)), template, tokenizer)
+
+
+def conversation_ids(
+    template: Template, tokenizer, messages: list[dict[str, str]], room: int | None = None
+) -> list[int]:
+    """A served conversation -> prompt ids: a string template also keeps the earlier turns, as few-shot shots.
+
+    Each earlier user turn answered by the assistant turn right after it is rendered as a whole training
+    example, exactly as compare's +fewshot renders a shot (`render_fewshot`); like compare's shots, the
+    oldest are dropped while the prompt is longer than `room` tokens. A system turn has no place in a
+    string template and is left out, as `prompt_ids` always did; so is an earlier user turn with no answer
+    after it (or an answer with no user turn before it). Chat templates and raw text: `prompt_ids`.
+    """
+    if template.kind == "chat" or template.format == "text":
+        return prompt_ids(template, tokenizer, messages)
+    turns = [m for m in messages if m["role"] != "system"]
+    last = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=0)
+    shots = [
+        Example(where="request", fields=_turn_fields(template, user["content"], answer["content"]))
+        for user, answer in zip(turns[:last], turns[1:last])  # each adjacent pair before the question
+        if user["role"] == "user" and answer["role"] == "assistant"
+    ]
+    if not shots:
+        return prompt_ids(template, tokenizer, messages)
+    question = Example(where="request", fields=_turn_fields(template, turns[last]["content"]))
+    ids = render_fewshot(shots, question, template, tokenizer)
+    while room is not None and len(ids) > room and shots:
+        shots = shots[1:]
+        ids = render_fewshot(shots, question, template, tokenizer)
+    return ids
+
+
+def _turn_fields(template: Template, user: str, answer: str | None = None) -> dict[str, str]:
+    """A user turn (and the answer to it) as the fields of the template's record format."""
+    fields = {"instruction": user, "input": ""} if template.format == "alpaca" else {"question": user}
+    return fields if answer is None else {**fields, template.response_field: answer}

@@ -1,4 +1,5 @@
-"""Where code runs: device, dtype, peak matmul speed, seeding, distributed rank/world, rank-0 printing."""
+"""Where code runs: device, dtype, peak matmul speed, seeding, distributed rank/world, rank-0 printing, the
+process's peak resident memory (CPU)."""
 
 from __future__ import annotations
 
@@ -163,6 +164,45 @@ def _matmul_flops(device, amp: torch.dtype | None, budget_s: float = 1.0) -> flo
             dt = time.perf_counter() - t0
             best, spent, rounds = min(best, dt / 4), spent + dt, rounds + 1
     return 2 * n**3 / best
+
+
+def reset_peak_rss() -> int | None:
+    """Restart this process's peak-RSS record from now (Linux VmHWM); the RSS now, None where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak resident set size to the current one (Linux >= 4.0)
+        return proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def proc_status_bytes(key: str) -> int:
+    """A size field of /proc/self/status ("VmRSS", "VmHWM": the peak RSS since start or reset) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))  # reported in kB
+
+
+def reset_peak_memory(dev: torch.device) -> int | None:
+    """Start a peak-memory window: the CUDA allocator's peak, or on CPU the process's peak RSS (Linux).
+
+    Returns what the window's peak is measured above: 0 on CUDA (allocated tensor bytes), the RSS now on CPU
+    (so Python, the libraries and what was loaded before do not count), None where the peak cannot be reset.
+    """
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return 0
+    return reset_peak_rss()
+
+
+def peak_memory_since(dev: torch.device, start: int | None) -> int | None:
+    """Peak bytes in the window `reset_peak_memory` started (`start`: what it returned); None unsupported."""
+    if start is None:
+        return None
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    # the reset sets the peak to the RSS of that instant and `start` is read just after: pages touched in
+    # between can put `start` a few KiB above a window that never grew (0, not a negative peak)
+    return max(0, proc_status_bytes("VmHWM") - start)
 
 
 def seed_everything(seed: int) -> None:

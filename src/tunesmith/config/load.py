@@ -126,7 +126,8 @@ def _format_error(err: dict, source: str, raw: dict) -> str:
         return f"{source}: unknown key '{shown(key)}'{hint}"
     msg = shown(err["msg"].replace("Value error, ", ""))
     got = repr(value)
-    got = f" (got {got[:200]}{'…' if len(got) > 200 else ''})" if found else ""
+    # a whole-config rule (no key) names its fields itself: echoing the whole config would bury it
+    got = f" (got {got[:200]}{'…' if len(got) > 200 else ''})" if found and key else ""
     return f"{shown(source)}: {shown(key)}: {msg}{got}" if key else f"{shown(source)}: {msg}{got}"
 
 

@@ -5,6 +5,7 @@ Every field has a type, a default where one is sensible, and a one-line descript
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -64,10 +65,22 @@ class DataConfig(_Section):
     test_size: float = Field(0.1, ge=0, description="fraction (< 1) or count (>= 1) of examples held out")
     test_path: str | None = Field(None, description="explicit test file instead of a split")
     seed: int = Field(42, description="seed of the hash-based train/test split")
-    limit: int | None = Field(
-        None, gt=0, description="use only the first N training examples (after the split)"
+    limit: int | Literal["auto"] | None = Field(
+        None,
+        description=(
+            "use only the first N training examples (after the split); auto: as many as train.time_budget "
+            "fits at train.epochs passes"
+        ),
     )
     packing: bool = Field(True, description="pack samples into rows without cross-attention (else pad)")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be > 0, 'auto' or null")
+        return v
+
     on_bad_row: Literal["fail", "skip"] = Field(
         "fail", description="fail on a bad row, or skip it and write it to <out_dir>/data_rejects.jsonl"
     )
@@ -86,6 +99,21 @@ class DataConfig(_Section):
         if v >= 1 and v != int(v):
             raise ValueError("must be a fraction < 1 or a whole count")
         return v
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'8m' -> 480.0, '1h30m' -> 5400.0, '90s' / '90' -> 90.0 (seconds)."""
+    t = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(?:\.\d*)?", t):
+        return float(t)
+    parts = _DURATION.findall(t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise ValueError(f"'{text}' is not a duration (e.g. 8m, 90s, 1h30m)")
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
 class TrainConfig(_Section):
@@ -124,8 +152,15 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward to save memory"
     )
-    eval_every: int = Field(
-        0, ge=0, description="evaluate on the test split every N steps (0: only at the end)"
+    eval_every: int | Literal["epoch"] = Field(
+        0, description="evaluate on the test split every N steps, or once per epoch (0: only at the end)"
+    )
+    time_budget: float | None = Field(
+        None,
+        description=(
+            "wall-clock budget of `train` (e.g. 8m, 90s, 1h30m; a number is seconds): steps (and with "
+            "data.limit=auto, pairs) are sized from a warm-up measured on the spot, and the run stops there"
+        ),
     )
     eval_limit: int | None = Field(
         None,
@@ -186,6 +221,25 @@ class TrainConfig(_Section):
     )
     compile: bool = Field(False, description="torch.compile the model")
 
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'epoch'")
+        return v
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: object) -> object:
+        return parse_duration(v) if isinstance(v, str) else v
+
+    @field_validator("time_budget")
+    @classmethod
+    def _budget_positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank")
@@ -203,12 +257,30 @@ class LoraConfig(_Section):
     merge: bool = Field(False, description="export a merged full model to final/ instead of the adapter")
 
 
-class JudgeConfig(_Section):
+class ChatEndpointConfig(_Section):
+    """Where and how to ask an OpenAI-compatible endpoint: the fields of eval.judge and eval.endpoints.NAME.
+
+    A pydantic base holding fields only (no behaviour): endpoint.py's `chat_client` makes the client from it.
+    """
+
     base_url: str = Field(..., description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(..., description="judge model name at that endpoint")
+    model: str = Field(..., description="model name at that endpoint")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    max_retries: int = Field(3, ge=0, description="retries on malformed output or HTTP errors")
     timeout_s: float = Field(60.0, gt=0, description="request timeout")
+    max_retries: int = Field(3, ge=0, description="retries on HTTP errors and timeouts")
+
+
+class JudgeConfig(ChatEndpointConfig):
+    """eval.judge: an endpoint, plus how often a reply that is not in the rubric's format is asked again."""
+
+    format_retries: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "retries when a reply is not in the rubric's format (null: as many as max_retries, which "
+            "covered both until this field existed)"
+        ),
+    )
 
 
 class LmEvalConfig(_Section):
@@ -243,14 +315,15 @@ class RagConfig(_Section):
         None, description="embedder for dense/hybrid retrieval (null: eval.embedding_model)"
     )
     index_dir: str | None = Field(None, description="where the index persists (null: <out_dir>/retrieval)")
+    stemmer: Literal["english", "none"] = Field(
+        "english", description="BM25 word stemming (english: 'earning' matches 'earnings'; none: exact words)"
+    )
 
 
-class EndpointConfig(_Section):
-    base_url: str = Field(..., description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(..., description="model name at that endpoint")
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    timeout_s: float = Field(60.0, gt=0, description="request timeout")
-    max_retries: int = Field(3, ge=0, description="retries on HTTP errors and timeouts")
+class EndpointConfig(ChatEndpointConfig):
+    """eval.endpoints.NAME: an endpoint compared as a system, asked `concurrency` questions at a time."""
+
+    concurrency: int = Field(4, gt=0, description="requests in flight at once")
 
 
 _SYSTEM_MODELS = ("base", "tuned")
@@ -353,8 +426,11 @@ class SynthConfig(_Section):
 
 class PlanConfig(_Section):
     device: str | None = Field(None, description="device to plan for (e.g. h100-80gb); null: this machine")
-    expected_mfu: float = Field(
-        0.35, gt=0, le=1, description="MFU assumed for the time estimate before a run exists"
+    expected_mfu: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="MFU the time estimate assumes (null: median measured by this machine's runs, else 0.35)",
     )
 
 
@@ -388,3 +464,9 @@ class Config(_Section):
     plan: PlanConfig = Field(default_factory=PlanConfig, description="FLOPs / memory / time planner")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="grid / Optuna sweeps")
     out_dir: str = Field("runs/default", description="run directory")
+
+    @model_validator(mode="after")
+    def _auto_limit_needs_budget(self) -> Config:
+        if self.data.limit == "auto" and self.train.time_budget is None:
+            raise ValueError("data.limit=auto sizes the data to train.time_budget: set train.time_budget")
+        return self

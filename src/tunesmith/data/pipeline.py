@@ -1,6 +1,9 @@
 """build(cfg, tokenizer, out_dir) -> Prepared: the one call training and eval make to get their data.
 
 read rows -> to_example -> (dedupe) -> split (or data.test_path) -> data.limit -> render -> write rejects.
+data.limit=auto: train renders (and caches) the whole pool, sizes it to train.time_budget and records the
+number of pairs it trained on in `<out_dir>/data/limit.json`; every later build (compare, eval, serve.rag,
+data inspect) takes that many, so each stage sees exactly the pairs trained.
 The tokenized splits are cached in `<out_dir>/data/` under a key of (data files' size+mtime, the data
 config that changes the samples, the template, the tokenizer): `prepare` writes them, `build` reuses them
 when the key matches. Storage is numpy `.npz` (flat ids + offsets, loaded with allow_pickle=False) plus
@@ -11,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -26,6 +30,10 @@ from tunesmith.data.split import split
 from tunesmith.runtime import print0
 
 CACHE_DIR = "data"
+LIMIT_FILE = "limit.json"  # <out_dir>/data/limit.json: data.limit=auto as train resolved it
+# data.limit=auto in a build: "pool" (train, before it sizes), "recorded" (eval and serve: train first),
+# "recorded_or_pool" (data inspect and plan: the trained pairs once there are some, else the pool)
+AutoLimit = Literal["pool", "recorded", "recorded_or_pool"]
 # Data config fields that change the samples (packing/streaming change only how they are batched/read).
 _KEY_FIELDS = (
     "path",
@@ -60,8 +68,21 @@ class Prepared:
     template_hash: str
 
 
-def build(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared:
-    """Read, validate, split and render the data; reuse/write the cache in <out_dir>/data given out_dir."""
+def build(
+    cfg: Config, tokenizer, out_dir: str | Path | None = None, auto: AutoLimit = "recorded"
+) -> Prepared:
+    """Read, validate, split and render the data; reuse/write the cache in <out_dir>/data given out_dir.
+
+    data.limit=auto: the cache holds the whole pool; `auto` says whether to take the recorded number of
+    pairs from it (module docstring)."""
+    pool = _build(cfg, tokenizer, out_dir)
+    if cfg.data.limit != "auto":
+        return pool
+    n = recorded_limit(out_dir, pool.train_examples, auto)
+    return pool if n is None else first_examples(pool, n)
+
+
+def _build(cfg: Config, tokenizer, out_dir: str | Path | None) -> Prepared:
     d = cfg.data
     template = get_template(d.template, d.format)
     cache = Path(out_dir) / CACHE_DIR if out_dir is not None else None
@@ -71,7 +92,7 @@ def build(cfg: Config, tokenizer, out_dir: str | Path | None = None) -> Prepared
         if hit is not None:
             return hit
     rejects = Rejects(d.on_bad_row, out_dir)
-    train_ex, test_ex = load_examples(d, rejects)
+    train_ex, test_ex = load_examples(d, rejects, auto="pool")
     train = render_all(train_ex, template, tokenizer, d.max_length, d.truncation, rejects)
     test = render_all(test_ex, template, tokenizer, d.max_length, d.truncation, rejects)
     _require_rendered(train, train_ex, d.path, "training", rejects)
@@ -163,8 +184,13 @@ def read_examples(path: str, d: DataConfig, rejects: Rejects) -> list[Example]:
     return out
 
 
-def load_examples(d: DataConfig, rejects: Rejects) -> tuple[list[Example], list[Example]]:
+def load_examples(
+    d: DataConfig, rejects: Rejects, auto: AutoLimit = "recorded_or_pool"
+) -> tuple[list[Example], list[Example]]:
     """(train, test) Examples: deduped if asked, split (or data.test_path), then data.limit on train.
+
+    data.limit=auto is looked up in the run dir the rejects go to (`rejects.out_dir`, the out_dir of data
+    inspect, which calls this directly); `auto` as in `build`.
 
     No step may empty a side that is asked for: read_examples and split raise, dedupe keeps the first of each
     group and data.limit is >= 1, so train (and test when test_size > 0 or test_path is set) is never empty.
@@ -178,9 +204,48 @@ def load_examples(d: DataConfig, rejects: Rejects) -> tuple[list[Example], list[
             test = dedupe(test, rejects)
     else:
         train, test = split(examples, d.test_size, d.seed, prompt_key, name=d.path)
-    if d.limit is not None:
-        train = train[: d.limit]
+    limit = recorded_limit(rejects.out_dir, train, auto) if d.limit == "auto" else d.limit
+    if limit is not None:
+        train = train[:limit]
     return train, test
+
+
+def recorded_limit(out_dir: str | Path | None, pool: list[Example], auto: AutoLimit) -> int | None:
+    """data.limit=auto resolved: the number of pairs train recorded, or None (the whole pool)."""
+    path = Path(out_dir) / CACHE_DIR / LIMIT_FILE if out_dir is not None else None
+    if auto == "pool":
+        return None
+    if path is None or not path.is_file():
+        if auto == "recorded_or_pool":
+            return None
+        raise UserError(
+            f"data.limit=auto: no run has been sized in {out_dir} yet (train writes {path} when it sizes "
+            "the data to train.time_budget): train first"
+        )
+    rec = json.loads(path.read_text())
+    n = rec["examples"]
+    if rec["pool"] != len(pool) or pool[n - 1].where != rec["last_where"]:
+        raise UserError(
+            f"{path}: data.limit=auto was sized on other data ({rec['pool']} training pairs, now "
+            f"{len(pool)}); train again"
+        )
+    return n
+
+
+def save_limit(out_dir: str | Path, pool: Prepared, n: int) -> Path:
+    """Record data.limit=auto's resolved n (the first n training pairs of `pool`) for every later build."""
+    path = Path(out_dir) / CACHE_DIR / LIMIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"examples": n, "pool": len(pool.train_examples), "last_where": pool.train_examples[n - 1].where}
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def first_examples(p: Prepared, n: int) -> Prepared:
+    """`p` with only its first n training examples and their samples (as data.limit=n would build it)."""
+    keep = p.train_examples[:n]
+    wheres = {ex.where for ex in keep}
+    return replace(p, train=[s for s in p.train if s["where"] in wheres], train_examples=keep)
 
 
 def dedupe(examples: list[Example], rejects: Rejects) -> list[Example]:

@@ -11,7 +11,7 @@ Truncation at data.max_length (`data.truncation`) keeps that contract: see data/
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from tunesmith.config import UserError
@@ -248,3 +248,19 @@ def render_prompt(example: Example, template: Template, tokenizer) -> list[int]:
         return _chat_template_ids(tokenizer, messages, add_generation_prompt=True)
     text = prompt_text(example, template)
     return encode_batch(tokenizer, [text], add_special_tokens=True)[0] if text else []
+
+
+# Between whole examples of a string template in one prompt: a blank line, as between paragraphs.
+SHOT_SEPARATOR = "\n\n"
+
+
+def render_fewshot(shots: Sequence[Example], question: Example, template: Template, tokenizer) -> list[int]:
+    """String template: each shot whole (prompt + answer) and a blank line, then the question's prompt.
+
+    The one few-shot rendering of string templates: compare's +fewshot and the earlier user/assistant turns
+    of a served conversation (generate.conversation_ids) both go through it, so they give the same ids.
+    """
+    text = "".join(
+        prompt_text(s, template) + s.fields[template.response_field] + SHOT_SEPARATOR for s in shots
+    )
+    return encode_batch(tokenizer, [text + prompt_text(question, template)], add_special_tokens=True)[0]

@@ -2,9 +2,10 @@
 
 Few-shot shots come from the training split only; a probe question (itself a training pair) never sees its own
 pair. RAG searches the configured corpus (eval.rag.corpus: "train", the training split's pairs with ids
-"train:<i>", or a folder of documents) through `retrieve/`; the index persists in eval.rag.index_dir or
-<run>/retrieval. Probe questions are training pairs, so with the "train" corpus their own pair is the gold
-passage and retrieval recall@k is measured on them.
+"train:<i>", or a folder of documents) through `retrieve.rag.open_rag`, the path `serve.rag` takes too (same
+passages, same index folder: eval.rag.index_dir or <run>/retrieval, same errors). Probe questions are
+training pairs, so with the "train" corpus their own pair is the gold passage and retrieval recall@k is
+measured on them.
 """
 
 from __future__ import annotations
@@ -47,32 +48,18 @@ def add_fewshot(
     )
 
 
-def open_corpus(cfg: Config, data: Prepared, tok, run: Path, embedder) -> tuple:
-    """(retriever, number of passages) over eval.rag.corpus; the index persists in its index dir."""
-    from tunesmith.retrieve.corpus import passages_from_documents, passages_from_examples
-    from tunesmith.retrieve.index import open_retriever
-
-    rc = cfg.eval.rag
-    if rc.corpus == TRAIN_CORPUS:
-        passages = passages_from_examples(data.train_examples)  # "train:<i>": the i-th training pair
-    else:
-        passages = passages_from_documents(rc.corpus, tok, rc.chunk_tokens, rc.overlap_tokens, "eval.rag")
-    index_dir = Path(rc.index_dir) if rc.index_dir else Path(run) / "retrieval"
-    name = rc.embedding_model or cfg.eval.embedding_model
-    loaded = embedder if embedder is not None and embedder.name == name else None  # not loaded twice
-    retriever = open_retriever(passages, rc.retriever, index_dir, name, loaded)
-    return retriever, len(passages)
-
-
 def add_rag(
     cfg: Config, data: Prepared, qs: tuple[Questions, Questions], tok, run: Path, embedder, addons: Addons
 ) -> dict:
     """Retrieve top-k passages for every question; returns {retrieval_recall, retrieval_ms}."""
     from tunesmith.retrieve.index import recall_at_k
+    from tunesmith.retrieve.rag import open_rag
 
     rc = cfg.eval.rag
     test, probe = qs
-    retriever, n_passages = open_corpus(cfg, data, tok, run, embedder)
+    # compare's run dir is this config's out_dir (<run>/retrieval); the split compare built is the corpus
+    run_cfg = cfg if Path(cfg.out_dir) == Path(run) else cfg.model_copy(update={"out_dir": str(run)})
+    retriever = open_rag(run_cfg, rc, tok, "eval.rag", embedder, data.train_examples)
     queries = test.questions + probe.questions
     t0 = time.perf_counter()
     hits = retriever.search_many(queries, rc.k) if queries else []
@@ -81,8 +68,8 @@ def add_rag(
     stats: dict = {"retrieval_ms": 1000 * took / len(queries) if queries else None}
     corpus = "the training split" if rc.corpus == TRAIN_CORPUS else rc.corpus
     addons.notes.append(
-        f"RAG: top {rc.k} of {n_passages} passages from {corpus} ({rc.retriever}) in the prompt; "
-        "the test split is never in the corpus"
+        f"RAG: top {rc.k} of {len(retriever.passages)} passages from {corpus} ({rc.retriever}) in the "
+        "prompt; the test split is never in the corpus"
     )
     if rc.corpus == TRAIN_CORPUS and addons.hits_probe:
         gold = [f"train:{j}" for j in own_indices(data.train_examples, probe)]

@@ -1,8 +1,9 @@
 """LLM-as-judge over any OpenAI-compatible endpoint: a 1-5 rubric score and a short reason per answer.
 
-Requests go through endpoint.py's `ChatClient` (the official `openai` client: HTTP retries with backoff,
-timeouts, the key from eval.judge.api_key_env); a reply that is not in the rubric's format is asked again
-here.
+Requests go through endpoint.py's `ChatClient`, made by `chat_client` from eval.judge exactly as for the
+endpoint systems (the official `openai` client: eval.judge.max_retries HTTP retries with backoff, timeouts,
+the key from eval.judge.api_key_env); a reply that is not in the rubric's format is asked again here
+(eval.judge.format_retries times; unset: max_retries, as that key always meant).
 Judge outputs are parsed robustly (JSON anywhere, code fences, "Score: 4") and cached by sha256 of
 (model, prompt) in a jsonl file, so re-running a report costs no requests.
 """
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from tunesmith.config import JudgeConfig
-from tunesmith.endpoint import ChatClient
+from tunesmith.endpoint import ChatClient, chat_client
 
 RUBRIC = """You are grading an answer to a question against a reference answer.
 
@@ -121,14 +122,8 @@ def _ask(client: ChatClient, prompt: str, attempts: int, backoff_s: float) -> di
 def judge(cfg: JudgeConfig, items: list[dict], cache_path: Path, backoff_s: float = 1.0) -> list[dict | None]:
     """Score each {question, reference, answer}: {'score': 1-5, 'reason'} or None when the judge's
     output stayed unparseable after retries. Cached results cost no request."""
-    client = ChatClient(
-        cfg.base_url,
-        cfg.model,
-        api_key_env=cfg.api_key_env,
-        timeout_s=cfg.timeout_s,
-        max_retries=cfg.max_retries,
-        where="eval.judge",
-    )  # a missing key fails before any work
+    client = chat_client(cfg, "eval.judge")  # a missing key fails before any work
+    format_retries = cfg.max_retries if cfg.format_retries is None else cfg.format_retries
     cache_path = Path(cache_path)
     cache = _read_cache(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +133,7 @@ def judge(cfg: JudgeConfig, items: list[dict], cache_path: Path, backoff_s: floa
             prompt = judge_prompt(item["question"], item["reference"], item["answer"])
             key = cache_key(cfg.model, prompt)
             if key not in cache:
-                found = _ask(client, prompt, cfg.max_retries + 1, backoff_s)
+                found = _ask(client, prompt, format_retries + 1, backoff_s)
                 if found is None:
                     results.append(None)
                     continue

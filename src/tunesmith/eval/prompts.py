@@ -2,11 +2,12 @@
 
 A system without add-ons is asked exactly as training rendered the question (`render_prompt`). `+fewshot` puts
 k TRAINING pairs before the question, rendered the way the model was taught: chat templates get them as
-earlier user/assistant turns, string templates as whole rendered examples (prompt + answer) in a row. The
-shots are chosen from the training split only (never a test pair) and never include the question's own pair
-(a probe question is a training pair; showing its answer would turn few-shot into lookup). `+rag` puts the
-retrieved passages into the messages through `retrieve.prompt.rag_messages`, the one place that does so (serve
-uses it too). A prompt longer than the model's context drops shots, least relevant first.
+earlier user/assistant turns, string templates as whole rendered examples (prompt + answer) in a row
+(`data/render.py: render_fewshot`, which serve uses for a conversation's earlier turns too). The shots are
+chosen from the training split only (never a test pair) and never include the question's own pair (a probe
+question is a training pair; showing its answer would turn few-shot into lookup). `+rag` puts the retrieved
+passages into the messages through `retrieve.prompt.rag_messages`, the one place that does so (serve uses it
+too). A prompt longer than the model's context drops shots, least relevant first.
 """
 
 from __future__ import annotations
@@ -15,13 +16,8 @@ import random
 from collections.abc import Sequence
 
 from tunesmith.config import UserError
-from tunesmith.data.encode import encode_batch
-from tunesmith.data.formats import Example, Template, as_messages, prompt_key, prompt_text
-from tunesmith.data.render import render_prompt
-from tunesmith.eval.questions import reference_of
-
-# Between rendered examples of a string template: a blank line, as between paragraphs of a document.
-SHOT_SEPARATOR = "\n\n"
+from tunesmith.data.formats import Example, Template, as_messages, prompt_key
+from tunesmith.data.render import render_fewshot, render_prompt
 
 
 def fewshot_choice(
@@ -88,19 +84,19 @@ def chat_messages(example: Example, shots: Sequence[Example], hits: list | None)
     return lead + turns + messages[len(lead) :]
 
 
-def _string_question(example: Example, template: Template, hits: list | None) -> str:
-    """The question's prompt text under a string template; with passages, they join the question field."""
+def _string_question(example: Example, template: Template, hits: list | None) -> Example:
+    """The question under a string template; with passages, they join the question field."""
     if hits is None:
-        return prompt_text(example, template)
+        return example
     from tunesmith.retrieve.prompt import last_user_text, rag_messages
 
-    user = last_user_text(rag_messages(question_messages(example), hits))  # what serve's prompt_ids renders
+    user = last_user_text(rag_messages(question_messages(example), hits))  # the question serve renders
     fields = dict(example.fields)
     if "question" in fields:
         fields["question"] = user
     else:  # alpaca: as_messages folded the input into the user turn, so it now lives in the instruction
         fields.update(instruction=user, input="")
-    return prompt_text(Example(where=example.where, fields=fields), template)
+    return Example(where=example.where, fields=fields)
 
 
 def prompt_for(
@@ -112,8 +108,7 @@ def prompt_for(
     if template.kind == "chat":
         messages = chat_messages(example, shots, hits)
         return render_prompt(Example(where=example.where, messages=messages), template, tok)
-    text = "".join(prompt_text(s, template) + reference_of(s, template) + SHOT_SEPARATOR for s in shots)
-    return encode_batch(tok, [text + _string_question(example, template, hits)], add_special_tokens=True)[0]
+    return render_fewshot(shots, _string_question(example, template, hits), template, tok)
 
 
 def fitted_prompt(

@@ -2,9 +2,11 @@
 
 `eval.systems` names them (`tuned+rag`, `endpoint:gpt+fewshot`). Local systems generate through our `generate`
 engine in length-sorted batches of eval.batch_size, each batch timed (every answer of a batch waited as long
-as the batch took: that is its latency). Endpoint systems send the same chat messages one request at a time
-through `endpoint.ChatClient` (its latency is the request's). Every system records what it cost per answer:
-prompt tokens, latency, and on CUDA the peak memory while answering.
+as the batch took: that is its latency). Endpoint systems send the same chat messages, a request each, through
+`endpoint.ChatClient.chat_many`, eval.endpoints.NAME.concurrency of them in flight at once (each answer's
+latency is its own request's, queueing at the server included). Every system records what it cost per answer:
+prompt tokens, latency, and for a local system the peak memory while answering (CUDA: the allocator's peak;
+CPU: the process's peak RSS above its RSS when the system started, Linux only, else not recorded).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tunesmith.eval.prompts import chat_messages, fitted_prompt
 from tunesmith.eval.questions import Questions
 from tunesmith.generate import Completion, generate_batch
 from tunesmith.model.load import pad_id
-from tunesmith.runtime import autocast_dtype, print0
+from tunesmith.runtime import autocast_dtype, peak_memory_since, print0, reset_peak_memory
 
 LOCAL_MODELS = ("base", "tuned")
 
@@ -170,12 +172,11 @@ def answer_local(
         + (f" + {len(probe_prompts)} probe" if probe_prompts else "")
     )
     dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    start = reset_peak_memory(dev)
     t0 = time.perf_counter()
     out, latencies = timed_generate(model, tok, prompts, gen, progress=True)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    peak = peak_memory_since(dev, start)
     loss: dict = {}
     if system.plain and test.samples:  # loss of the training prompt only: an add-on prompt is another task
         amp = autocast_dtype(cfg.train.precision, dev)
@@ -207,42 +208,46 @@ def answer_endpoint(
     system: System, test: Questions, probe: Questions, addons: Addons, cfg: Config
 ) -> Answers:
     """endpoint:NAME's answers to the same questions as chat messages (+ shots/passages), a request each."""
-    from tunesmith.endpoint import ChatClient
+    from tunesmith.endpoint import chat_client
 
     name = system.model.split(":", 1)[1]
     ep = cfg.eval.endpoints[name]
-    where = f"eval.endpoints.{name}"
     gen = eval_generate_config(cfg)
+    conversations, labels = [], []
+    for qs, is_probe in ((test, False), (probe, True)):
+        shots, hits = addons.for_system(system, is_probe)
+        for i, ex in enumerate(qs.examples):
+            conversations.append(chat_messages(ex, shots[i] if shots else [], hits[i] if hits else None))
+            labels.append(f"{ex.where}: {qs.questions[i]}")
     print0(
-        f"{system.name}: asking {ep.model} at {ep.base_url} "
-        f"{len(test.examples) + len(probe.examples)} questions"
+        f"{system.name}: asking {ep.model} at {ep.base_url} {len(conversations)} questions, "
+        f"{ep.concurrency} at a time"
     )
-    completions: list[Completion] = []
-    answers = Answers([], [], {}, 0.0)
     t0 = time.perf_counter()
-    with ChatClient(
-        ep.base_url,
-        ep.model,
-        api_key_env=ep.api_key_env,
-        timeout_s=ep.timeout_s,
-        max_retries=ep.max_retries,
-        where=where,
-    ) as client:
-        for qs, is_probe in ((test, False), (probe, True)):
-            shots, hits = addons.for_system(system, is_probe)
-            for i, ex in enumerate(qs.examples):
-                messages = chat_messages(ex, shots[i] if shots else [], hits[i] if hits else None)
-                reply = client.chat(
-                    messages, max_tokens=gen.max_new_tokens, temperature=0.0, stop=gen.stop or None
-                )
-                finish = "length" if reply.finish_reason == "length" else "stop"
-                completions.append(Completion([], reply.text, finish, reply.prompt_tokens or 0))
-                answers.latencies.append(reply.latency_s)
-                answers.prompt_tokens.append(reply.prompt_tokens)
-                answers.completion_tokens.append(reply.completion_tokens)
-    answers.seconds = time.perf_counter() - t0
-    answers.test, answers.probe = completions[: len(test.examples)], completions[len(test.examples) :]
-    return answers
+    with chat_client(ep, f"eval.endpoints.{name}") as client:
+        replies = client.chat_many(
+            conversations,
+            concurrency=ep.concurrency,
+            max_tokens=gen.max_new_tokens,
+            temperature=0.0,
+            stop=gen.stop or None,
+            labels=labels,
+        )
+    seconds = time.perf_counter() - t0
+    out = [
+        Completion([], r.text, "length" if r.finish_reason == "length" else "stop", r.prompt_tokens or 0)
+        for r in replies
+    ]
+    n = len(test.examples)
+    return Answers(
+        out[:n],
+        out[n:],
+        {},
+        seconds,
+        latencies=[r.latency_s for r in replies],  # each request's own time, however many were in flight
+        prompt_tokens=[r.prompt_tokens for r in replies],
+        completion_tokens=[r.completion_tokens for r in replies],
+    )
 
 
 def percentile(values: list[float], q: float) -> float | None:

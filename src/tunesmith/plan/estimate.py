@@ -10,6 +10,7 @@ from tunesmith.config import Config
 from tunesmith.model.load import load_config_only
 from tunesmith.plan.arch import arch_from_config, flops_per_token, param_counts
 from tunesmith.plan.devices import target_device
+from tunesmith.plan.history import plan_mfu
 from tunesmith.plan.memory import (
     fit_table,
     inference_memory,
@@ -41,7 +42,9 @@ def make_plan(
         steps = max(1, -(-int(total_tokens * cfg.train.epochs) // tokens_per_step))
     flops = flops_per_token(arch, seq, cfg.lora or False, ckpt, label_fraction)
     flops_formula = flops.pop("formula")
-    tokens_per_s = target["peak_flops"] * cfg.plan.expected_mfu / flops["model"]
+    counts = param_counts(arch, cfg.lora)
+    expected_mfu, mfu_source = plan_mfu(cfg, target, arch.family, counts["total"])
+    tokens_per_s = target["peak_flops"] * expected_mfu / flops["model"]
     step_s = tokens_per_step / tokens_per_s
     memory = training_memory(arch, cfg, rows, seq, prec, label_fraction)
     return {
@@ -53,7 +56,7 @@ def make_plan(
             "heads": arch.heads,
             "kv_heads": arch.kv_heads,
             "vocab": arch.vocab,
-            **param_counts(arch, cfg.lora),
+            **counts,
         },
         "run": {
             "micro_batch": rows,
@@ -88,7 +91,8 @@ def make_plan(
             "device": target["name"],
             "autocast": target["autocast"],
             "peak_flops": target["peak_flops"],
-            "expected_mfu": cfg.plan.expected_mfu,
+            "expected_mfu": expected_mfu,
+            "mfu_source": mfu_source,
             "tokens_per_s": tokens_per_s,
             "step_s": step_s,
             "total_s": step_s * steps if steps else None,

@@ -1,9 +1,10 @@
 """Retrieval over a list of passages: BM25, dense, or both fused by reciprocal rank; built once, persisted.
 
 The index folder holds passages.jsonl, the rankers' files (stores.py) and meta.json, written LAST, with the
-hash of (passages, kind, embedder, vector store). `open_retriever` loads the folder when that hash matches
-and otherwise rebuilds it (meta.json removed first, stale files of the other kind removed), so an index of
-other passages or another kind is never mixed in, and a build cut short is never taken for a finished one.
+hash of (passages, kind, embedder, vector store, BM25 stemmer). `open_retriever` loads the folder when that
+hash matches and otherwise rebuilds it (meta.json removed first, stale files of the other kind removed), so an
+index of other passages or another kind is never mixed in, and a build cut short is never taken for a
+finished one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tunesmith.retrieve.stores import EXACT_MAX, STORE_NAMES, Bm25, ExactVectors
 KINDS = ("bm25", "dense", "hybrid")
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009): 1/(60 + rank) per list
 HYBRID_DEPTH = 50  # candidates each ranker hands to the fusion
-FORMAT = 1  # bump when the files change meaning
+FORMAT = 2  # bump when the files change meaning (2: BM25 tokens stemmed, meta.json names the stemmer)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,10 @@ def recall_at_k(hits: list[list[Hit]], gold_ids: list[str | None], k: int) -> fl
     return sum(any(h.passage.id == gold for h in row[:k]) for row, gold in known) / len(known)
 
 
-def _fingerprint(passages: list[Passage], kind: str, embedder_name: str | None, store: str | None) -> str:
-    h = hashlib.sha256(json.dumps([FORMAT, kind, embedder_name, store]).encode())
+def _fingerprint(
+    passages: list[Passage], kind: str, embedder_name: str | None, store: str | None, stemmer: str | None
+) -> str:
+    h = hashlib.sha256(json.dumps([FORMAT, kind, embedder_name, store, stemmer]).encode())
     for p in passages:
         h.update(json.dumps([p.id, p.text, p.source], ensure_ascii=False).encode() + b"\n")
     return h.hexdigest()
@@ -129,17 +132,19 @@ def open_retriever(
     embedder: Embedder | None = None,
     exact_max: int = EXACT_MAX,
     where: str = "rag",
+    stemmer: str = "english",
 ) -> Retriever:
     """The retriever over `passages`, loaded from `index_dir` when built there from the same inputs, else
     built and saved there. `embedder` (optional): `embedder_name` already loaded, so it is not loaded twice;
-    `where` names the config section in errors ("eval.rag", "serve.rag").
+    `where` names the config section in errors ("eval.rag", "serve.rag"); `stemmer`: BM25's (rag.stemmer).
     """
     _check(kind, passages, embedder_name, where)
     index_dir = Path(index_dir)
     dense = kind != "bm25"
     embedder_name = embedder_name if dense else None
+    stemmer = stemmer if kind != "dense" else None  # only BM25 tokenizes: a dense index ignores it
     store = ("exact" if len(passages) <= exact_max else "hnsw") if dense else None
-    fingerprint = _fingerprint(passages, kind, embedder_name, store)
+    fingerprint = _fingerprint(passages, kind, embedder_name, store, stemmer)
     if dense and embedder is None:
         embedder = require_embedder(embedder_name, where)
     meta = read_meta(index_dir)
@@ -151,6 +156,7 @@ def open_retriever(
         "kind": kind,
         "embedder": embedder_name,
         "store": store,
+        "stemmer": stemmer,
         "passages": len(passages),
         "files": _files(kind, store),
     }
@@ -158,7 +164,7 @@ def open_retriever(
 
 
 def read_meta(index_dir: Path) -> dict | None:
-    """A finished index's meta.json (kind, embedder, store, passages, files), else None (nothing usable)."""
+    """A finished index's meta.json (kind, embedder, store, stemmer, passages, files), else None."""
     index_dir = Path(index_dir)
     try:
         meta = json.loads((index_dir / "meta.json").read_text())
@@ -183,7 +189,7 @@ def _build(index_dir: Path, passages: list[Passage], meta: dict, embedder: Embed
         for p in passages:
             f.write(json.dumps({"id": p.id, "text": p.text, "source": p.source}, ensure_ascii=False) + "\n")
     texts = [p.text for p in passages]
-    bm25 = Bm25.build(texts) if kind != "dense" else None
+    bm25 = Bm25.build(texts, meta["stemmer"]) if kind != "dense" else None
     if bm25 is not None:
         shutil.rmtree(index_dir / "bm25", ignore_errors=True)
         bm25.save(index_dir)
@@ -200,7 +206,7 @@ def _build(index_dir: Path, passages: list[Passage], meta: dict, embedder: Embed
 
 def _load(index_dir: Path, meta: dict, passages: list[Passage], embedder: Embedder | None) -> Retriever:
     kind, store = meta["kind"], meta["store"]
-    bm25 = Bm25.load(index_dir) if kind != "dense" else None
+    bm25 = Bm25.load(index_dir, meta["stemmer"]) if kind != "dense" else None
     vectors = STORE_NAMES[store].load(index_dir) if store is not None else None
     return Retriever(passages, kind, bm25, vectors, embedder)
 
@@ -215,7 +221,10 @@ def load_retriever(index_dir: Path, embedder: Embedder | None = None) -> Retriev
         )
     with open(index_dir / "passages.jsonl", encoding="utf-8") as f:
         passages = [Passage(**json.loads(line)) for line in f]
-    if _fingerprint(passages, meta["kind"], meta["embedder"], meta["store"]) != meta["fingerprint"]:
+    if (
+        _fingerprint(passages, meta["kind"], meta["embedder"], meta["store"], meta["stemmer"])
+        != meta["fingerprint"]
+    ):
         raise UserError(f"{index_dir}/passages.jsonl: changed since the index was built (delete {index_dir})")
     if meta["kind"] != "bm25" and embedder is None:
         embedder = require_embedder(meta["embedder"], "rag")

@@ -30,9 +30,12 @@ def embedder_name_of(cfg: Config, rag: RagConfig) -> str | None:
     return rag.embedding_model or cfg.eval.embedding_model
 
 
-def train_passages(cfg: Config, tok, where: str) -> list[Passage]:
+def train_passages(cfg: Config, tok, where: str, train_examples: list | None = None) -> list[Passage]:
     """The run's training pairs (never its test split) as passages "train:<i>", i = position in
-    `data.pipeline.build(...).train_examples` (the run's cached split when there is one)."""
+    `data.pipeline.build(...).train_examples` (the run's cached split when there is one).
+
+    `train_examples`: that list when the caller already built the data (compare), so it is not built twice.
+    """
     from tunesmith.data.pipeline import build
 
     if cfg.data.format == "text" or cfg.data.streaming:
@@ -40,24 +43,44 @@ def train_passages(cfg: Config, tok, where: str) -> list[Passage]:
             f"{where}.corpus: 'train' needs question/answer training data (data.format={cfg.data.format}"
             f"{', streaming' if cfg.data.streaming else ''}); point {where}.corpus at a folder of documents"
         )
-    return passages_from_examples(build(cfg, tok, cfg.out_dir).train_examples)
+    if train_examples is None:
+        train_examples = build(cfg, tok, cfg.out_dir).train_examples
+    return passages_from_examples(train_examples)
 
 
-def rag_passages(cfg: Config, rag: RagConfig, tok, where: str) -> list[Passage]:
+def rag_passages(
+    cfg: Config, rag: RagConfig, tok, where: str, train_examples: list | None = None
+) -> list[Passage]:
     """The passages `rag.corpus` names: the training pairs ('train') or chunked documents (a path)."""
     if rag.corpus == "train":
-        return train_passages(cfg, tok, where)
+        return train_passages(cfg, tok, where, train_examples)
     return passages_from_documents(rag.corpus, tok, rag.chunk_tokens, rag.overlap_tokens, where)
 
 
-def open_rag(cfg: Config, rag: RagConfig, tok, where: str, embedder: Embedder | None = None) -> Retriever:
+def open_rag(
+    cfg: Config,
+    rag: RagConfig,
+    tok,
+    where: str,
+    embedder: Embedder | None = None,
+    train_examples: list | None = None,
+) -> Retriever:
     """The retriever for a `rag:` section, loaded from its index folder or built there once.
 
     `tok` counts document chunk tokens (and renders the training split for corpus=train): pass the base
     model's tokenizer (`model.load.load_tokenizer(cfg.model)`) so eval and serve build the same index.
-    `where` ("eval.rag" / "serve.rag") names the section in errors; `embedder`: one already loaded.
+    `where` ("eval.rag" / "serve.rag") names the section in errors; `embedder`: one already loaded (used
+    only when it is the one the section names); `train_examples`: the built training split, if at hand.
     """
-    passages = rag_passages(cfg, rag, tok, where)
+    passages = rag_passages(cfg, rag, tok, where, train_examples)
+    name = embedder_name_of(cfg, rag)
+    loaded = embedder if embedder is not None and embedder.name == name else None  # else loaded by name
     return open_retriever(
-        passages, rag.retriever, index_dir_of(cfg, rag), embedder_name_of(cfg, rag), embedder, where=where
+        passages,
+        rag.retriever,
+        index_dir_of(cfg, rag),
+        name,
+        loaded,
+        where=where,
+        stemmer=rag.stemmer,
     )

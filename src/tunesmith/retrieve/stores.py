@@ -1,6 +1,7 @@
 """The three rankers behind a Retriever, each built once, saved to and loaded from the index folder.
 
-- `Bm25`: lexical, through `bm25s` (sparse matrices; lowercased words, English stopwords, no stemming).
+- `Bm25`: lexical, through `bm25s` (sparse matrices; lowercased words, English stopwords, and the
+  Snowball English stemmer from PyStemmer unless rag.stemmer=none, so "earning" finds "earnings").
 - `ExactVectors`: dense, an exact inner-product scan in numpy over unit vectors, up to `EXACT_MAX`.
 - `HnswVectors`: dense, a faiss HNSW graph (32 links, efSearch 128), for corpora past `EXACT_MAX`.
 
@@ -51,39 +52,63 @@ def _faiss():
     return faiss
 
 
-def words(texts: list[str]) -> list[list[str]]:
-    """BM25's tokens: lowercased words without English stopwords."""
+def _stemmer(name: str):
+    """rag.stemmer -> a PyStemmer stemmer for bm25s, or None for "none"."""
+    if name == "none":
+        return None
+    try:
+        import Stemmer
+    except ImportError:
+        raise UserError(
+            f"retrieval: rag.stemmer={name} needs PyStemmer (pip install 'tunesmith[eval]', or stemmer: none)"
+        ) from None
+    return Stemmer.Stemmer(name)
+
+
+def words(texts: list[str], stemmer: str = "english") -> list[list[str]]:
+    """BM25's tokens: lowercased words, English stopwords dropped, stemmed by `stemmer` ("none": as is)."""
     bm25s = _bm25s()
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False, token_pattern=_WORD)
+    return bm25s.tokenize(
+        texts,
+        stopwords="en",
+        stemmer=_stemmer(stemmer),
+        return_ids=False,
+        show_progress=False,
+        token_pattern=_WORD,
+    )
 
 
 class Bm25:
-    """A BM25 index over passage texts; a passage sharing no word with the query is never returned."""
+    """A BM25 index over passage texts; a passage sharing no word with the query is never returned.
+
+    Queries are tokenized with the stemmer the passages were (it is not in bm25s' files: index.py keeps it in
+    meta.json and hands it back to `load`).
+    """
 
     FILES = ("bm25",)
 
-    def __init__(self, index) -> None:
-        self.index = index  # bm25s.BM25
+    def __init__(self, index, stemmer: str) -> None:
+        self.index, self.stemmer = index, stemmer  # bm25s.BM25, rag.stemmer
 
     @classmethod
-    def build(cls, texts: list[str]) -> Bm25:
+    def build(cls, texts: list[str], stemmer: str = "english") -> Bm25:
         """Index `texts` (passage order is the index order)."""
         index = _bm25s().BM25()
-        index.index(words(texts), show_progress=False)
-        return cls(index)
+        index.index(words(texts, stemmer), show_progress=False)
+        return cls(index, stemmer)
 
     def save(self, folder: Path) -> None:
         """Write the index under folder/bm25/."""
         self.index.save(str(folder / "bm25"))
 
     @classmethod
-    def load(cls, folder: Path) -> Bm25:
-        """Read what `save` wrote."""
-        return cls(_bm25s().BM25.load(str(folder / "bm25")))
+    def load(cls, folder: Path, stemmer: str = "english") -> Bm25:
+        """Read what `save` wrote; `stemmer`: the one it was built with."""
+        return cls(_bm25s().BM25.load(str(folder / "bm25")), stemmer)
 
     def rank(self, queries: list[str], depth: int) -> list[Ranked]:
         """The `depth` best passages per query, by BM25 score; zero scores (no shared word) left out."""
-        tokens = words(queries)
+        tokens = words(queries, self.stemmer)
         if not any(tokens):  # bm25s cannot score a batch of empty queries
             return [[] for _ in queries]
         docs, scores = self.index.retrieve(tokens, k=depth, show_progress=False, n_threads=0)

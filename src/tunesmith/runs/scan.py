@@ -6,8 +6,11 @@ The status comes from manifest.json's latest segment (train/record.py writes and
                manifest: checkpoints but no final/
   failed       diverged or raised (the segment says so, with the error), or still marked running while the
                process that wrote it is gone (killed, out of memory, the machine went down)
-  running      marked running and its pid is alive on this host (on another host: not checked, and said so)
-  unknown      nothing on disk tells (no manifest and no checkpoint nor final/; a segment without a pid)
+  running      marked running, its heartbeat (train/heartbeat.py) is fresh and, on this host, its pid is alive
+               (on another host the heartbeat is all there is); a segment written before heartbeats existed,
+               or one that has not beaten yet: its pid is alive on this host (another host: not checked)
+  unknown      nothing on disk tells (no manifest and no checkpoint nor final/; a segment without a pid), or
+               the heartbeat is stale while the process may still be there (another host; a pid alive here)
   unreadable   manifest.json or config.yaml is corrupt, or the dir cannot be read: the reason says which
 Every row has every key of ROW_KEYS (None where the run does not tell), so `--json` is stable for scripts.
 """
@@ -18,12 +21,14 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tunesmith.config import UserError
+from tunesmith.train.heartbeat import read_heartbeat, stale_after
 
 MARKERS = ("manifest.json", "config.yaml")  # a dir holding either is a run dir
 # What a run dir holds besides earlier runs moved aside (previous-*/, listed as runs of their own).
@@ -148,21 +153,45 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): kill(pid, 0) succeeding is all there is
 
 
-def _live(seg: dict) -> tuple[str, str]:
-    """A segment still marked running: running if its process is alive, failed if it is gone."""
+def _dead(pid: int) -> tuple[str, str]:
+    """Marked running on this host, but its process is gone."""
+    return "failed", (
+        f"process {pid} ended without closing its record (killed, out of memory, or the machine went down); "
+        "train.resume=auto continues from the newest checkpoint"
+    )
+
+
+def _live(seg: dict, run: Path, now: float) -> tuple[str, str]:
+    """A segment still marked running: judged by its heartbeat when it has one, else by its pid."""
     pid, host = seg.get("pid"), seg.get("host")
     if not isinstance(pid, int):
         return (
             "unknown",
             "marked running, but no pid recorded (an older tunesmith): alive or dead cannot be told",
         )
-    if host != socket.gethostname():
-        return "running", f"marked running by pid {pid} on {host} (not checked from here)"
-    if _alive(pid):
-        return "running", f"pid {pid}"
-    return "failed", (
-        f"process {pid} ended without closing its record (killed, out of memory, or the machine went down); "
-        "train.resume=auto continues from the newest checkpoint"
+    here = host == socket.gethostname()
+    beat = read_heartbeat(run)
+    if beat is None or (beat.get("pid"), beat.get("host")) != (pid, host):
+        # no heartbeat of this segment: written before heartbeats existed, or not yet beaten
+        if not here:
+            return "running", f"marked running by pid {pid} on {host} (not checked from here)"
+        return ("running", f"pid {pid}") if _alive(pid) else _dead(pid)
+    if here and not _alive(pid):
+        return _dead(pid)
+    age, step = now - beat["time"], beat.get("step")
+    at = f"step {step}" if isinstance(step, int) else "before its first step"
+    where = "" if here else f" on {host}"
+    if age <= stale_after(beat):
+        return "running", f"pid {pid}{where}, heartbeat {max(age, 0):.0f}s ago ({at})"
+    since = time.strftime("%H:%M UTC", time.gmtime(beat["time"]))
+    maybe = (
+        "a slow step or eval, a hung process, or the pid now belongs to another process"
+        if here
+        else "stopped without closing its record, or hung (cannot be checked from here)"
+    )
+    return "unknown", (
+        f"no heartbeat since {since} ({at}) from pid {pid}{where}: {maybe}; "
+        "if it is gone, train.resume=auto continues from the newest checkpoint"
     )
 
 
@@ -176,8 +205,8 @@ def _from_files(run: Path, why: str) -> tuple[str, str]:
     return "unknown", f"{why}; no checkpoint and no final/"
 
 
-def status_of(run: Path, manifest: dict | None) -> tuple[str, str | None]:
-    """(status, reason): see the module docstring."""
+def status_of(run: Path, manifest: dict | None, now: float | None = None) -> tuple[str, str | None]:
+    """(status, reason): see the module docstring; `now` (seconds since the epoch) ages the heartbeat."""
     segments = manifest.get("segments") if manifest else None
     if not segments or not isinstance(segments[-1], dict):
         return _from_files(run, "no manifest.json" if manifest is None else "manifest.json has no segments")
@@ -190,7 +219,7 @@ def status_of(run: Path, manifest: dict | None) -> tuple[str, str | None]:
     if state in ("diverged", "failed"):
         return "failed", f"{state} at step {at}: {seg.get('error') or 'no error recorded'}"
     if state == "running":
-        return _live(seg)
+        return _live(seg, run, time.time() if now is None else now)
     return _from_files(run, f"latest segment's status is {state!r}")
 
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import Config, GenerateConfig, UserError
-from tunesmith.generate import Completion, prompt_ids
+from tunesmith.generate import Completion, conversation_ids
 from tunesmith.serve.models import load_models, model_specs
 from tunesmith.serve.playground import example_questions, page
 from tunesmith.serve.rag import ServeRag, fit, open_serve_rag, retrieval_json
@@ -133,14 +133,17 @@ async def _chat_prompt(
     cfg: Config, lm: LoadedModel, rag: ServeRag | None, messages: list[dict], limit: int | None
 ) -> tuple[list[int], dict | None]:
     """(prompt ids, extra response fields): with serve.rag, the best passages that fit the context go in the
-    last user turn and come back in `retrieval`; a conversation the template cannot render is a 400."""
-    render = lambda msgs: prompt_ids(lm.template, lm.tokenizer, msgs)  # noqa: E731
+    last user turn and come back in `retrieval`; a conversation the template cannot render is a 400.
+
+    A string template renders earlier user/assistant pairs as few-shot examples (`conversation_ids`)."""
+    answer_room = limit or min(cfg.generate.max_new_tokens, cfg.serve.max_tokens_cap)
+    room = lm.context_len - answer_room
+    render = lambda msgs: conversation_ids(lm.template, lm.tokenizer, msgs, room)  # noqa: E731
     try:
         if rag is None:
             return render(messages), None
         hits = await asyncio.to_thread(rag.search, messages)  # embedding the query is CPU work: off the loop
-        answer_room = limit or min(cfg.generate.max_new_tokens, cfg.serve.max_tokens_cap)
-        ids, hits = fit(messages, hits, render, lm.context_len - answer_room)
+        ids, hits = fit(messages, hits, render, room)
         return ids, {"retrieval": retrieval_json(hits)}
     except UserError as e:
         raise ApiError(400, f"messages: {e}", param="messages") from None

@@ -13,7 +13,9 @@ import math
 import time
 
 from tunesmith.eval.loss import evaluate_loss
-from tunesmith.runtime import autocast
+from tunesmith.runtime import autocast, print0
+from tunesmith.train import select
+from tunesmith.train.log import read_metrics
 from tunesmith.train.prepare import Run
 
 # train.select name -> the key of the probe summary (eval/scoring.py) that holds it
@@ -77,3 +79,12 @@ def evaluate(r: Run, last: bool, metric: str) -> tuple[dict, dict]:
         found = probe(r)
         results, compared = {**results, **found}, {**compared, **found}
     return {**results, "seconds": round(time.time() - t0, 3)}, compared
+
+
+def print_curve(r: Run, sel: select.Selection) -> None:
+    """The held-out curve this run trained through and the step best/ keeps (two evals or more)."""
+    rows = [row for row in read_metrics(r.dir / "metrics.jsonl") if row.get("split") == "eval"]
+    if len(rows) >= 2:
+        print0(select.format_curve(rows, sel, r.dir / "best"))
+    elif sel.step is not None and not r.eval_every:
+        print0("note: train.eval_every=0: the final eval is the only one, so best/ is final/ (hard links)")

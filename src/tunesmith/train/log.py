@@ -21,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from tunesmith.train.heartbeat import Heartbeat
 from tunesmith.train.track import Tracker
 
 # Plain progress lines (stdout not a terminal): at most one per this many seconds, so a 10-minute run prints
@@ -29,10 +30,14 @@ PLAIN_EVERY_S = 15.0
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step / eval to metrics.jsonl and hands each row to every tracker."""
+    """Appends one JSON object per logged step / eval to metrics.jsonl and hands each row to every tracker;
+    keeps the run's heartbeat.json fresh (written now, then with the rows, at most every BEAT_S seconds)."""
 
     def __init__(self, path: Path, trackers: list[Tracker], enabled: bool = True):
         self.path, self.trackers, self.enabled = path, trackers, enabled
+        self.heartbeat = Heartbeat(path.parent)
+        if enabled:  # rank 0: the segment has begun (its first row may be minutes away)
+            self.heartbeat.start()
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -41,6 +46,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         for tracker in self.trackers:
             tracker.metrics(row)
+        self.heartbeat.beat(row["step"])
 
 
 def rewind(path: Path, step: int) -> int:

@@ -29,7 +29,7 @@ from tunesmith.data.render import IGNORE
 from tunesmith.model.export import save_final
 from tunesmith.model.loss import loss_sum, next_token_targets
 from tunesmith.runtime import Dist, autocast, print0
-from tunesmith.train import checkpoint, distributed, evals, select, track
+from tunesmith.train import budget, checkpoint, distributed, evals, select, track
 from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics
 from tunesmith.train.prepare import Run, prepare
 from tunesmith.train.record import end_segment, failed_on_error
@@ -194,7 +194,7 @@ def train(cfg: Config) -> dict:
         track.open_trackers(cfg, r.dir, r.start) if d.is_main else [],  # train.report_to, rank 0 only
         enabled=d.is_main,
     )
-    done, tokens, last_eval, last_loss = r.start, r.tokens, {}, None
+    done, tokens, last_eval, last_loss, at_budget = r.start, r.tokens, {}, None, False
     # the best eval so far and the patience count (restored from the checkpoint on a resume)
     sel = select.start(tc.select, tc.select_mode, tc.early_stop_min_delta, tc.early_stop_patience, r.select)
     early = _early(sel, done, r.total)  # a run that stopped early, resumed: nothing left to train
@@ -260,12 +260,17 @@ def train(cfg: Config) -> dict:
                 bar.update(task, loss=row["loss"], tps=tps)
             bar.update(task, completed=done, lr=lr)
 
-            # (5) eval, keep the best (best/), maybe stop early; checkpoint (the cursor carries the token
-            # count and the selection, so a resumed run counts on and keeps its best and patience)
-            if r.data.test and ((tc.eval_every and done % tc.eval_every == 0) or done == r.total):
-                last_eval, sel = _eval_and_select(r, log, sel, done)
+            # (5) train.time_budget: stop here when the next step, the final eval and the final save would
+            # pass it; then eval (the last over all held-out), keep the best (best/), maybe stop early;
+            # checkpoint (the cursor carries the token count and the selection, so a resumed run counts on)
+            every = r.eval_every
+            at_budget = done < r.total and budget.stop_now(r.guard, seconds, done + 1, every, d)
+            last = done == r.total or at_budget
+            if r.data.test and ((every and done % every == 0) or last):
+                last_eval, sel = _eval_and_select(r, log, sel, done, last)
                 early = _early(sel, done, r.total)
-            if (tc.save_every and (done % tc.save_every == 0 or done == r.total or early)) or stop.signum:
+            if (tc.save_every and (done % tc.save_every == 0 or last or early)) or stop.signum or at_budget:
+                t_save = time.time()
                 if d.is_main:
                     checkpoint.save(
                         r.dir,
@@ -279,6 +284,7 @@ def train(cfg: Config) -> dict:
                         scaler=r.scaler,
                     )
                 distributed.barrier(d)
+                budget.saved(r.guard, time.time() - t_save)
             if stop.signum:
                 print0(
                     f"stopped by signal {stop.signum} at step {done}; checkpoint saved, resume with "
@@ -288,6 +294,10 @@ def train(cfg: Config) -> dict:
             if early:
                 log.write({"step": done, "split": "event", "event": "early_stop", "reason": early})
                 print0(f"stopped early at step {done} of {r.total}: {early}")
+                break
+            if at_budget:
+                log.write({"step": done, "split": "event", "event": "time_budget", "planned": r.total})
+                print0(budget.stop_line(r.guard, done, r.dir / "checkpoints" / f"step-{done}"))
                 break
 
     result = {
@@ -300,6 +310,7 @@ def train(cfg: Config) -> dict:
         "wall_seconds": time.time() - r.t0,
         "best": sel.to_dict() if sel.step is not None else None,
         "early_stop": {"step": done, "reason": early} if early else None,
+        "time_budget": {"step": done, "planned": r.total} if at_budget else None,
     }
     return _finish(r, result, stop.signum, tokens - r.tokens, sel, log.trackers)
 
@@ -321,6 +332,9 @@ def _finish(
         if sel.step == done:  # the last eval is the best: best/ is final/ (hard links)
             checkpoint.link_best(r.dir, r.dir / "final", select.best_info(sel, result["eval"]))
         plot_losses(read_metrics(r.dir / "metrics.jsonl"), r.dir / "loss.png")
+        if r.guard is not None or r.budget is not None:
+            stopped = result["time_budget"] is not None
+            r.plan["budget"] = budget.measured(r.budget, r.guard, done, stopped, result)
         # this segment's tokens over this segment's step time: the rate the process ran at
         result["plan"] = finish_plan(
             r.plan,
@@ -332,11 +346,10 @@ def _finish(
             r.before_model,
         )
         (r.dir / "train_result.json").write_text(json.dumps(result, indent=2, default=str))
-        end_segment(
-            r.dir, done, "finished", extra={"early_stop": result["early_stop"], "best": result["best"]}
-        )
+        extra = {k: result[k] for k in ("early_stop", "best", "time_budget")}
+        end_segment(r.dir, done, "finished", extra=extra)
         track.finish(trackers, r.dir, "finished", r.dir / "final" if r.cfg.train.report_model else None)
-        _print_curve(r, sel)
+        evals.print_curve(r, sel)
         print0(f"done: {result['steps']} steps, final model in {r.dir / 'final'}")
     distributed.barrier(d)
     distributed.shutdown(d)
@@ -361,26 +374,17 @@ def _early(sel: select.Selection, done: int, total: int) -> str | None:
 
 
 def _eval_and_select(
-    r: Run, log: MetricsLog, sel: select.Selection, done: int
+    r: Run, log: MetricsLog, sel: select.Selection, done: int, last: bool
 ) -> tuple[dict, select.Selection]:
     """Evaluate, log the eval row, update the selection; a new best before the last step is written to best/
     (the last step's best is linked from final/ once that is written)."""
-    results, compared = evals.evaluate(r, done == r.total, sel.metric)
+    results, compared = evals.evaluate(r, last, sel.metric)
     epoch = _epoch(r.stream)
     log.write({"step": done, "split": "eval", "epoch": epoch, **results})
     sel, is_best = select.observe(sel, select.metric_value(sel, compared), done, epoch)
-    if is_best and done < r.total:
+    if is_best and not last:
         if r.dist.is_main:
             merge = bool(r.cfg.lora and r.cfg.lora.merge)
             checkpoint.save_best(r.dir, r.core, r.tok, _spec(r), merge, select.best_info(sel, results))
         distributed.barrier(r.dist)
     return results, sel
-
-
-def _print_curve(r: Run, sel: select.Selection) -> None:
-    """The held-out curve this run trained through and the step best/ keeps (two evals or more)."""
-    evals = [row for row in read_metrics(r.dir / "metrics.jsonl") if row.get("split") == "eval"]
-    if len(evals) >= 2:
-        print0(select.format_curve(evals, sel, r.dir / "best"))
-    elif sel.step is not None and not r.cfg.train.eval_every:
-        print0("note: train.eval_every=0: the final eval is the only one, so best/ is final/ (hard links)")

@@ -68,6 +68,7 @@ def preflight(cfg: Config, tokenizer, data: Prepared, model_config) -> Report:
     check_tokenizer(cfg, tokenizer, data, text, report)
     check_context(cfg, text, report)
     check_select(cfg, data, report)
+    check_epochs(cfg, report)
     if data.train:  # a streamed corpus renders only its held-out file
         check_labels(cfg, data, report)
         check_roundtrip(cfg, tokenizer, data, report)
@@ -142,6 +143,17 @@ def check_select(cfg: Config, data: Prepared, report: Report) -> None:
             f"train.early_stop_patience={tc.early_stop_patience} with train.eval_every=0: the final eval is "
             "the only one, so the run never stops early (set train.eval_every)"
         )
+
+
+def check_epochs(cfg: Config, report: Report) -> None:
+    """train.eval_every=epoch and data.limit=auto count passes over samples: a streamed corpus has none."""
+    if cfg.data.streaming:
+        for key, value in (("train.eval_every", cfg.train.eval_every), ("data.limit", cfg.data.limit)):
+            if value in ("epoch", "auto"):
+                report.errors.append(
+                    f"{key}={value}: a streamed corpus (data.streaming=true) has no epochs or pairs to count "
+                    f"(give {key} a number)"
+                )
 
 
 def model_context(model_config) -> int | None:

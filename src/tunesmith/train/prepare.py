@@ -2,7 +2,9 @@
 
 Order matters and is kept here: the data is built and pre-flight checked before the run guard looks at the
 run dir; the run guard (resume/overwrite checks, moving an earlier run aside) runs before any weight loads;
-the optimizer and schedule exist before a checkpoint restores them.
+the optimizer and schedule exist before a checkpoint restores them. train.time_budget: the warm-up runs once
+the model and optimizer exist, and its sizing (steps, and the pairs of data.limit=auto) comes before the
+stream and the schedule are made (train/budget.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tunesmith.runtime import (
     print0,
     seed_everything,
 )
-from tunesmith.train import checkpoint, distributed
+from tunesmith.train import budget, checkpoint, distributed
 from tunesmith.train.log import rewind
 from tunesmith.train.optim import make_optimizer, make_scheduler, total_steps
 from tunesmith.train.preflight import check
@@ -70,6 +72,9 @@ class Run:
     pad_id: int
     fingerprint: dict  # what this segment trains under (record.fingerprint), stored in each checkpoint
     plan: dict  # the planner's prediction for this run (MFU needs its FLOPs per token)
+    eval_every: int  # train.eval_every in steps ('epoch' resolved for this run's data; 0: only the last)
+    budget: dict | None  # train.time_budget's sizing (budget.json), None when the run was not sized
+    guard: budget.Guard | None  # the hard stop, None without train.time_budget
     before_model: int | None  # process RSS before the model loaded: CPU peak memory is measured above it
     t0: float  # wall clock at the start
 
@@ -88,7 +93,9 @@ def prepare(cfg: Config) -> Run:
 
     tok = load_tokenizer(cfg.model)
     # A streamed corpus is never held in memory: only the held-out file (data.test_path) is rendered.
-    data = (build_heldout if cfg.data.streaming else build)(cfg, tok, run if d.is_main else None)
+    # data.limit=auto: the whole pool; the sizing below takes the pairs that fit
+    out = run if d.is_main else None
+    data = build_heldout(cfg, tok, out) if cfg.data.streaming else build(cfg, tok, out, auto="pool")
     check(cfg, tok, data)  # before any weight moves: one line per warning, the first problem as a UserError
     if cfg.train.fsdp and d.world > 1 and autocast_dtype(cfg.train.precision, dev) == torch.float16:
         # measured (torch 2.13, gloo): GradScaler fails on FSDP2's sharded gradients, ShardedGradScaler leaves
@@ -103,10 +110,13 @@ def prepare(cfg: Config) -> Run:
 
     tc = cfg.train
     micro_per_step = tc.grad_accum * d.world
-    stream, total = _stream(cfg, data, tok, d, run, micro_per_step)
     opt = make_optimizer(model, tc, dev)
-    sched = make_scheduler(opt, tc, total)
     amp = autocast_dtype(tc.precision, dev)
+    sizing, data = budget.size_run(cfg, run, ckpt, data, model, opt, amp, pad_id(tok), d, t0)
+    stream, total = _stream(cfg, data, tok, d, run, micro_per_step)
+    total = sizing["steps"] if sizing else total  # fewer steps fit: warmup and schedule over those
+    eval_every = _eval_every(cfg, stream, micro_per_step)  # after the sizing: 'epoch' of the pairs trained
+    sched = make_scheduler(opt, tc, total)
     # fp16's 5 exponent bits flush small gradients to zero: scale the loss up, unscale before clipping.
     # Disabled (every call a no-op) for the other precisions; DDP's all-reduced gradients agree on infs.
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
@@ -137,7 +147,7 @@ def prepare(cfg: Config) -> Run:
             )
         if ckpt is not None and (moved_best := checkpoint.rewind_best(run, start)) is not None:
             print0(f"note: best/ was kept after step {start} (redone now); it is now {moved_best}")
-    plan = start_plan(cfg, run, data.train, total, micro_per_step, d.is_main)
+    plan = start_plan(cfg, run, data.train, total, micro_per_step, d.is_main, sizing)
     wrapped = distributed.wrap(model, d, dev, tc.fsdp)
     return Run(
         cfg=cfg,
@@ -161,6 +171,9 @@ def prepare(cfg: Config) -> Run:
         pad_id=pad_id(tok),
         fingerprint=fp,
         plan=plan,
+        eval_every=eval_every,
+        budget=sizing,
+        guard=budget.guard(cfg, sizing, t0, total),
         before_model=before_model,
         t0=t0,
     )
@@ -236,6 +249,14 @@ def _stream(
         data.train, tc.batch_size, cfg.data.max_length, cfg.data.packing, tc.seed, pad_id(tok)
     )
     return stream, total_steps(tc, stream.batches_per_epoch, micro_per_step)
+
+
+def _eval_every(cfg: Config, stream: EpochStream | TextStream, micro_per_step: int) -> int:
+    """train.eval_every in steps: 'epoch' is one pass over this run's data (pre-flight refuses it for a
+    streamed corpus)."""
+    if cfg.train.eval_every != "epoch":
+        return cfg.train.eval_every
+    return budget.eval_period("epoch", stream.batches_per_epoch, micro_per_step)
 
 
 def _resume(ckpt: Path | None, model, opt, sched, scaler, stream) -> tuple[int, int, dict | None]:

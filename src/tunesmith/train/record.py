@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from tunesmith.config import UserError
+from tunesmith.train import heartbeat
 
 PACKAGES = ("tunesmith", "torch", "transformers", "peft", "tokenizers", "datasets", "safetensors")
 MANIFEST = "manifest.json"
@@ -47,6 +48,7 @@ RESUME_FREE = frozenset(
         "train.keep_last",
         "train.eval_every",
         "train.eval_limit",
+        "train.time_budget",  # how long this segment may take; a sized run's steps are in budget.json
         "train.report_to",
         "train.report_model",
         "train.select",
@@ -84,11 +86,13 @@ RUN_FILES = (
     "tracking.json",
     "metrics.jsonl",
     "metrics.rewound.jsonl",
+    heartbeat.HEARTBEAT,
     MANIFEST,
     "config.yaml",
     "plan.json",
     "loss.png",
     "train_result.json",
+    "budget.json",
 )
 _TRAINED = ("checkpoints", "final", "metrics.jsonl", MANIFEST)  # any of these: an earlier run trained here
 
@@ -322,6 +326,7 @@ def end_segment(
         record["segments"][-1]["error"] = error
     record["segments"][-1].update(extra or {})  # e.g. early_stop and best (train/loop.py)
     _write(run / MANIFEST, record)
+    heartbeat.remove(run)  # the segment says how it ended: nothing left to look alive
 
 
 @contextmanager

@@ -16,6 +16,9 @@ from tunesmith.config import Config, UserError
 from tunesmith.data.pack import epoch_batches
 from tunesmith.model.loss import label_fraction
 from tunesmith.plan.estimate import make_plan
+from tunesmith.plan.history import record_run
+from tunesmith.runtime import proc_status_bytes
+from tunesmith.runtime import reset_peak_rss as reset_peak_rss  # re-export: train/prepare.py imports it
 from tunesmith.train.optim import total_steps
 
 
@@ -28,9 +31,16 @@ def plan_for_data(cfg: Config, samples: list[dict], world: int = 1) -> dict:
 
 
 def start_plan(
-    cfg: Config, run: Path | None, samples: list[dict], steps: int, micro_per_step: int, is_main: bool
+    cfg: Config,
+    run: Path | None,
+    samples: list[dict],
+    steps: int,
+    micro_per_step: int,
+    is_main: bool,
+    budget: dict | None = None,
 ) -> dict:
-    """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts."""
+    """Predict FLOPs / memory / time for the steps this run will take, with the data's real token counts;
+    `budget`: train.time_budget's sizing (train/budget.py), kept as plan.json's "budget" section."""
     tokens = sum(len(s["input_ids"]) for s in samples)
     if samples:
         # Packed rows are nearly full; padded rows hold one sample each (real tokens only count for speed).
@@ -41,6 +51,8 @@ def start_plan(
     planned = cfg.model_copy(deep=True)
     planned.train.max_steps = steps
     plan = make_plan(planned, tokens_per_step=tokens_per_step, label_fraction=label_fraction(samples))
+    if budget is not None:
+        plan["budget"] = budget
     if is_main and run is not None:
         (run / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
     return plan
@@ -50,21 +62,6 @@ def mfu(plan: dict, tokens_per_s: float) -> float | None:
     """Model FLOPs utilisation: model FLOPs/token x tokens/s over the device peak the planner measured."""
     peak = plan["time"].get("peak_flops")
     return tokens_per_s * plan["flops"]["model"] / peak if peak else None
-
-
-def reset_peak_rss() -> int | None:
-    """Restart this process's peak-RSS record from now (Linux VmHWM); the RSS now, None where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # "5": reset the peak resident set size to the current one (Linux >= 4.0)
-        return _proc_status_bytes("VmRSS")
-    except OSError:
-        return None
-
-
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))  # reported in kB
 
 
 def peak_memory_bytes(dev: torch.device, before_model: int | None = None) -> int:
@@ -78,7 +75,7 @@ def peak_memory_bytes(dev: torch.device, before_model: int | None = None) -> int
         return torch.cuda.max_memory_allocated(dev)
     if before_model is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return _proc_status_bytes("VmHWM") - before_model
+    return proc_status_bytes("VmHWM") - before_model
 
 
 def finish_plan(
@@ -103,6 +100,8 @@ def finish_plan(
         measured["process_bytes_before_model"] = before_model  # Python, libraries, data: not in the plan
     full = compare_measured(plan, measured)
     (run / "plan.json").write_text(json.dumps(full, indent=2, default=str))
+    # loop.py calls this on the main process of a finished run only (a signal or divergence exits before)
+    record_run(full, measured, run, dev.type)
     table = Table(
         title="plan vs measured (measured: mean over this run's training steps)", header_style="bold"
     )
@@ -193,7 +192,7 @@ def print_plan(plan: dict, console) -> None:
         (
             "time/step",
             f"{t['step_s']:.3g} s at {t['expected_mfu']:.0%} MFU of {t['peak_flops'] / 1e12:.3g} TFLOP/s "
-            f"({t['device']}, {t.get('autocast', 'fp32')} matmuls)",
+            f"({t['device']}, {t.get('autocast', 'fp32')} matmuls); MFU {t.get('mfu_source', 'assumed')}",
         ),
         ("real tokens/s (no padding)", f"{t['tokens_per_s']:,.0f}"),
         ("total time", "-" if t["total_s"] is None else f"{t['total_s'] / 60:.1f} min"),

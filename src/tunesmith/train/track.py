@@ -14,6 +14,14 @@ record and closes. Where each one writes, unless the user's own environment poin
 
 <run>/tracking.json keeps each tracker's run id, so a resumed segment continues the same tracker run, and
 `log_report` adds what `tunesmith compare` measured (eval/metrics.json, report.html) to it afterwards.
+
+A resume goes back to a checkpoint and redoes the steps after it, whose rows the tracker run may already hold
+(a kill after a log row but before the next checkpoint; train/log.py's `rewind` moved them to
+metrics.rewound.jsonl). With nothing changed the redone rows equal those (the resume is bit-identical), so a
+continued tracker is not sent them again (`Continued`): one point per step. With changes let through
+(train.resume_changed=allow) they differ: they are sent, so the tracker holds both values at those steps, and
+the param `resume.redone_after_step_<N>` says which steps were redone and what changed. TensorBoard needs
+neither: its purge_step hides the old events of the redone steps.
 """
 
 from __future__ import annotations
@@ -118,9 +126,58 @@ def open_trackers(cfg: Config, run: Path, start: int) -> list[Tracker]:
     ids_path = run / IDS_FILE
     ids = json.loads(ids_path.read_text()) if start and ids_path.is_file() else {}
     params = flat_params(cfg)
+    segments = ((read_manifest(run) or {}).get("segments") or [{}]) if start else [{}]
+    changed = [c["key"] for c in segments[-1].get("changed") or []]
+    # the steps after the checkpoint that were logged before (earlier resumes' rows may lie at or before it)
+    through = {k: v for k, v in logged_through(run / "metrics.rewound.jsonl").items() if v > start}
+    if changed and through:  # redone steps that differ from the logged ones: sent again, and said so
+        last = max(through.values())
+        params[f"resume.redone_after_step_{start}"] = (
+            f"steps {start + 1}..{last} logged again by a resume with train.resume_changed=allow "
+            f"(changed: {', '.join(changed)}): the later value at each of those steps is this segment's"
+        )
     opened = {kind: _open(kind, run, params, ids.get(kind), start) for kind in cfg.train.report_to}
     ids_path.write_text(json.dumps({**ids, **{k: t.id for k, t in opened.items()}}, indent=2) + "\n")
-    return list(opened.values())
+    return [
+        Continued(t, through)
+        if through and not changed and kind != "tensorboard" and t.id == ids.get(kind)
+        else t
+        for kind, t in opened.items()
+    ]
+
+
+def logged_through(rewound: Path) -> dict[str, int]:
+    """The last step of each split (train, eval) in metrics.rewound.jsonl: rows sent before the resume's
+    checkpoint was reached (a line cut short by a kill tells nothing and is passed over)."""
+    through: dict[str, int] = {}
+    lines = rewound.read_text().splitlines() if rewound.is_file() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            split = row.get("split", "train")
+            through[split] = max(through.get(split, row["step"]), row["step"])
+    return through
+
+
+class Continued:
+    """A tracker that continues its run after an unchanged resume: a row at a step its run already holds for
+    that split (the resume redoes it, equal) is not sent again."""
+
+    def __init__(self, tracker: Tracker, through: dict[str, int]):
+        self.tracker, self.through, self.id = tracker, through, tracker.id
+
+    def metrics(self, row: dict) -> None:
+        if row["step"] > self.through.get(row.get("split", "train"), -1):
+            self.tracker.metrics(row)
+
+    def artifact(self, path: Path) -> None:
+        self.tracker.artifact(path)
+
+    def close(self, status: str) -> None:
+        self.tracker.close(status)
 
 
 def _open(kind: str, run: Path, params: dict, previous, start: int) -> Tracker:
