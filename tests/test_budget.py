@@ -97,7 +97,17 @@ def test_auto_takes_the_largest_n_that_fits():
     # eval_every=epoch adds one eval per pass before the last (ceil(n/4) steps a pass): 1 eval of 10 s here
     c_eval = costs(budget_s=60.0, spent_s=0.0, tokens_per_step=40.0, eval_tokens=100, final_eval_tokens=0)
     c_eval.reserve_s = 0.0
-    assert fit_examples([10] * 100, 2.0, "epoch", Speeds(0.1, 0.1, "measured"), c_eval) == 24  # 12x4 + 10
+    # n = 25: 250 tokens are 7 steps a pass of 250/7 tokens (time goes by tokens): 14 x 3.57 + 10 = 60
+    assert fit_examples([10] * 100, 2.0, "epoch", Speeds(0.1, 0.1, "measured"), c_eval) == 25
+
+
+def test_auto_counts_a_few_pairs_as_a_part_full_step():
+    # 100-token steps, 10-token pairs at 0.1 s a token: a pass over n <= 10 pairs is one step of 10n tokens
+    # (n s), not a full step (10 s). 10 epochs + 9 evals of 5 s each: 10n + 45 <= 100, so n = 5 (a full step
+    # per pass would fit none: 100 + 45 > 100)
+    c = costs(budget_s=100.0, spent_s=0.0, tokens_per_step=100.0, eval_tokens=10, final_eval_tokens=0)
+    c.reserve_s = 0.0
+    assert fit_examples([10] * 50, 10.0, "epoch", Speeds(0.1, 0.5, "measured"), c) == 5
 
 
 # ---- on tiny models

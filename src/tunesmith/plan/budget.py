@@ -13,7 +13,7 @@ final one, over all held-out examples).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass
@@ -127,9 +127,12 @@ def fit_examples(
     best, total = 1, 0
     for n, tokens in enumerate(example_tokens, start=1):
         total += tokens
-        steps = steps_for_tokens(total, epochs, c.tokens_per_step)
-        every = steps_for_tokens(total, 1.0, c.tokens_per_step) if eval_every == "epoch" else int(eval_every)
-        if predicted_seconds(steps, every, speeds, c)["end_s"] <= c.budget_s:
+        # an epoch of few pairs is one part-full step: its time is its tokens', not a full step's
+        per_epoch = steps_for_tokens(total, 1.0, c.tokens_per_step)
+        cn = replace(c, tokens_per_step=total / per_epoch)
+        steps = steps_for_tokens(total, epochs, cn.tokens_per_step)
+        every = per_epoch if eval_every == "epoch" else int(eval_every)
+        if predicted_seconds(steps, every, speeds, cn)["end_s"] <= c.budget_s:
             best = n  # the largest n that fits (a later eval boundary can make a smaller n not fit)
     return best
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -187,7 +187,9 @@ def size_for(
     n = fit_examples(lengths, tc.epochs, tc.eval_every, speeds, costs)
     while True:  # the token arithmetic picked n; the real packing of n pairs may take a step more
         batches = len(epoch_batches(lengths[:n], tc.batch_size, dc.max_length, dc.packing, tc.seed, 0))
-        sizing = _sized(tc, batches, micro, speeds, costs, examples_for(data, n), len(data.train_examples))
+        # the steps of n pairs hold their tokens (the pool's average step can be fuller than theirs)
+        cn = replace(costs, tokens_per_step=sum(lengths[:n]) / max(batches, 1) * micro)
+        sizing = _sized(tc, batches, micro, speeds, cn, examples_for(data, n), len(data.train_examples))
         if n == 1 or tc.max_steps or sizing.steps == sizing.configured_steps:
             return sizing
         n -= 1
