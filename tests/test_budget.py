@@ -9,7 +9,6 @@ it stops a run, so nothing here depends on how fast this machine is.
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -184,13 +183,16 @@ def test_auto_limit_is_what_every_later_stage_sees(tmp_path, model_dir, qa_file,
     with pytest.raises(UserError, match="train first"):
         build(cfg, tok, cfg.out_dir)  # eval / serve before any sized run
     pool = build(cfg, tok, cfg.out_dir, auto="pool").train
-    # 100 s a step, 450 s: 4 steps of one pass, 4 pairs a step (one a row), and at most 4 x 167 tokens
+    # 100 s per 1504/9 real tokens, free evals, 450 s: time goes by the pairs' tokens (a part-full step
+    # costs its share), so n is the last pair whose running token count still fits after what was spent
     monkeypatch.setattr(budget, "measure", fixed_speed(100.0))
     train(cfg)
     cum = [sum(len(s["input_ids"]) for s in pool[:n]) for n in range(1, len(pool) + 1)]
-    n = max(i + 1 for i, t in enumerate(cum) if t <= 4 * 1504 / 9 and math.ceil((i + 1) / 4) <= 4)
     run = tmp_path / "run"
-    assert 1 <= n < len(pool) and json.loads((run / "budget.json").read_text())["examples"] == n
+    rec = json.loads((run / "budget.json").read_text())
+    n, fixed_s, s_per_token = rec["examples"], rec["spent_s"] + rec["saves_s"], 100.0 / (1504 / 9)
+    assert 1 <= n < len(pool)
+    assert fixed_s + cum[n - 1] * s_per_token <= 450 < fixed_s + cum[n] * s_per_token
     data = build(cfg, tok, run)  # what compare builds
     assert len(data.train_examples) == len(data.train) == n
     assert [e.where for e in data.train_examples] == [s["where"] for s in pool[:n]]
