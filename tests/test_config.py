@@ -113,6 +113,14 @@ def test_unknown_key_suggestion_prefers_same_section_and_aliases():
     assert error(None, ["train.gradient_accumulation_steps=2"]).endswith("did you mean 'train.grad_accum'?")
 
 
+def test_unknown_key_in_a_named_entry_suggests_within_that_entry(tmp_path):
+    # eval.endpoints is a dict of EndpointConfig: the suggestion keeps the entry's name
+    cfg = "eval:\n  endpoints:\n    gpt: {base_url: 'http://x/v1', model: m, retries: 2}\n"
+    assert error(write(tmp_path, cfg)).endswith(
+        "unknown key 'eval.endpoints.gpt.retries' — did you mean 'eval.endpoints.gpt.max_retries'?"
+    )
+
+
 def test_bad_values_name_key_and_value():
     assert error(None, ["train.lr=-0.001"]) == "config: train.lr: Input should be greater than 0 (got -0.001)"
     assert error(None, ["data.format=xml"]).startswith("config: data.format: Input should be 'qa', 'alpaca'")

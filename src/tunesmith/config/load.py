@@ -66,6 +66,24 @@ _ALIASES = {
 }
 
 
+def _item_fields(section: str, prefix: str) -> dict[str, str]:
+    """{field: prefix + field} of the model a list or dict section holds (data.sources, eval.endpoints)."""
+    node: Any = Config
+    for name in section.split("."):
+        field = node.model_fields.get(name) if node is not None else None
+        ann = field.annotation if field is not None else None
+        node = next(
+            (
+                t
+                for a in (ann, *getattr(ann, "__args__", ()))
+                for t in (a, *getattr(a, "__args__", ()))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
+    return {n: prefix + n for n in node.model_fields} if node is not None else {}
+
+
 def suggest_key(key: str) -> str | None:
     """The closest known key: the same section first, compared on the last segment, aliases included."""
     key = ".".join(p.split("[", 1)[0] for p in key.split("."))  # data.sources[0].x: every item has one schema
@@ -74,20 +92,9 @@ def suggest_key(key: str) -> str | None:
     known = _known_keys(Config)
     siblings = {k[len(prefix) :]: k for k in known if k.startswith(prefix) and "." not in k[len(prefix) :]}
     if not siblings and section:  # a section inside a list (data.sources): the fields of its item model
-        node: Any = Config
-        for name in section.split("."):
-            field = node.model_fields.get(name) if node is not None else None
-            ann = field.annotation if field is not None else None
-            node = next(
-                (
-                    t
-                    for a in (ann, *getattr(ann, "__args__", ()))
-                    for t in (a, *getattr(a, "__args__", ()))
-                    if isinstance(t, type) and issubclass(t, BaseModel)
-                ),
-                None,
-            )
-        siblings = {n: prefix + n for n in node.model_fields} if node is not None else {}
+        siblings = _item_fields(section, prefix)
+    if not siblings and "." in section:  # a named entry of a dict section (eval.endpoints.NAME): its fields
+        siblings = _item_fields(section.rpartition(".")[0], prefix)
     # an alias counts as a sibling name pointing at its target, so a typo of an alias finds the target too
     names = dict(siblings) | {a: siblings[t] for a, t in _ALIASES.items() if t in siblings}
     guess = difflib.get_close_matches(last, list(names), n=1, cutoff=0.6)
