@@ -18,6 +18,7 @@ from tunesmith.config import UserError
 from tunesmith.plan.budget import (
     Costs,
     Speeds,
+    epoch_eval_period,
     fit_examples,
     format_duration,
     predicted_seconds,
@@ -93,20 +94,29 @@ def test_auto_takes_the_largest_n_that_fits():
     assert fit_examples([10] * 100, 2.0, 0, fast, c) == 30
     assert fit_examples([10] * 20, 2.0, 0, fast, c) == 20  # the whole pool fits: all of it
     assert fit_examples([10] * 100, 2.0, 0, fast, costs(budget_s=1.0)) == 1  # nothing fits: still one
-    # eval_every=epoch adds one eval per pass before the last (ceil(n/4) steps a pass): 1 eval of 10 s here
-    c_eval = costs(budget_s=60.0, spent_s=0.0, tokens_per_step=40.0, eval_tokens=100, final_eval_tokens=0)
+    # eval_every=epoch adds an eval per pass before the last: 2 passes, one periodic eval of 5 s (within
+    # 15% of 60 s, so not thinned). n = 27: 270 tokens are 7 steps a pass of 270/7 tokens (time goes by
+    # tokens), 14 x 3.86 + 5 = 59; n = 28: 14 x 4 + 5 = 61; without evals n would be 30
+    c_eval = costs(budget_s=60.0, spent_s=0.0, tokens_per_step=40.0, eval_tokens=50, final_eval_tokens=0)
     c_eval.reserve_s = 0.0
-    # n = 25: 250 tokens are 7 steps a pass of 250/7 tokens (time goes by tokens): 14 x 3.57 + 10 = 60
-    assert fit_examples([10] * 100, 2.0, "epoch", Speeds(0.1, 0.1, "measured"), c_eval) == 25
+    assert fit_examples([10] * 100, 2.0, "epoch", Speeds(0.1, 0.1, "measured"), c_eval) == 27
+
+
+def test_epoch_evals_thin_out_when_they_would_eat_the_budget():
+    # 2-step passes, 20 steps, 240 s: 15% is 36 s. An eval each pass: 9 periodic x 6 s = 54 s, too much;
+    # every 2nd pass (4 steps): 4 x 6 = 24 s. Cheap evals (1 s): every pass (9 s)
+    assert epoch_eval_period(2, 20, 6.0, 240.0) == 4
+    assert epoch_eval_period(2, 20, 1.0, 240.0) == 2
+    assert epoch_eval_period(2, 20, 1e9, 240.0) == 20  # never beyond the run: only the final eval is left
 
 
 def test_auto_counts_a_few_pairs_as_a_part_full_step():
     # 100-token steps, 10-token pairs at 0.1 s a token: a pass over n <= 10 pairs is one step of 10n tokens
-    # (n s), not a full step (10 s). 10 epochs + 9 evals of 5 s each: 10n + 45 <= 100, so n = 5 (a full step
-    # per pass would fit none: 100 + 45 > 100)
+    # (n s), not a full step (10 s). 10 epochs; evals of 5 s thinned to every 3rd pass (3 x 5 s = 15% of
+    # 100 s): 10n + 15 <= 100, so n = 8 (a full step per pass would fit none: 100 + 15 > 100)
     c = costs(budget_s=100.0, spent_s=0.0, tokens_per_step=100.0, eval_tokens=10, final_eval_tokens=0)
     c.reserve_s = 0.0
-    assert fit_examples([10] * 50, 10.0, "epoch", Speeds(0.1, 0.5, "measured"), c) == 5
+    assert fit_examples([10] * 50, 10.0, "epoch", Speeds(0.1, 0.5, "measured"), c) == 8
 
 
 # ---- on tiny models

@@ -83,6 +83,20 @@ def periodic_evals(steps: int, eval_every: int) -> int:
     return (steps - 1) // eval_every if eval_every and steps > 0 else 0
 
 
+# eval_every=epoch under a budget: the periodic evals may take at most this share of it. On a slow CPU a pass
+# over the few pairs that fit is a step or two, and an eval after each took ~40% of a 4-minute budget.
+EVAL_SHARE = 0.15
+
+
+def epoch_eval_period(per_epoch: int, steps: int, eval_s: float, budget_s: float) -> int:
+    """eval_every='epoch' in steps under a budget: every k-th pass, k the smallest whose periodic evals stay
+    within EVAL_SHARE of the budget (k = 1 where evals are cheap)."""
+    every = max(1, per_epoch)
+    while periodic_evals(steps, every) * eval_s > EVAL_SHARE * budget_s and every < steps:
+        every += max(1, per_epoch)
+    return every
+
+
 def predicted_seconds(steps: int, eval_every: int, speeds: Speeds, c: Costs) -> dict[str, float]:
     """Seconds of each part of a run of `steps` steps, and `end`: from the start of `train` to its end."""
     step_s, eval_s = c.tokens_per_step * speeds.train_s_per_token, c.eval_tokens * speeds.eval_s_per_token
@@ -131,7 +145,12 @@ def fit_examples(
         per_epoch = steps_for_tokens(total, 1.0, c.tokens_per_step)
         cn = replace(c, tokens_per_step=total / per_epoch)
         steps = steps_for_tokens(total, epochs, cn.tokens_per_step)
-        every = per_epoch if eval_every == "epoch" else int(eval_every)
+        eval_s = c.eval_tokens * speeds.eval_s_per_token
+        every = (
+            epoch_eval_period(per_epoch, steps, eval_s, c.budget_s)
+            if eval_every == "epoch"
+            else int(eval_every)
+        )
         if predicted_seconds(steps, every, speeds, cn)["end_s"] <= c.budget_s:
             best = n  # the largest n that fits (a later eval boundary can make a smaller n not fit)
     return best

@@ -27,9 +27,11 @@ from tunesmith.data.pipeline import Prepared, first_examples, save_limit
 from tunesmith.data.render import IGNORE
 from tunesmith.model.loss import loss_sum, next_token_targets
 from tunesmith.plan.budget import (
+    EVAL_SHARE,
     Costs,
     Sizing,
     Speeds,
+    epoch_eval_period,
     fit_examples,
     format_duration,
     size_steps,
@@ -200,7 +202,17 @@ def _sized(tc, batches: int, micro: int, speeds: Speeds, costs: Costs, examples=
     configured = total_steps(tc, batches, micro)
     epochs = configured * micro / max(batches, 1)
     every = eval_period(tc.eval_every, batches, micro)
-    return size_steps(configured, every, epochs, speeds, costs, examples, pool)
+    per_pass = every
+    if tc.eval_every == "epoch":  # every k-th pass when an eval per pass would eat the budget
+        eval_s = costs.eval_tokens * speeds.eval_s_per_token
+        every = epoch_eval_period(per_pass, configured, eval_s, costs.budget_s)
+    sizing = size_steps(configured, every, epochs, speeds, costs, examples, pool)
+    if every > per_pass:
+        sizing.why += (
+            f" eval_every=epoch: every {every // per_pass} passes, so the periodic evals stay under "
+            f"{EVAL_SHARE:.0%} of the budget."
+        )
+    return sizing
 
 
 def examples_for(data: Prepared, n: int) -> int:

@@ -116,6 +116,8 @@ def prepare(cfg: Config) -> Run:
     stream, total = _stream(cfg, data, tok, d, run, micro_per_step)
     total = sizing["steps"] if sizing else total  # fewer steps fit: warmup and schedule over those
     eval_every = _eval_every(cfg, stream, micro_per_step)  # after the sizing: 'epoch' of the pairs trained
+    if sizing and cfg.train.eval_every == "epoch":
+        eval_every = sizing["eval_every"]  # the sizing may evaluate every k-th pass (plan/budget.EVAL_SHARE)
     sched = make_scheduler(opt, tc, total)
     # fp16's 5 exponent bits flush small gradients to zero: scale the loss up, unscale before clipping.
     # Disabled (every call a no-op) for the other precisions; DDP's all-reduced gradients agree on infs.
