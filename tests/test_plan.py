@@ -399,7 +399,8 @@ def test_cpu_peak_is_measured_once_per_process_and_cached(tmp_path, monkeypatch)
 
 _RSS_SCRIPT = """
 import torch
-from tunesmith.train.run_plan import peak_memory_bytes, reset_peak_rss
+from tunesmith.runtime import reset_peak_rss
+from tunesmith.train.run_plan import peak_memory_bytes
 cpu = torch.device("cpu")
 # 400 MiB, touched, freed: a peak before the model (importing, data) is not training's
 x = torch.ones(100 * 2**20)

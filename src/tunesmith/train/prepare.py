@@ -29,6 +29,7 @@ from tunesmith.runtime import (
     dist_info,
     huge_pages_for_tensors,
     print0,
+    reset_peak_rss,
     seed_everything,
 )
 from tunesmith.train import budget, checkpoint, distributed
@@ -44,7 +45,7 @@ from tunesmith.train.record import (
     move_aside,
     recorded_fingerprint,
 )
-from tunesmith.train.run_plan import reset_peak_rss, start_plan
+from tunesmith.train.run_plan import start_plan
 
 
 @dataclass

@@ -17,8 +17,7 @@ from tunesmith.data.pack import epoch_batches
 from tunesmith.model.loss import label_fraction
 from tunesmith.plan.estimate import make_plan
 from tunesmith.plan.history import record_run
-from tunesmith.runtime import proc_status_bytes
-from tunesmith.runtime import reset_peak_rss as reset_peak_rss  # re-export: train/prepare.py imports it
+from tunesmith.runtime import peak_memory_since
 from tunesmith.train.optim import total_steps
 
 
@@ -71,11 +70,9 @@ def peak_memory_bytes(dev: torch.device, before_model: int | None = None) -> int
     the RSS when the model started loading (`before_model`, from `reset_peak_rss()`, which also restarted the
     peak there) is taken off. Without it: the process's lifetime peak RSS.
     """
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev)
-    if before_model is None:
+    if dev.type != "cuda" and before_model is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return proc_status_bytes("VmHWM") - before_model
+    return peak_memory_since(dev, 0 if dev.type == "cuda" else before_model)
 
 
 def finish_plan(
