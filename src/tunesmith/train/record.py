@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from tunesmith.config import UserError
+from tunesmith.plan.history import cpu_name
 from tunesmith.train import heartbeat
 
 PACKAGES = ("tunesmith", "torch", "transformers", "peft", "tokenizers", "datasets", "safetensors")
@@ -126,7 +127,7 @@ def hardware(device: torch.device, world: int) -> dict:
     info = {
         "device": device.type,
         "world_size": world,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),  # the model name (platform.processor() is empty on Linux)
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
