@@ -25,4 +25,5 @@ echo
 echo "== time per step: ${TIMES[*]}"
 echo "report:        $OUT/eval/report.html"
 echo "chat with it:  tunesmith chat $CFG model.name=$OUT/final"
+echo "ship it:       tunesmith export $OUT --gguf --quant q8_0   (GGUF + Ollama Modelfile in $OUT/export)"
 echo "your own data: tunesmith train $CFG data.path=my_data.jsonl out_dir=runs/mine   (then: tunesmith compare ...)"

@@ -24,6 +24,7 @@ from tunesmith.plan.budget import (
     predicted_seconds,
     size_steps,
 )
+from tunesmith.runtime import Dist
 from tunesmith.train import budget
 from tunesmith.train.loop import train
 from tunesmith.train.optim import lr_factor
@@ -77,6 +78,28 @@ def test_all_configured_steps_fit():
     s = size_steps(50, 10, 2.0, SPEEDS, costs())
     assert (s.steps, s.epochs) == (50, 2.0)
     assert "all 50 configured steps fit" in s.why and "predicted end at 1m9s" in s.why  # 10+50+4+2+3
+
+
+def test_a_best_save_is_counted_at_each_periodic_eval(monkeypatch):
+    # 10 steps, eval every 3: periodic evals at 3, 6, 9 (10's is the final), each may write best/ (2 s)
+    p = predicted_seconds(10, 3, SPEEDS, costs(best_s=2.0))
+    assert p["saves_s"] == pytest.approx(3 * 2.0 + 3.0)
+    assert p["end_s"] == pytest.approx(10 + 10 + 3 + 2 + 9)
+    # budget 40: end(s) = 15 + s + (s - 1) // 3 evals of 1 s [+ 2 s of best/ each]: 19 steps fit without
+    # the saves (15 + 19 + 6 = 40), 13 with them (15 + 13 + 4 x 3 = 40; 14: 15 + 14 + 12 = 41)
+    assert size_steps(100, 3, 1.0, SPEEDS, costs(budget_s=40.0)).steps == 19
+    s = size_steps(100, 3, 1.0, SPEEDS, costs(budget_s=40.0, best_s=2.0))
+    assert s.steps == 13 and "best/ (2 s at each periodic eval)" in s.why
+    # the hard stop: at 4.5 s of 10, a step of 1 s with its eval (1 s) and best/ (2 s), the final eval (1 s)
+    # and the final save (1 s) need 6 s: stop; a step without an eval needs 3 s: go on
+    g = budget.Guard(10.0, 0.0, eval_s=1.0, final_eval_s=1.0, reserve_s=1.0, planned=5, best_s=2.0)
+    monkeypatch.setattr(budget, "elapsed", lambda t0: 4.5)
+    d = Dist()
+    assert budget.stop_now(g, 1.0, 4, 2, d) and not budget.stop_now(g, 1.0, 3, 2, d)
+    # what one best/ save costs: what final/ writes (the adapter's fp32 weights, or the merged model) + 1 s
+    assert budget.best_seconds(50_000_000, 10**9, False, True) == pytest.approx(2.0)  # 200 MB at 200 MB/s
+    assert budget.best_seconds(50_000_000, 4 * 10**8, True, True) == pytest.approx(3.0)
+    assert budget.best_seconds(50_000_000, 10**9, False, False) == 0.0  # no held-out data: no evals
 
 
 def test_at_least_one_step_even_when_none_fits():

@@ -17,7 +17,9 @@ from tunesmith.train.log import PlainProgress, progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(
-    r"^step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\d\.\d\de[-+]\d+)  ([\d,]+) tok/s  eta (\S+)$", re.MULTILINE
+    r"^step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\d\.\d\de[-+]\d+)  ([\d,]+) tok/s"
+    r"(?:  (?:~\d+ samples \(\d+ rows\)|\d+ rows), ~[\d,]+ tok/step)?  eta (\S+)$",  # what a step holds
+    re.MULTILINE,
 )
 
 

@@ -161,14 +161,34 @@ def export(
     run_dir: Path = typer.Argument(..., help="run directory"),
     out: Path = typer.Option(None, help="output dir (default <run>/export, or <run>/export-best for best/)"),
     merge: bool = typer.Option(False, help="merge a LoRA adapter into a full model"),
+    gguf: bool = typer.Option(False, "--gguf", help="write GGUF files + Ollama Modelfile (adapter merged)"),
+    quant: list[str] = typer.Option(
+        None, help="with --gguf: f16 (default), bf16, f32, q8_0, q4_k_m, ... (repeat it or give a comma list)"
+    ),
+    from_: str = typer.Option("final", "--from", help="final or best: which model of the run"),
 ) -> None:
-    """Write the run's model (or its best/ or final/) as a plain HF dir (merged) or PEFT adapter."""
+    """Write the run's model (or its best/ or final/) as a plain HF dir (merged) or PEFT adapter, or GGUF."""
     from tunesmith.model.export import export as run_export
 
+    if from_ not in ("final", "best") or (from_ == "best" and not (run_dir / "best").is_dir()):
+        raise UserError(f"export --from {from_}: use final, or best for a run with a best/ dir ({run_dir})")
+    run_dir = run_dir / "best" if from_ == "best" else run_dir
     # runs/x/best is a model dir inside a run: its export goes beside it, never into the model dir itself
     inside = run_dir.name in ("best", "final") and (run_dir.parent / "config.yaml").is_file()
     default = run_dir.parent / f"export-{run_dir.name}" if inside else run_dir / "export"
-    console.print(f"exported: {run_export(run_dir, out or default, merge)}")
+    if not gguf:
+        console.print(f"exported: {run_export(run_dir, out or default, merge)}")
+        return
+    from tunesmith.model.gguf import export_gguf, model_name
+
+    files = export_gguf(run_dir, out or default, quant or [])
+    first = files[0]  # the first --quant's GGUF, the one the Modelfile names
+    lines = [f"wrote {f}" for f in files]
+    lines += [
+        f"ollama create {model_name(run_dir)} -f {first.parent / 'Modelfile'}",
+        f"llama-cli -m {first} -cnv",
+    ]
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 @app.command()

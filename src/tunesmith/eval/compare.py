@@ -9,6 +9,8 @@ text metrics and error buckets (eval/scoring.py); each system its means, corpus 
 (prompt tokens, latency), loss/perplexity when it is a local model asked with the training prompt, and
 training time for tuned systems.
 A PEFT adapter costs one model load: base systems answer with the adapter switched off (`disable_adapter`).
+With eval.time_budget, answering goes a chunk of questions at a time across every system (eval/answering.py)
+and stops before the budget; metrics.json's "answered" says how many were asked; every metric is over those.
 Writes <run>/eval/: predictions.jsonl, probe_predictions.jsonl, metrics.json, report.html (+ its PNGs).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +26,9 @@ import torch
 
 from tunesmith.config import Config, ModelConfig, UserError
 from tunesmith.data.pipeline import build, build_heldout
+from tunesmith.eval.answering import Budgeted, answer_budgeted, recall_over, tail_estimator
 from tunesmith.eval.loss import evaluate_loss
-from tunesmith.eval.questions import Questions, eval_sets, stored_template
+from tunesmith.eval.questions import Questions, eval_sets, stored_template, subset
 from tunesmith.eval.report import write_report
 from tunesmith.eval.scoring import deltas, score_probe, score_test, summarize
 from tunesmith.eval.summary import print_summary
@@ -39,6 +43,7 @@ from tunesmith.eval.systems import (
     systems_of,
 )
 from tunesmith.eval.verdict import pairwise, verdict
+from tunesmith.model.export import ADAPTER_CONFIG
 from tunesmith.model.load import load_model, load_tokenizer, pad_id
 from tunesmith.retrieve.embed import load_embedder
 from tunesmith.runtime import autocast_dtype, device, print0
@@ -46,7 +51,6 @@ from tunesmith.runtime import autocast_dtype, device, print0
 __all__ = ["compare", "evaluate", "eval_generate_config", "score_probe", "score_test"]
 
 EVAL_DIR = "eval"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 # ---------------------------------------------------------------- running the models
@@ -213,10 +217,13 @@ def write_outputs(
 # ---------------------------------------------------------------- the two commands
 
 
-def compare(cfg: Config, run_dir: Path | None = None) -> dict:
-    """Every system of eval.systems on the same prompts; writes <run>/eval/ and returns metrics.json."""
+def compare(cfg: Config, run_dir: Path | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Every system of eval.systems on the same prompts; writes <run>/eval/ and returns metrics.json.
+
+    `clock`: seconds, read for eval.time_budget (which counts from here to the written report)."""
     from tunesmith.eval.addons import prepare_addons
 
+    t0 = clock()
     run = Path(run_dir if run_dir is not None else cfg.out_dir)
     systems = systems_of(cfg)
     uses_tuned = any(s.model == "tuned" for s in systems)
@@ -229,8 +236,19 @@ def compare(cfg: Config, run_dir: Path | None = None) -> dict:
     test, probe = eval_sets(cfg, data, template, tok)
     embedder, note = load_embedder(cfg.eval.embedding_model)
     addons, retrieval = prepare_addons(cfg, data, test, probe, systems, tok, run, embedder)
-    answers = answer_systems(cfg, tuned, tok, systems, (test, probe), addons, template)
     out = run / EVAL_DIR
+    budgeted: Budgeted | None = None
+    if cfg.eval.time_budget is None:
+        answers = answer_systems(cfg, tuned, tok, systems, (test, probe), addons, template)
+    else:
+        tail = tail_estimator(cfg, (test, probe), systems, out, embedder, clock)
+        answers, budgeted = answer_budgeted(
+            cfg, tuned, tok, systems, (test, probe), addons, template, lambda: clock() - t0, tail, device()
+        )
+        _release(device())
+        n_test, _, n_probe, _ = budgeted.counts()
+        test, probe = subset(test, range(n_test)), subset(probe, range(n_probe))
+        retrieval = recall_over(retrieval, addons, data, probe, cfg)
     if cfg.eval.lm_eval is not None:  # after generation: lm-eval loads each model itself
         from tunesmith.model.resolve import resolve
 
@@ -248,7 +266,13 @@ def compare(cfg: Config, run_dir: Path | None = None) -> dict:
     metrics["models"] = {s.name: _model_of(cfg, s, tuned) for s in systems}
     metrics["pairwise"] = pairwise(rows, probe_rows, metrics["systems"])
     metrics["verdict"] = verdict(metrics)
+    if budgeted is not None:
+        metrics["answered"] = budgeted.to_dict()  # the table (compare_cli) and the report print its line
     write_outputs(out, metrics, rows, probe_rows, run / "metrics.jsonl", f"tunesmith compare: {run.name}")
+    if budgeted is not None:
+        ended = clock() - t0
+        metrics["answered"]["compare_s"] = ended  # measured after the report: metrics.json gets it too
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
 
 

@@ -7,6 +7,7 @@ Each prompt is rendered exactly as training rendered it, with the template store
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,21 @@ def questions_for(examples: list[Example], samples: list[dict], template: Templa
         references=[reference_of(ex, template) for ex in examples],
         values=[value_of(ex) for ex in examples],
         samples=[s for s in samples if s["where"] in wanted],
+    )
+
+
+def subset(qs: Questions, idx: Sequence[int]) -> Questions:
+    """The questions at `idx`, in that order, with their training samples (eval.time_budget's chunks)."""
+    examples = [qs.examples[i] for i in idx]
+    wanted = {ex.where for ex in examples}
+    return Questions(
+        examples=examples,
+        prompts=[qs.prompts[i] for i in idx],
+        prompt_texts=[qs.prompt_texts[i] for i in idx],
+        questions=[qs.questions[i] for i in idx],
+        references=[qs.references[i] for i in idx],
+        values=[qs.values[i] for i in idx],
+        samples=[s for s in qs.samples if s["where"] in wanted],
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.eval.buckets import BUCKETS, bucket_counts
-from tunesmith.eval.summary import FAMILIES, delta_text, fmt, label, sides_of, summary_rows
+from tunesmith.eval.summary import FAMILIES, answered_text, delta_text, fmt, label, sides_of, summary_rows
 from tunesmith.eval.verdict import differing, score_key
 
 N_EXAMPLES = 10  # examples per heading for base vs tuned
@@ -272,6 +272,8 @@ def write_report(
     ]
     if metrics.get("verdict"):
         parts.append(f'<p class="verdict">{esc(metrics["verdict"])}</p>')
+    if answered_text(metrics):
+        parts.append(f'<p class="verdict">{esc(answered_text(metrics))}</p>')
     parts += ["<h2>Summary</h2>", _summary_html(metrics, sides, compact=True)]
     models = metrics.get("models") or {}
     if models:

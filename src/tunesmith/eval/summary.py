@@ -2,7 +2,8 @@
 the HTML report show, and the terminal table itself (Rich).
 
 metrics.json holds one entry per system under its name (`{"base": {...}, "tuned": {...}, "tuned+rag": ...}`),
-plus `systems` (their order), `delta` (tuned - base), `pairwise`, `verdict`, `notes` and `models`.
+plus `systems` (their order), `delta` (tuned - base), `pairwise`, `verdict`, `notes`, `models` and, under
+eval.time_budget, `answered` (how many questions every system was asked in the budget).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ LOWER_IS_BETTER = {
 # Describe answers without being better or worse when they move.
 NEUTRAL = {"n", "probe_n", "answer_words", "completion_tokens"}
 # Top-level keys of metrics.json that are not systems.
-NOT_SYSTEMS = {"delta", "notes", "models", "systems", "pairwise", "verdict"}
+NOT_SYSTEMS = {"delta", "notes", "models", "systems", "pairwise", "verdict", "answered"}
 LEGACY_SIDES = ("base", "tuned")
 
 
@@ -186,14 +187,22 @@ def delta_text(row: dict) -> str:
     return f"{fmt(delta, signed=True)} {arrow}".strip()
 
 
+def answered_text(metrics: dict) -> str | None:
+    """eval.time_budget's line: 'answered N of M held-out and P of Q probe questions in the budget (…s)'."""
+    answered = metrics.get("answered")
+    return answered.get("text") if isinstance(answered, dict) else None
+
+
 def print_summary(metrics: dict, console: Any) -> None:
-    """The verdict, then the compact systems x metrics table (the best value of each row in bold green)."""
+    """The verdict, eval.time_budget's answered line, then the compact systems x metrics table."""
     from rich.table import Table
 
     sides = sides_of(metrics)
     two = len(sides) == 2
     if metrics.get("verdict"):
         console.print(metrics["verdict"])
+    if answered_text(metrics):
+        console.print(answered_text(metrics))
     title = "evaluation: " + (" vs ".join(sides) if sides else "nothing compared")
     table = Table(title=title)
     table.add_column("metric (↑/↓: higher/lower is better)")

@@ -12,6 +12,7 @@ CPU: the process's peak RSS above its RSS when the system started, Linux only, e
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,20 @@ class Addons:
         shots = (self.shots_probe if probe else self.shots_test) if system.fewshot else []
         hits = (self.hits_probe if probe else self.hits_test) if system.rag else None
         return shots, hits
+
+    def subset(self, test: Sequence[int], probe: Sequence[int]) -> Addons:
+        """The shots and passages of the questions at these indices (eval.time_budget's chunks)."""
+
+        def pick(rows: list[list] | None, idx: Sequence[int]) -> list[list] | None:
+            return [rows[i] for i in idx] if rows else rows  # [] (no few-shot) or None (no RAG) stays
+
+        return Addons(
+            pick(self.shots_test, test) or [],
+            pick(self.shots_probe, probe) or [],
+            pick(self.hits_test, test),
+            pick(self.hits_probe, probe),
+            self.notes,
+        )
 
 
 @dataclass

@@ -4,10 +4,12 @@ planner's estimate (`tunesmith plan`).
 
 Pure arithmetic, no torch. The time model of a run of `steps` steps:
     spent (before training) + steps x step_s + periodic evals x eval_s + final_eval_s
-    + periodic checkpoints x save_s + reserve_s (the final checkpoint and final/)
+    + periodic checkpoints x save_s + periodic evals x best_s + reserve_s (the final checkpoint and final/)
 where step_s = tokens_per_step x train_s_per_token and an eval costs its real tokens x eval_s_per_token.
 The periodic evals are those at multiples of eval_every before the last step (the last step's eval is the
-final one, over all held-out examples).
+final one, over all held-out examples). Each periodic eval may improve train.select, and an improving one
+writes best/ (train/select.py): one best/ save per periodic eval is counted, as no one knows beforehand
+which will improve (the final eval's best/ is hard links to final/, counted in reserve_s).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Costs:
     save_every: int  # train.save_every (0: no periodic checkpoints)
     save_s: float  # one checkpoint
     reserve_s: float  # the final checkpoint and final/ (the final eval is counted on its own)
+    best_s: float = 0.0  # one best/ save at an improving periodic eval (0: train.select writes no best/)
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Sizing:
     train_s: float
     evals_s: float  # the periodic evals
     final_eval_s: float
-    saves_s: float  # periodic checkpoints + the final checkpoint and final/
+    saves_s: float  # periodic checkpoints + best/ at each periodic eval + the final checkpoint and final/
     end_s: float  # predicted wall-clock seconds from the start of `train` to the end of the run
     source: str
     why: str
@@ -100,11 +103,14 @@ def epoch_eval_period(per_epoch: int, steps: int, eval_s: float, budget_s: float
 def predicted_seconds(steps: int, eval_every: int, speeds: Speeds, c: Costs) -> dict[str, float]:
     """Seconds of each part of a run of `steps` steps, and `end`: from the start of `train` to its end."""
     step_s, eval_s = c.tokens_per_step * speeds.train_s_per_token, c.eval_tokens * speeds.eval_s_per_token
+    evals = periodic_evals(steps, eval_every)
+    checkpoints = (steps - 1) // c.save_every if c.save_every else 0
     parts = {
         "train_s": steps * step_s,
-        "evals_s": periodic_evals(steps, eval_every) * eval_s,
+        "evals_s": evals * eval_s,
         "final_eval_s": c.final_eval_tokens * speeds.eval_s_per_token,
-        "saves_s": (steps - 1) // c.save_every * c.save_s + c.reserve_s if c.save_every else c.reserve_s,
+        # every periodic eval may be the best so far: one best/ save each
+        "saves_s": checkpoints * c.save_s + evals * c.best_s + c.reserve_s,
     }
     return {"step_s": step_s, "eval_s": eval_s, **parts, "end_s": c.spent_s + sum(parts.values())}
 
@@ -224,7 +230,8 @@ def _why(
         f"{how}: {parts['step_s']:.3g} s per step ({c.tokens_per_step:,.0f} real tokens at "
         f"{speeds.train_s_per_token:.3g} s each, optimizer step included), evals {parts['eval_s']:.3g} s "
         f"each ({evals} periodic, every {every} steps) and {parts['final_eval_s']:.3g} s for the final one "
-        f"over all held-out pairs, {parts['saves_s']:.3g} s for checkpoints and final/. {fit}; "
+        f"over all held-out pairs, {parts['saves_s']:.3g} s for checkpoints, best/ ({c.best_s:.3g} s at "
+        f"each periodic eval) and final/. {fit}; "
         f"predicted end at {format_duration(parts['end_s'])}."
     )
 

@@ -13,6 +13,7 @@ from tunesmith.plan.devices import target_device
 from tunesmith.plan.history import plan_mfu
 from tunesmith.plan.memory import (
     fit_table,
+    host_memory,
     inference_memory,
     max_micro_batch,
     precision_for,
@@ -26,11 +27,13 @@ def make_plan(
     tokens_per_step: int | None = None,
     total_tokens: int | None = None,
     label_fraction: float = 1.0,
+    samples_per_step: float | None = None,
 ) -> dict:
     """Parameters, FLOPs, memory, fit and time for `cfg`, from the model config alone (JSON-serialisable).
 
     `label_fraction`: share of tokens whose position predicts a label (1.0, every token, when the data is
-    unknown).
+    unknown). `samples_per_step`: training samples in one optimizer step (packed rows hold several; unknown
+    without the data: None).
     """
     arch = arch_from_config(load_config_only(cfg.model))
     seq, rows, ckpt = cfg.data.max_length, cfg.train.batch_size, cfg.train.gradient_checkpointing
@@ -47,6 +50,8 @@ def make_plan(
     tokens_per_s = target["peak_flops"] * expected_mfu / flops["model"]
     step_s = tokens_per_step / tokens_per_s
     memory = training_memory(arch, cfg, rows, seq, prec, label_fraction)
+    if not target["cuda"]:  # a CPU run is measured as resident memory (RSS), not allocated tensors
+        memory.update(host_memory(memory))
     return {
         "model": {
             "name": cfg.model.name,
@@ -63,6 +68,10 @@ def make_plan(
             "seq_len": seq,
             "grad_accum": cfg.train.grad_accum,
             "tokens_per_step": tokens_per_step,
+            # train.batch_size counts rows: with data.packing a row of max_length tokens holds several samples
+            "packing": cfg.data.packing,
+            "rows_per_step": rows * cfg.train.grad_accum,
+            "samples_per_step": samples_per_step,
             "steps": steps,
             "lora": cfg.lora is not None,
             "quantize": cfg.lora.quantize if cfg.lora else None,
@@ -80,7 +89,7 @@ def make_plan(
             **memory,
             "device": target["name"],
             "usable_bytes": int(target["usable"]),
-            "fits": memory["peak"] <= target["usable"],
+            "fits": memory.get("resident_peak", memory["peak"]) <= target["usable"],
             "max_micro_batch": max_micro_batch(arch, cfg, seq, prec, target["usable"], label_fraction),
         },
         "inference": inference_memory(
@@ -91,6 +100,7 @@ def make_plan(
             "device": target["name"],
             "autocast": target["autocast"],
             "peak_flops": target["peak_flops"],
+            "peak_source": target.get("peak_source", "measured"),
             "expected_mfu": expected_mfu,
             "mfu_source": mfu_source,
             "tokens_per_s": tokens_per_s,
@@ -103,7 +113,8 @@ def make_plan(
             "memory": (
                 "peak = weights + adapters + AdamW moments + max(activations + loss "
                 "(label rows; fused heads: one chunk of logits) [+ grads when grad_accum > 1], "
-                "grads + optimizer temporaries)"
+                "grads + optimizer temporaries); on CPU resident_peak = peak + allocator_retained "
+                "(memory.HOST_RETAINED x one step's activations: freed, kept resident by malloc)"
             ),
         },
         "measured": None,

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import Config, GenerateConfig, UserError
 from tunesmith.generate import Completion, conversation_ids
+from tunesmith.serve.llama_cpp import GgufModel
 from tunesmith.serve.models import load_models, model_specs
 from tunesmith.serve.playground import example_questions, page
 from tunesmith.serve.rag import ServeRag, fit, open_serve_rag, retrieval_json
@@ -45,7 +46,7 @@ from tunesmith.serve.schema import (
 
 def create_app(
     cfg: Config,
-    models: dict[str, LoadedModel],
+    models: dict[str, LoadedModel | GgufModel],
     examples: list[str] | None = None,
     rag: ServeRag | None = None,
 ) -> FastAPI:
@@ -55,7 +56,9 @@ def create_app(
         raise UserError(
             "serve.models: no model to serve (name one, e.g. serve.models={base: smollm2-135m-instruct})"
         )
-    sched = Scheduler(models, cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
+    # GGUF models under serve.engine llama.cpp run on their own worker (serve/llama_cpp.py), not in batches
+    ours = {n: m for n, m in models.items() if not isinstance(m, GgufModel)}
+    sched = Scheduler(ours, cfg.serve.max_batch_size, cfg.serve.max_wait_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,14 +85,13 @@ def create_app(
         check_auth(request)
         return {
             "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"} for n in models],
+            "data": [_card(n, m) for n, m in models.items()],
         }
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request) -> dict:
         check_auth(request)
-        _model(models, name)
-        return {"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"}
+        return _card(name, _model(models, name))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -99,7 +101,10 @@ def create_app(
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
-        ids = lm.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        if isinstance(lm, GgufModel):
+            ids = lm.encode(prompts[0])
+        else:
+            ids = lm.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         return await _answer(
             request,
             sched,
@@ -139,6 +144,8 @@ async def _chat_prompt(
     answer_room = limit or min(cfg.generate.max_new_tokens, cfg.serve.max_tokens_cap)
     room = lm.context_len - answer_room
     render = lambda msgs: conversation_ids(lm.template, lm.tokenizer, msgs, room)  # noqa: E731
+    if isinstance(lm, GgufModel):  # the GGUF's own chat template, through llama-cpp-python
+        render = lm.chat_ids
     try:
         if rag is None:
             return render(messages), None
@@ -238,7 +245,12 @@ async def _parse(request: Request, schema: type, cap: int):
         raise ApiError(422, message, param=param, code="invalid_value") from None
 
 
-def _model(models: dict[str, LoadedModel], name: str) -> LoadedModel:
+def _card(name: str, lm: LoadedModel | GgufModel) -> dict:
+    owner = "llama.cpp" if isinstance(lm, GgufModel) else "tunesmith"  # which engine answers
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+def _model(models: dict[str, LoadedModel | GgufModel], name: str) -> LoadedModel | GgufModel:
     if name not in models:
         raise ApiError(
             404,
@@ -310,9 +322,10 @@ async def _answer(
     """The response: one body, or an SSE stream; `extra` fields (serve.rag's `retrieval`) join the body, or
     the stream's first chunk."""
     rid = new_id("chatcmpl" if chat else "cmpl")
+    engine = lm if isinstance(lm, GgufModel) else sched  # both: complete(name, ids, cfg) and stream(...)
     if not req.stream:
         try:
-            c = await _unless_gone(request, sched.complete(lm.name, ids, gcfg))
+            c = await _unless_gone(request, engine.complete(lm.name, ids, gcfg))
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - answered here: one escaping to uvicorn resets the keep-alive connection
@@ -324,7 +337,7 @@ async def _answer(
         if chat:
             yield _sse(chunk(rid, lm.name, True, None) | (extra or {}))
         try:
-            async for item in sched.stream(lm.name, ids, gcfg):
+            async for item in engine.stream(lm.name, ids, gcfg):
                 final = item if isinstance(item, Completion) else None
                 yield _sse(chunk(rid, lm.name, chat, None if final else item, final))
         except Exception as e:  # noqa: BLE001 - the 200 has gone out: the only way left to tell the client is an event

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tunesmith.config import Config
 from tunesmith.generate import template_for
+from tunesmith.serve.llama_cpp import GgufModel, gguf_file, load_gguf
 from tunesmith.serve.scheduler import LoadedModel
 
 
@@ -34,7 +35,16 @@ def _same(a: str, b: str) -> bool:
     return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
 
 
-def load_models(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel]:
+def load_models(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel | GgufModel]:
+    """Load each model: under serve.engine llama.cpp, the entries naming a GGUF go to llama.cpp as they are
+    (every GGUF path checked before anything loads); the rest to tunesmith's engine."""
+    files = {n: gguf_file(n, p) for n, p in specs.items()} if cfg.serve.engine == "llama.cpp" else {}
+    out: dict[str, LoadedModel | GgufModel] = {n: load_gguf(n, f, cfg) for n, f in files.items() if f}
+    out.update(_load_ours(cfg, {n: p for n, p in specs.items() if n not in out}))
+    return {name: out[name] for name in specs}
+
+
+def _load_ours(cfg: Config, specs: dict[str, str]) -> dict[str, LoadedModel]:
     """Load each model once. Adapters on a base that is also served, or shared by several adapters, become
     adapters of ONE PeftModel (switched per batch); any other model loads on its own (adapters merged)."""
     from tunesmith.model.export import load_for_inference

@@ -62,6 +62,7 @@ class Guard:
     final_eval_s: float
     reserve_s: float  # the final checkpoint and final/
     planned: int  # steps planned (for the stop line)
+    best_s: float = 0.0  # best/ written at a periodic eval that improves train.select
 
 
 def elapsed(t0: float) -> float:
@@ -165,10 +166,26 @@ def save_seconds(trainable: int, full_bytes: int, merge_full: bool) -> tuple[flo
     return ckpt / WRITE_BYTES_PER_S + WRITE_FIXED_S, (ckpt + final) / WRITE_BYTES_PER_S + 2 * WRITE_FIXED_S
 
 
+def best_seconds(trainable: int, full_bytes: int, merge_full: bool, heldout: bool) -> float:
+    """One best/ save (written as final/ is, train/checkpoint.py: save_best), in seconds from its bytes; 0
+    without held-out data (no evals, so train.select never writes best/)."""
+    if not heldout:
+        return 0.0
+    return (full_bytes if merge_full else trainable * 4) / WRITE_BYTES_PER_S + WRITE_FIXED_S
+
+
 def size_for(
-    cfg: Config, data: Prepared, speeds: Speeds, spent: float, world: int, save_s: float, reserve_s: float
+    cfg: Config,
+    data: Prepared,
+    speeds: Speeds,
+    spent: float,
+    world: int,
+    save_s: float,
+    reserve_s: float,
+    best_s: float = 0.0,
 ) -> Sizing:
-    """The sizing of `cfg` on `data` (the whole pool under data.limit=auto): steps, pairs, eval period."""
+    """The sizing of `cfg` on `data` (the whole pool under data.limit=auto): steps, pairs, eval period;
+    `best_s`: one best/ save, counted at every periodic eval (any of them may improve train.select)."""
     tc, dc = cfg.train, cfg.data
     micro = tc.grad_accum * world
     lengths = [len(s["input_ids"]) for s in data.train]
@@ -183,6 +200,7 @@ def size_for(
         save_every=tc.save_every,
         save_s=save_s,
         reserve_s=reserve_s,
+        best_s=best_s,
     )
     if dc.limit != "auto":
         return _sized(tc, batches, micro, speeds, costs)
@@ -231,10 +249,11 @@ def plan_with_budget(cfg: Config, data: Prepared) -> dict:
     pool under data.limit=auto), with its sizing as the "budget" section."""
     plan = plan_for_data(cfg, data.train)
     m, weight_bytes = plan["model"], plan["run"]["weight_bytes"]
-    save_s, reserve_s = save_seconds(
-        m["trainable"], int(m["total"] * weight_bytes), cfg.lora is None or cfg.lora.merge
-    )
-    sizing = size_for(cfg, data, planner_speeds(plan), 0.0, 1, save_s, reserve_s)
+    merge_full = cfg.lora is None or cfg.lora.merge
+    full_bytes = int(m["total"] * weight_bytes)
+    save_s, reserve_s = save_seconds(m["trainable"], full_bytes, merge_full)
+    best_s = best_seconds(m["trainable"], full_bytes, merge_full, bool(data.test))
+    sizing = size_for(cfg, data, planner_speeds(plan), 0.0, 1, save_s, reserve_s, best_s)
     sized = cfg.model_copy(deep=True)
     sized.train.max_steps = sizing.steps
     samples = first_examples(data, sizing.examples).train if sizing.examples is not None else data.train
@@ -286,9 +305,17 @@ def size_run(
     speeds = measure(model, opt, data, cfg, pad, amp, next(model.parameters()).device, d)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    save_s, reserve_s = save_seconds(trainable, full_bytes, cfg.lora is None or cfg.lora.merge)
-    sizing = size_for(cfg, data, speeds, time.time() - t0, d.world, save_s, reserve_s)
-    rec = {**sizing.to_dict(), "speeds": asdict(speeds), "save_s": save_s, "reserve_s": reserve_s}
+    merge_full = cfg.lora is None or cfg.lora.merge
+    save_s, reserve_s = save_seconds(trainable, full_bytes, merge_full)
+    best_s = best_seconds(trainable, full_bytes, merge_full, bool(data.test))
+    sizing = size_for(cfg, data, speeds, time.time() - t0, d.world, save_s, reserve_s, best_s)
+    rec = {
+        **sizing.to_dict(),
+        "speeds": asdict(speeds),
+        "save_s": save_s,
+        "reserve_s": reserve_s,
+        "best_s": best_s,
+    }
     if d.is_main:
         (run / BUDGET_FILE).write_text(json.dumps(rec, indent=2))
         if sizing.examples is not None:
@@ -315,17 +342,18 @@ def guard(cfg: Config, rec: dict | None, t0: float, planned: int) -> Guard | Non
         final_eval_s=float(rec.get("final_eval_s", 0.0)),
         reserve_s=float(rec.get("reserve_s", WRITE_FIXED_S)),
         planned=planned,
+        best_s=float(rec.get("best_s", 0.0)),
     )
 
 
 def stop_now(g: Guard | None, step_s: float, next_step: int, eval_every: int, d: Dist) -> bool:
-    """True when the next step (`step_s`, as long as the last one; and its periodic eval), the final eval and
-    the final save would pass the budget. Rank 0 decides for all ranks (one all-reduce), so every rank stops
-    at the same step."""
+    """True when the next step (`step_s`, as long as the last one; and its periodic eval with the best/ save
+    it may write), the final eval and the final save would pass the budget. Rank 0 decides for all ranks (one
+    all-reduce), so every rank stops at the same step."""
     if g is None:
         return False
     evals = bool(eval_every) and next_step % eval_every == 0
-    need = step_s + (g.eval_s if evals else 0.0) + g.final_eval_s + g.reserve_s
+    need = step_s + (g.eval_s + g.best_s if evals else 0.0) + g.final_eval_s + g.reserve_s
     flag = torch.tensor([float(elapsed(g.t0) + need > g.budget_s and d.is_main)])
     return bool(distributed.all_reduce_sum(flag, d).item() > 0) if d.world > 1 else bool(flag.item())
 

@@ -81,12 +81,17 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def progress_bar(enabled: bool, console: Console | None = None) -> Progress | PlainProgress:
-    """step/total, loss, lr, real tokens/s (metrics.jsonl's tokens_per_s of the last log) and ETA: a Rich bar
-    on a terminal, plain periodic lines when stdout is redirected; a disabled bar prints nothing."""
+def progress_bar(
+    enabled: bool, console: Console | None = None, per_step: str = ""
+) -> Progress | PlainProgress:
+    """step/total, loss, lr, real tokens/s (metrics.jsonl's tokens_per_s of the last log), ETA and, in plain
+    lines, what a step holds (`per_step`, run_plan.per_step_short: packed rows are not samples): a Rich bar on
+    a terminal, plain periodic lines when stdout is redirected; a disabled bar prints nothing."""
     console = console or get_console()
     if enabled and not (console.is_terminal or console.is_jupyter):
-        return PlainProgress(out=console.file)
+        return PlainProgress(out=console.file, per_step=per_step)
+    # not in the Rich bar: on an 80-column terminal it pushes out the bar and step/total; the line printed
+    # when training starts (`per step: ...`) says it once
     return Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -104,7 +109,7 @@ def progress_bar(enabled: bool, console: Console | None = None) -> Progress | Pl
 
 class PlainProgress:
     """The progress bar's stand-in for a log file:
-    `step 120/240  loss 1.2340  lr 1.20e-03  420 tok/s  eta 2m10s`.
+    `step 120/240  loss 1.2340  lr 1.20e-03  420 tok/s  ~14 samples (8 rows), ~1,105 tok/step  eta 2m10s`.
 
     Takes the Rich bar's calls (add_task, update). A line is printed when a train log row arrives (an update
     with `loss`, then the step's `completed`) and `every_s` seconds have passed since the last line; the first
@@ -116,8 +121,10 @@ class PlainProgress:
         every_s: float = PLAIN_EVERY_S,
         out: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        per_step: str = "",
     ):
         self.every_s, self.out, self.clock = every_s, out, clock
+        self.per_step = f"  {per_step}" if per_step else ""
         self.fields: dict = {}
         self.total = self.start = 0
         self.t0, self.last = 0.0, None
@@ -154,7 +161,7 @@ class PlainProgress:
         eta = _duration((now - self.t0) / ran * (self.total - done)) if ran > 0 else "?"
         return (
             f"step {done}/{self.total}  loss {f['loss']:.4f}  lr {f['lr']:.2e}  "
-            f"{f['tps']:,.0f} tok/s  eta {eta}"
+            f"{f['tps']:,.0f} tok/s{self.per_step}  eta {eta}"
         )
 
 

@@ -33,7 +33,7 @@ from tunesmith.train import budget, checkpoint, distributed, evals, select, trac
 from tunesmith.train.log import MetricsLog, plot_losses, progress_bar, read_metrics
 from tunesmith.train.prepare import Run, prepare
 from tunesmith.train.record import end_segment, failed_on_error
-from tunesmith.train.run_plan import finish_plan, mfu
+from tunesmith.train.run_plan import finish_plan, mfu, per_step_short
 
 __all__ = [
     "TrainingDiverged",
@@ -206,7 +206,7 @@ def train(cfg: Config) -> dict:
         track.closed_on_error(log.trackers, r.dir),  # exits after failed_on_error recorded the end
         failed_on_error(r.dir, d.is_main, lambda: done),
         _stop_on_signals() as stop,
-        progress_bar(d.is_main) as bar,
+        progress_bar(d.is_main, per_step=per_step_short(r.plan)) as bar,
     ):
         task = bar.add_task(
             "train", total=r.total, completed=r.start, loss=float("nan"), lr=r.sched.get_last_lr()[0], tps=0.0
