@@ -24,6 +24,7 @@ from pathlib import Path
 from tunesmith.config import Config, GenerateConfig, UserError
 from tunesmith.generate import Completion, TextDelta
 from tunesmith.model.resolve import gguf_source
+from tunesmith.serve.scheduler import pieces_of
 
 
 def gguf_file(name: str, spec: str) -> Path | None:
@@ -146,13 +147,8 @@ class GgufModel:
 
         worker = loop.run_in_executor(self._pool, run)
         try:
-            while True:
-                item = await pieces.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in pieces_of(pieces):
                 yield item
-                if isinstance(item, Completion):
-                    return
         finally:
             cancelled.set()
             worker.cancel()  # still queued behind another request: never starts

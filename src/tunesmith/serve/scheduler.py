@@ -156,13 +156,8 @@ class Scheduler:
         """Text pieces, then the final Completion. Leaving early (client gone) frees the row."""
         job = self._submit(model, prompt, cfg, streaming=True)
         try:
-            while True:
-                item = await job.pieces.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in pieces_of(job.pieces):
                 yield item
-                if isinstance(item, Completion):
-                    return
         finally:
             job.cancelled.set()
 
@@ -239,3 +234,16 @@ class Scheduler:
             if delta is not None and (rest := delta.flush()):
                 job.send(rest)
             job.send(result)
+
+
+async def pieces_of(pieces: asyncio.Queue) -> AsyncIterator[str | Completion]:
+    """A streamed answer from its queue: text pieces, then the Completion; an exception put there is raised.
+
+    Both engines (this scheduler and serve/llama_cpp.py) hand their worker thread's output over this way."""
+    while True:
+        item = await pieces.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if isinstance(item, Completion):
+            return
