@@ -52,7 +52,6 @@ def add_rag(
     cfg: Config, data: Prepared, qs: tuple[Questions, Questions], tok, run: Path, embedder, addons: Addons
 ) -> dict:
     """Retrieve top-k passages for every question; returns {retrieval_recall, retrieval_ms}."""
-    from tunesmith.retrieve.index import recall_at_k
     from tunesmith.retrieve.rag import open_rag
 
     rc = cfg.eval.rag
@@ -72,12 +71,19 @@ def add_rag(
         "prompt; the test split is never in the corpus"
     )
     if rc.corpus == TRAIN_CORPUS and addons.hits_probe:
-        gold = [f"train:{j}" for j in own_indices(data.train_examples, probe)]
-        stats["retrieval_recall"] = recall_at_k(addons.hits_probe, gold, rc.k)
+        stats["retrieval_recall"] = probe_recall(addons.hits_probe, data, probe, rc.k)
         addons.notes.append(
             f"retrieval recall@{rc.k}: share of probe questions whose own training pair was retrieved"
         )
     return stats
+
+
+def probe_recall(hits: list, data: Prepared, probe: Questions, k: int) -> float | None:
+    """Recall@k of the probe questions' own training pairs among their retrieved passages (None: no hits)."""
+    from tunesmith.retrieve.index import recall_at_k
+
+    gold = [f"train:{j}" for j in own_indices(data.train_examples, probe)]
+    return recall_at_k(hits, gold, k) if hits else None
 
 
 def prepare_addons(

@@ -187,19 +187,31 @@ def load_local(
 ) -> tuple[dict, bool]:
     """({"base": model, "tuned": model} for the wanted ones, all loaded at once; whether it is one adapter
     model whose base is the adapter switched off)."""
-    if final is not None and "tuned" in wanted and (final / ADAPTER_CONFIG).is_file():
-        from peft import PeftModel
-
-        quantize = cfg.lora.quantize if cfg.lora else None
-        model = PeftModel.from_pretrained(load_model(cfg.model, dev, quantize=quantize), str(final)).eval()
+    if is_adapter(final, wanted):
+        model = load_adapter(cfg, final, dev)
         print0(f"base: {cfg.model.name}, adapter off; tuned: {final}, adapter on")
         return dict.fromkeys(wanted, model), True
-    models = {}
-    for which in wanted:
-        name = cfg.model.name if which == "base" else str(final)
-        print0(f"{which}: {name}")
-        models[which] = load_model(cfg.model.model_copy(update={"name": name}), dev).eval()
-    return models, False
+    return {which: load_full(cfg, final, which, dev) for which in wanted}, False
+
+
+def is_adapter(final: Path | None, wanted: tuple[str, ...]) -> bool:
+    """The tuned model is asked for and is a PEFT adapter (one load serves base and tuned)."""
+    return final is not None and "tuned" in wanted and (final / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter(cfg: Config, final: Path, dev: torch.device) -> torch.nn.Module:
+    """The base (quantized as in training) with the run's adapter on, in eval mode."""
+    from peft import PeftModel
+
+    quantize = cfg.lora.quantize if cfg.lora else None
+    return PeftModel.from_pretrained(load_model(cfg.model, dev, quantize=quantize), str(final)).eval()
+
+
+def load_full(cfg: Config, final: Path | None, which: str, dev: torch.device) -> torch.nn.Module:
+    """The base model or the run's full fine-tune, in eval mode (its name printed)."""
+    name = cfg.model.name if which == "base" else str(final)
+    print0(f"{which}: {name}")
+    return load_model(cfg.model.model_copy(update={"name": name}), dev).eval()
 
 
 def answer_budgeted(
@@ -274,9 +286,7 @@ def recall_over(retrieval: dict, addons, data, probe: Questions, cfg: Config) ->
     """Retrieval recall@k over the probe questions answered (the budget may have cut the probe)."""
     if retrieval.get("retrieval_recall") is None or addons.hits_probe is None:
         return retrieval
-    from tunesmith.eval.addons import own_indices
-    from tunesmith.retrieve.index import recall_at_k
+    from tunesmith.eval.addons import probe_recall
 
-    gold = [f"train:{j}" for j in own_indices(data.train_examples, probe)]
     hits = addons.hits_probe[: len(probe.examples)]
-    return {**retrieval, "retrieval_recall": recall_at_k(hits, gold, cfg.eval.rag.k) if hits else None}
+    return {**retrieval, "retrieval_recall": probe_recall(hits, data, probe, cfg.eval.rag.k)}

@@ -26,7 +26,15 @@ import torch
 
 from tunesmith.config import Config, ModelConfig, UserError
 from tunesmith.data.pipeline import build, build_heldout
-from tunesmith.eval.answering import Budgeted, answer_budgeted, recall_over, tail_estimator
+from tunesmith.eval.answering import (
+    Budgeted,
+    answer_budgeted,
+    is_adapter,
+    load_adapter,
+    load_full,
+    recall_over,
+    tail_estimator,
+)
 from tunesmith.eval.loss import evaluate_loss
 from tunesmith.eval.questions import Questions, eval_sets, stored_template, subset
 from tunesmith.eval.report import write_report
@@ -44,7 +52,7 @@ from tunesmith.eval.systems import (
 )
 from tunesmith.eval.verdict import pairwise, verdict
 from tunesmith.model.export import ADAPTER_CONFIG
-from tunesmith.model.load import load_model, load_tokenizer, pad_id
+from tunesmith.model.load import load_tokenizer, pad_id
 from tunesmith.retrieve.embed import load_embedder
 from tunesmith.runtime import autocast_dtype, device, print0
 
@@ -91,11 +99,8 @@ def with_models(
     Adapter: one load, base through `disable_adapter()`. Full model: base, free, tuned.
     """
     out: dict = {}
-    if final is not None and "tuned" in wanted and (final / ADAPTER_CONFIG).is_file():
-        from peft import PeftModel
-
-        quantize = cfg.lora.quantize if cfg.lora else None
-        model = PeftModel.from_pretrained(load_model(cfg.model, dev, quantize=quantize), str(final)).eval()
+    if is_adapter(final, wanted):
+        model = load_adapter(cfg, final, dev)
         if "base" in wanted:
             with (
                 model.disable_adapter()
@@ -106,9 +111,7 @@ def with_models(
         out["tuned"] = fn(model, "tuned")
         return out
     for which in wanted:
-        name = cfg.model.name if which == "base" else str(final)
-        print0(f"{which}: {name}")
-        model = load_model(cfg.model.model_copy(update={"name": name}), dev).eval()
+        model = load_full(cfg, final, which, dev)
         out[which] = fn(model, which)
         del model
         _release(dev)
