@@ -26,6 +26,10 @@ class Speeds:
     train_s_per_token: float
     eval_s_per_token: float
     source: str  # "measured" (train's warm-up) or "planner" (tunesmith plan)
+    # real tokens / computed positions (rows x padded width) of the batches the speed was measured on: a
+    # step costs its computed positions, so the same speed over emptier rows is slower per real token
+    # (None: unknown, as for the planner's speeds: taken as is)
+    fill: float | None = None
 
 
 @dataclass
