@@ -24,6 +24,7 @@ from tunesmith.generate import eos_ids, generate, prompt_ids
 from tunesmith.model import gguf
 from tunesmith.model.export import load_for_inference, save_final
 from tunesmith.model.load import load_tokenizer
+from tunesmith.serve.llama_cpp import open_gguf
 
 QUESTIONS = [
     "What was the revenue of company 3 in Q4?",
@@ -124,9 +125,7 @@ def _ours(model, tok, prompts: list[list[int]], n: int = N_NEW) -> list[list[int
 
 
 def _llama(path: Path):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=False, verbose=False, n_threads=2)
+    return open_gguf(path, 256, 2)  # serve's loader: llama.cpp as tunesmith serves it
 
 
 def _llama_greedy(llm, prompt: list[int], eos: list[int], n: int = N_NEW) -> list[int]:

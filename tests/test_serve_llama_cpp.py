@@ -4,6 +4,7 @@ with the real `openai` client, and checked against llama-cpp-python called direc
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +13,7 @@ from tests import tiny
 from tunesmith.config import Config, DataConfig, GenerateConfig, ServeConfig, UserError
 from tunesmith.model.resolve import packaged_gguf
 from tunesmith.serve.app import create_app
-from tunesmith.serve.llama_cpp import GgufModel
+from tunesmith.serve.llama_cpp import GgufModel, open_gguf
 from tunesmith.serve.models import load_models
 from tunesmith.serve.scheduler import LoadedModel
 
@@ -51,8 +52,9 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def direct():
-    """llama-cpp-python on its own, as a user of the shipped file would call it."""
-    return llama_cpp.Llama(str(packaged_gguf(SHORT)), n_ctx=CTX, verbose=False)
+    """llama-cpp-python on its own, as a user of the shipped file would call it (AMX repacking off where the
+    CPU has AMX: serve/llama_cpp.open_gguf says why)."""
+    return open_gguf(packaged_gguf(SHORT), CTX, os.cpu_count() or 1)
 
 
 def test_engines_side_by_side_in_models_and_playground(served):

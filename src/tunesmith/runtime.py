@@ -56,6 +56,11 @@ def fast_bf16(dev: torch.device) -> bool:
     return dev.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (torch.cpu's probe; False where torch lacks it)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def weight_dtype(name: str, dev: torch.device) -> torch.dtype:
     """model.dtype -> torch dtype; auto = bf16 on CUDA with bf16 support, fp32 elsewhere."""
     if name == "auto":

@@ -24,6 +24,7 @@ from pathlib import Path
 from tunesmith.config import Config, GenerateConfig, UserError
 from tunesmith.generate import Completion, TextDelta
 from tunesmith.model.resolve import gguf_source
+from tunesmith.runtime import has_amx
 from tunesmith.serve.scheduler import pieces_of
 
 
@@ -50,7 +51,7 @@ def load_gguf(name: str, path: Path, cfg: Config) -> GgufModel:
     """Open `path` with llama.cpp: n_ctx from data.max_length when the config sets it (the length the model
     was trained at), else the GGUF's own context; one thread per core; UserError when it will not load."""
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401 (here only to say clearly that it is missing)
     except ImportError:
         raise UserError(
             "serve.engine: llama.cpp needs llama-cpp-python "
@@ -59,13 +60,41 @@ def load_gguf(name: str, path: Path, cfg: Config) -> GgufModel:
     n_ctx = cfg.data.max_length if "max_length" in cfg.data.model_fields_set else 0  # 0: the GGUF's context
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=cores, n_threads_batch=cores, verbose=False)
+        llm = open_gguf(path, n_ctx, cores)
     except (ValueError, RuntimeError) as e:  # llama-cpp-python reports an unreadable model as ValueError
         raise UserError(
             f"serve.models.{name}: llama.cpp could not load {path} ({e}); is it a GGUF file "
             "(e.g. from `tunesmith export --gguf`)?"
         ) from None
     return GgufModel(name, path, llm)
+
+
+def open_gguf(path: Path, n_ctx: int, threads: int):
+    """`llama_cpp.Llama` over `path`; llama.cpp's extra weight buffers (AMX/CPU repacking) off on AMX CPUs.
+
+    llama-cpp-python 0.3.36 built here (GGML_NATIVE) segfaults in `decode` on a CPU with AMX (measured on a
+    2-core Intel Xeon with amx_bf16/amx_int8: f16 and q8_0 GGUFs of tiny Llama/NeoX models) and decodes
+    correctly with `use_extra_bufts` off. Its `Llama()` does not expose that field, so the default model
+    params it reads are wrapped for the duration of the load (loads happen once, at start-up).
+    """
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    if has_amx():
+        llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(
+            str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 class _Detokenizer:
