@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.test_train import cfg_for, weights
-from tunesmith.config import UserError, load_config
+from tunesmith.config import UserError
+from tunesmith.data.pack import epoch_batches
 from tunesmith.plan.budget import (
     Costs,
     Speeds,
@@ -320,12 +321,14 @@ def test_speed_per_real_token_scales_with_how_full_the_rows_are():
     # max_length 10, batch 2 rows: pairs of 9 and 2 tokens cannot share a row (11 > 10), so one batch of two
     # rows 9 wide computes 18 positions for 11 real tokens (fill 11/18). Measured at 1 s a real token over
     # rows half full (fill 0.5), they cost 0.5 / (11/18) = 9/11 s a real token.
-    cfg = load_config(None, ["data.max_length=10", "train.batch_size=2"])
-    got = budget.at_fill(Speeds(1.0, 0.0, "measured", 0.5), [9, 2], cfg)
+    def packed(lengths):
+        return epoch_batches(lengths, 2, 10, True, 42, 0)
+
+    got = budget.at_fill(Speeds(1.0, 0.0, "measured", 0.5), [9, 2], packed([9, 2]))
     assert got.fill == pytest.approx(11 / 18)
     assert got.train_s_per_token == pytest.approx(9 / 11)
     # two pairs of 5 share a row of 10: full rows, half the time per real token of the half-full warm-up
-    full = budget.at_fill(Speeds(1.0, 0.0, "measured", 0.5), [5, 5], cfg)
+    full = budget.at_fill(Speeds(1.0, 0.0, "measured", 0.5), [5, 5], packed([5, 5]))
     assert full.train_s_per_token == pytest.approx(0.5)
     # speeds without a measured fill (the planner's) are taken as they are
-    assert budget.at_fill(Speeds(1.0, 0.0, "planner"), [9, 2], cfg).train_s_per_token == 1.0
+    assert budget.at_fill(Speeds(1.0, 0.0, "planner"), [9, 2], packed([9, 2])).train_s_per_token == 1.0

@@ -52,8 +52,8 @@ def fast_bf16(dev: torch.device) -> bool:
     """Whether bf16 matmuls are native on `dev` (CUDA with bf16, a CPU with AVX512-BF16 or AMX)."""
     if dev.type == "cuda":
         return bf16_supported(dev)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's capability probes
-    return dev.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # torch.cpu's probe
+    return dev.type == "cpu" and (avx512_bf16() or has_amx())
 
 
 def has_amx() -> bool:

@@ -207,22 +207,28 @@ def size_for(
     if dc.limit != "auto":
         return _sized(tc, batches, micro, speeds, costs)
     n = fit_examples(lengths, tc.epochs, tc.eval_every, speeds, costs)
+
+    def first(n: int) -> list[list[list[int]]]:  # the micro-batches of one pass over the first n pairs
+        return epoch_batches(lengths[:n], tc.batch_size, dc.max_length, dc.packing, tc.seed, 0)
+
     for _ in range(2):  # the warm-up's rows were the pool's; n pairs pack into emptier ones (fixed point)
-        n = fit_examples(lengths, tc.epochs, tc.eval_every, at_fill(speeds, lengths[:n], cfg), costs)
+        n = fit_examples(lengths, tc.epochs, tc.eval_every, at_fill(speeds, lengths[:n], first(n)), costs)
     while True:  # the token arithmetic picked n; the real packing of n pairs may take a step more
-        batches = len(epoch_batches(lengths[:n], tc.batch_size, dc.max_length, dc.packing, tc.seed, 0))
+        packed = first(n)
+        batches = len(packed)
         # the steps of n pairs hold their tokens (the pool's average step can be fuller than theirs)
         cn = replace(costs, tokens_per_step=sum(lengths[:n]) / max(batches, 1) * micro)
-        sn = at_fill(speeds, lengths[:n], cfg)
+        sn = at_fill(speeds, lengths[:n], packed)
         sizing = _sized(tc, batches, micro, sn, cn, examples_for(data, n), len(data.train_examples))
         if n == 1 or tc.max_steps or sizing.steps == sizing.configured_steps:
             return sizing
         n -= 1
 
 
-def at_fill(speeds: Speeds, lengths: list[int], cfg: Config) -> Speeds:
-    """`speeds` for steps over samples of these lengths: a step costs its computed positions (rows x the
-    batch's widest row), so seconds per real token scale by the warm-up's fill over theirs.
+def at_fill(speeds: Speeds, lengths: list[int], batches: list[list[list[int]]]) -> Speeds:
+    """`speeds` for steps over `batches` (epoch_batches over samples of these lengths): a step costs its
+    computed positions (rows x the batch's widest row), so seconds per real token scale by the warm-up's fill
+    over theirs.
 
     The warm-up runs over the whole pool, whose packed rows are fuller than those of the few pairs it sizes:
     on the quickstart's data the warm-up's batches are 0.933 full and 33 pairs' 0.902, so their steps cost
@@ -230,8 +236,6 @@ def at_fill(speeds: Speeds, lengths: list[int], cfg: Config) -> Speeds:
     """
     if speeds.fill is None:
         return speeds
-    tc, dc = cfg.train, cfg.data
-    batches = epoch_batches(lengths, tc.batch_size, dc.max_length, dc.packing, tc.seed, 0)
     slots = sum(len(b) * max(sum(lengths[i] for i in row) for row in b) for b in batches)
     fill = sum(lengths) / max(slots, 1)
     return replace(speeds, train_s_per_token=speeds.train_s_per_token * speeds.fill / fill, fill=fill)
